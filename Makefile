@@ -1,0 +1,44 @@
+# privet: two commands on a fresh machine.
+#   make demo   creates .venv, installs, runs the default federation (DP on, MiniLM, VADER sentiment)
+#   make test   same set-up, then ruff, ruff format --check, mypy --strict, pytest
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.privet-installed
+# The CPU build of torch is installed first and pinned: an unpinned torch pulls gigabytes of CUDA wheels.
+TORCH  ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export FLWR_TELEMETRY_ENABLED ?= 0
+export PYTHONUNBUFFERED ?= 1
+
+.PHONY: install demo test lint types pytest clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]" --config-settings editable_mode=strict
+	touch $(STAMP)
+
+install: $(STAMP)
+	@# strict editable installs list files at install time: refresh so new modules are found
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict >/dev/null 2>&1 || true
+
+demo: install
+	$(VENV)/bin/privet simulate $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+types: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test: lint types pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
