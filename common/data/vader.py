@@ -1,0 +1,395 @@
+"""The VADER sentiment ground truth: four domains of human-rated sentences.
+
+Source: C.J. Hutto and E. Gilbert, "VADER: A Parsimonious Rule-based Model for Sentiment Analysis
+of Social Media Text", ICWSM 2014.  The data is released under the MIT licence and ships only in the
+source distribution of ``vaderSentiment==3.3.2`` on PyPI (inside
+``additional_resources/hutto_ICWSM_2014.tar.gz``), so we fetch that sdist once with pip, verify its
+pinned sha256, and keep the four ground-truth files in a cache folder.
+
+Each ground-truth line is ``id<TAB>mean valence (-4..+4)<TAB>text``.  The binary label is
+``valence > 0``; rows with ``|valence| <= threshold`` are ambiguous and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import platformdirs
+
+from privet.common.data.examples import Examples
+from privet.common.errors import DataError
+
+__all__ = [
+    "VADER_COUNTS",
+    "VADER_DOMAINS",
+    "VADER_FILES",
+    "VADER_SDIST_NAME",
+    "VADER_SDIST_SHA256",
+    "fetch_vader",
+    "load_vader",
+    "resolve_cache_dir",
+]
+
+VADER_VERSION = "3.3.2"
+VADER_SDIST_NAME = f"vaderSentiment-{VADER_VERSION}.tar.gz"
+# The pin is the trust anchor: pip enforces it before it unpacks anything, and we check it again.
+VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+_INNER_ARCHIVE = f"vaderSentiment-{VADER_VERSION}/additional_resources/hutto_ICWSM_2014.tar.gz"
+_INNER_FOLDER = "hutto_ICWSM_2014"
+
+VADER_DOMAINS: tuple[str, ...] = ("tweets", "movie", "amazon", "nyt")
+VADER_FILES: dict[str, str] = {
+    "tweets": "tweets_GroundTruth.txt",
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+# Rows kept per domain with the default threshold 0.5 (a regression check for the parser).
+VADER_COUNTS: dict[str, int] = {"tweets": 3362, "movie": 10043, "amazon": 2943, "nyt": 2788}
+
+# The amazon and nyt ids are "<document>_<sentence>": sentences of one review/editorial share
+# a document key.  Tweets and movie snippets are one document per row.
+_MULTI_SENTENCE_DOMAINS = frozenset({"amazon", "nyt"})
+
+_MANIFEST = "manifest.json"
+_PIP_TRIES = 3
+_PIP_TIMEOUT_S = 300.0
+_MAX_MEMBER_BYTES = 64 * 1024 * 1024  # the real files are < 1.4 MB; refuse anything absurd
+
+
+def resolve_cache_dir(cache_dir: Path | None = None) -> Path:
+    """The root folder for privet's downloads.
+
+    Parameters
+    ----------
+    cache_dir
+        An explicit folder (``DataConfig.cache_dir``); it wins over everything else.
+
+    Returns
+    -------
+    Path
+        ``cache_dir`` if given, else ``$PRIVET_CACHE_DIR`` if set, else the user cache folder
+        (``platformdirs.user_cache_dir("privet")``).
+
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("PRIVET_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_cache_dir("privet"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # Several simulated clients may fetch at once: write to a private temp file and rename, so a
+    # reader never sees a half-written file and concurrent writers of the same bytes are harmless.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    """True when the manifest exists, names the pinned sdist and every file matches its hash."""
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("sdist_sha256") != VADER_SDIST_SHA256:
+        return False
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(VADER_FILES.values()):
+        return False
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != expected:
+            return False
+    return True
+
+
+def _download_sdist(dest_dir: Path) -> Path:
+    """Download the pinned sdist with pip into ``dest_dir`` (at most ``_PIP_TRIES`` tries)."""
+    # A requirements file carries the hash, so pip itself refuses a tampered download before it
+    # prepares the package's metadata (which runs the sdist's setup code).
+    req = dest_dir / "requirements.txt"
+    req.write_text(
+        f"vaderSentiment=={VADER_VERSION} --hash=sha256:{VADER_SDIST_SHA256}\n", encoding="utf-8"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "vadersentiment",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-r",
+        str(req),
+        "-d",
+        str(dest_dir),
+    ]
+    last_error = ""
+    for attempt in range(_PIP_TRIES):
+        if attempt:
+            time.sleep(2.0 * attempt)
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            last_error = f"pip download timed out after {_PIP_TIMEOUT_S:.0f} s"
+            continue
+        except OSError as exc:
+            last_error = f"could not start pip: {exc}"
+            continue
+        sdist = dest_dir / VADER_SDIST_NAME
+        if proc.returncode == 0 and sdist.is_file():
+            return sdist
+        last_error = (proc.stderr or proc.stdout or "").strip()[-2000:]
+        if "DO NOT MATCH THE HASHES" in last_error:
+            # Retrying would fetch the same wrong bytes; stop at once.
+            raise DataError(
+                f"the {VADER_SDIST_NAME} served by the package index does not match the pinned "
+                f"sha256 {VADER_SDIST_SHA256}: {last_error}",
+                fix="check which package index pip uses (pip config list)",
+            )
+    raise DataError(
+        f"could not download {VADER_SDIST_NAME} from PyPI after {_PIP_TRIES} tries: {last_error}",
+        fix=(
+            f"check network access to PyPI, or download {VADER_SDIST_NAME} yourself "
+            "(pip download --no-deps --no-binary vadersentiment vaderSentiment==3.3.2) and copy "
+            "it into the VADER cache folder"
+        ),
+    )
+
+
+def _extract_ground_truth(sdist: Path, dest: Path) -> dict[str, str]:
+    """Copy the four ground-truth files out of the sdist into ``dest``.
+
+    Only the members with the exact expected names are read, and each is written to a name we
+    choose, so a hostile archive can neither escape ``dest`` (path traversal) nor plant links.
+
+    Returns
+    -------
+    dict
+        File name to sha256 of the written file.
+
+    """
+    try:
+        with tarfile.open(sdist, "r:gz") as outer:
+            inner_member = outer.getmember(_INNER_ARCHIVE)
+            if not inner_member.isfile() or inner_member.size > _MAX_MEMBER_BYTES:
+                raise DataError(f"{sdist}: {_INNER_ARCHIVE} is not a regular file of sane size")
+            inner_fh = outer.extractfile(inner_member)
+            if inner_fh is None:
+                raise DataError(f"{sdist}: cannot read {_INNER_ARCHIVE}")
+            inner_bytes = inner_fh.read()
+        written: dict[str, str] = {}
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+            for name in VADER_FILES.values():
+                member = inner.getmember(f"{_INNER_FOLDER}/{name}")
+                if not member.isfile() or member.size > _MAX_MEMBER_BYTES:
+                    raise DataError(f"{sdist}: {member.name} is not a regular file of sane size")
+                fh = inner.extractfile(member)
+                if fh is None:
+                    raise DataError(f"{sdist}: cannot read {member.name}")
+                data = fh.read()
+                _write_atomic(dest / name, data)
+                written[name] = hashlib.sha256(data).hexdigest()
+    except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
+        raise DataError(
+            f"{sdist} is not a usable vaderSentiment {VADER_VERSION} sdist: {exc}",
+            fix="delete it so that privet downloads it again",
+        ) from None
+    return written
+
+
+def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> Path:
+    """Make sure the VADER ground-truth files are in the cache and return their folder.
+
+    A complete, verified cache is returned without touching the network.  Otherwise the sdist is
+    taken from ``sdist``, or from the cache folder, or downloaded from PyPI with pip; its sha256 is
+    checked against the pin, it is kept in the cache folder (so a damaged extraction repairs itself
+    offline), and the four files are extracted with a manifest of their hashes.
+
+    Parameters
+    ----------
+    cache_dir
+        Root of privet's cache (see :func:`resolve_cache_dir`); the files go to
+        ``<root>/vader-3.3.2/``.
+    sdist
+        A ``vaderSentiment-3.3.2.tar.gz`` already on disk, to skip the download.
+
+    Returns
+    -------
+    Path
+        The folder holding ``tweets_GroundTruth.txt``, ``movieReviewSnippets_GroundTruth.txt``,
+        ``amazonReviewSnippets_GroundTruth.txt`` and ``nytEditorialSnippets_GroundTruth.txt``.
+
+    Raises
+    ------
+    DataError
+        When the download fails after retries, or the sdist does not match the pinned sha256.
+
+    """
+    folder = resolve_cache_dir(cache_dir) / f"vader-{VADER_VERSION}"
+    if _cache_is_valid(folder):
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"cannot create the cache folder {folder}: {exc}",
+            fix="set data.cache_dir or PRIVET_CACHE_DIR to a writable folder",
+        ) from None
+
+    kept = folder / VADER_SDIST_NAME
+    if sdist is not None:
+        source = Path(sdist)
+        if not source.is_file():
+            raise DataError(f"the VADER sdist {source} does not exist")
+        if _sha256(source) != VADER_SDIST_SHA256:
+            raise DataError(
+                f"{source} does not match the pinned sha256 of {VADER_SDIST_NAME} "
+                f"({VADER_SDIST_SHA256})",
+                fix=f"use the unmodified {VADER_SDIST_NAME} from PyPI",
+            )
+        if source.resolve() != kept.resolve():
+            _write_atomic(kept, source.read_bytes())
+    elif not (kept.is_file() and _sha256(kept) == VADER_SDIST_SHA256):
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+            downloaded = _download_sdist(Path(tmp))
+            if _sha256(downloaded) != VADER_SDIST_SHA256:
+                raise DataError(
+                    f"the downloaded {VADER_SDIST_NAME} does not match the pinned sha256 "
+                    f"{VADER_SDIST_SHA256}",
+                    fix="check which package index pip uses (pip config list)",
+                )
+            os.replace(downloaded, kept)
+
+    hashes = _extract_ground_truth(kept, folder)
+    manifest = {
+        "source": f"vaderSentiment=={VADER_VERSION} sdist from PyPI",
+        "citation": "Hutto and Gilbert, VADER, ICWSM 2014 (MIT licence)",
+        "sdist_sha256": VADER_SDIST_SHA256,
+        "files": hashes,
+    }
+    # The manifest is written last: its presence marks a complete extraction.
+    _write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    return folder
+
+
+def _parse_file(
+    path: Path, domain: str, threshold: float
+) -> tuple[list[str], list[int], list[str]]:
+    texts: list[str] = []
+    labels: list[int] = []
+    documents: list[str] = []
+    # Split on b"\n" before decoding: str.splitlines would also break at \x0b, \x1c, U+2028...
+    # that may sit inside a text.  errors="replace" keeps the row if a byte is not valid UTF-8.
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        try:
+            if len(parts) != 3:
+                raise ValueError("expected 3 tab-separated fields")
+            row_id, valence = parts[0].strip(), float(parts[1])
+        except ValueError as exc:
+            raise DataError(
+                f"{path}:{lineno}: cannot parse VADER line {line[:80]!r}: {exc}",
+                fix="delete the VADER cache folder so that it is extracted again",
+            ) from None
+        if abs(valence) <= threshold:
+            continue
+        text = parts[2].strip()
+        if not text:
+            continue
+        doc = row_id.split("_", 1)[0] if domain in _MULTI_SENTENCE_DOMAINS else row_id
+        texts.append(text)
+        labels.append(int(valence > 0))
+        documents.append(f"{domain}-{doc}")
+    return texts, labels, documents
+
+
+def load_vader(
+    cache_dir: Path | None = None,
+    domains: Sequence[str] = VADER_DOMAINS,
+    threshold: float = 0.5,
+) -> Examples:
+    """Load the VADER ground truth as binary sentiment examples.
+
+    Parameters
+    ----------
+    cache_dir
+        Root of privet's cache (fetched there on first use, see :func:`fetch_vader`).
+    domains
+        Any of ``tweets``, ``movie``, ``amazon``, ``nyt``.  Rows always come in that canonical
+        order, whatever the order given, so a seed gives the same split.
+    threshold
+        Rows with ``|mean valence| <= threshold`` are dropped; label is ``valence > 0``.
+
+    Returns
+    -------
+    examples : Examples
+        With keys ``domain`` (the domain name) and ``document`` (``amazon-12`` for all sentences
+        of Amazon review 12; ``tweets-<id>`` and ``movie-<id>`` per row).
+
+    Raises
+    ------
+    DataError
+        For an unknown domain, a threshold outside [0, 4), or when the fetch fails.
+
+    """
+    unknown = sorted(set(domains) - set(VADER_DOMAINS))
+    if unknown or not domains:
+        raise DataError(
+            f"unknown VADER domains {unknown}" if unknown else "no VADER domain selected",
+            fix=f"choose among {list(VADER_DOMAINS)}",
+        )
+    if not 0 <= threshold < 4:
+        raise DataError(
+            f"VADER threshold {threshold} is outside [0, 4)", fix="set data.vader_threshold"
+        )
+    folder = fetch_vader(cache_dir)
+    texts: list[str] = []
+    labels: list[int] = []
+    domain_keys: list[str] = []
+    documents: list[str] = []
+    for domain in (d for d in VADER_DOMAINS if d in set(domains)):
+        t, y, docs = _parse_file(folder / VADER_FILES[domain], domain, threshold)
+        texts += t
+        labels += y
+        documents += docs
+        domain_keys += [domain] * len(t)
+    return Examples(
+        texts=texts,
+        labels=np.asarray(labels, dtype=np.int64),
+        keys={"domain": domain_keys, "document": documents},
+    )
