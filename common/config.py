@@ -67,6 +67,16 @@ class ModelConfig(_Section):
             "[batch, vocab, hidden] gradient and rarely help a classifier."
         ),
     )
+    dropout: float | None = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "Override the model's dropout probabilities (hidden, attention, classifier). 0 turns dropout "
+            "off, which DP fine-tuning usually prefers (the noise already regularises); none keeps the "
+            "model's own values."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' picks cuda when a GPU is present, else cpu."
     )

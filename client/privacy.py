@@ -1,0 +1,118 @@
+"""The client's privacy engine: one place that owns its privacy state.
+
+Before a round it reads the ledger (the source of truth for the client's cumulative epsilon),
+decides the noise, and refuses the round if it would pass the budget; after the round it records
+the steps actually taken, atomically, *before* the update leaves the client.  Nothing here is
+recreated per round from scratch: the accountant history lives on disk, so epsilon is cumulative
+across rounds and across restarts of the client process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from privet.client.training import DPSettings, TrainResult, plan_steps
+from privet.common.config import PrivacyConfig, TrainConfig
+from privet.common.errors import PrivacyError
+from privet.common.privacy import Ledger, calibrate_noise, open_ledger, save_ledger
+
+__all__ = ["RoundPrivacy", "ledger_path", "plan_round", "record_round"]
+
+log = logging.getLogger("privet")
+
+
+def ledger_path(state_dir: Path, client_id: str) -> Path:
+    """Where a client keeps its ledger inside its state directory."""
+    return Path(state_dir) / f"ledger-{client_id}.json"
+
+
+@dataclass
+class RoundPrivacy:
+    """The ledger and the DP settings decided for one round (``dp`` is ``None`` when DP is off)."""
+
+    ledger: Ledger | None
+    path: Path | None
+    dp: DPSettings | None
+    epsilon_before: float
+
+
+def plan_round(
+    *,
+    privacy: PrivacyConfig,
+    train: TrainConfig,
+    num_examples: int,
+    total_rounds: int,
+    state_dir: Path,
+    client_id: str,
+) -> RoundPrivacy:
+    """Open the ledger, fix the noise and check the budget for the next round.
+
+    The noise multiplier is calibrated once, at the client's first round, so that taking part in
+    all ``total_rounds`` rounds spends exactly ``privacy.target_epsilon``; it is stored in the
+    ledger and reused, so a restarted client keeps the same mechanism.
+
+    Raises
+    ------
+    BudgetExhaustedError
+        When the round would take the cumulative epsilon past the budget (nothing is trained).
+    PrivacyError
+        When delta is too large for the data set, or the ledger cannot be trusted.
+    """
+    if not privacy.enabled:
+        return RoundPrivacy(ledger=None, path=None, dp=None, epsilon_before=0.0)
+    if privacy.delta >= 1.0 / num_examples:
+        raise PrivacyError(
+            f"privacy.delta = {privacy.delta} is not below 1 / n = {1.0 / num_examples:.2g} for client "
+            f"{client_id} with {num_examples} examples: a mechanism that publishes one random example "
+            "would satisfy it",
+            fix="lower privacy.delta (e.g. 1e-5 or 1 / (10 n))",
+        )
+    path = ledger_path(state_dir, client_id)
+    ledger = open_ledger(
+        path,
+        client_id=client_id,
+        accountant=privacy.accountant,
+        delta=privacy.delta,
+        budget_epsilon=privacy.effective_budget,
+    )
+    q, steps = plan_steps(num_examples, train)
+    if privacy.noise_multiplier is not None:
+        sigma = privacy.noise_multiplier
+    elif ledger.planned_noise_multiplier is not None:
+        sigma = ledger.planned_noise_multiplier
+    else:
+        assert privacy.target_epsilon is not None
+        sigma = calibrate_noise(
+            target_epsilon=privacy.target_epsilon,
+            delta=privacy.delta,
+            sample_rate=q,
+            steps=steps * total_rounds,
+            accountant=privacy.accountant,
+            prior_history=ledger.history(),
+        )
+        ledger.planned_noise_multiplier = sigma
+        save_ledger(ledger, path)
+    before = ledger.epsilon()
+    ledger.check_round(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    dp = DPSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, sample_rate=q, steps=steps)
+    return RoundPrivacy(ledger=ledger, path=path, dp=dp, epsilon_before=before)
+
+
+def record_round(plan: RoundPrivacy, *, server_round: int, result: TrainResult) -> float:
+    """Write the round's steps to the ledger (atomically) and return the cumulative epsilon.
+
+    Called after training and before the update is released: a crash in between loses an update,
+    never the record of privacy spent.
+    """
+    if plan.ledger is None or plan.dp is None or plan.path is None:
+        return 0.0
+    plan.ledger.record_round(
+        round=server_round,
+        noise_multiplier=plan.dp.noise_multiplier,
+        sample_rate=plan.dp.sample_rate,
+        steps=result.steps,
+    )
+    save_ledger(plan.ledger, plan.path)
+    return plan.ledger.epsilon()

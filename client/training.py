@@ -1,0 +1,249 @@
+"""Local training and evaluation: plain functions of (model, data, settings). No ``flwr`` in here.
+
+A partner can call :func:`train` and :func:`evaluate` from their own app; the ClientApp is a thin
+adapter around them.  Privacy *accounting* (how much epsilon a round costs, whether the budget
+allows it) lives in :mod:`privet.client.privacy`; this module only runs the mechanism it is told to
+run: Poisson-sampled batches, per-sample clipping, Gaussian noise (Opacus).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from privet.common.config import TrainConfig
+from privet.common.data import TokenizedExamples, collate, length_sorted_microbatches
+from privet.common.errors import PrivacyError
+from privet.common.evaluation import EvalResult, autocast_for, evaluate
+from privet.common.modeling import trainable_state
+
+__all__ = ["DPSettings", "EvalResult", "TrainResult", "evaluate", "plan_steps", "train"]
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """The DP-SGD mechanism for one round: what Opacus needs, decided by the privacy layer."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+
+
+@dataclass
+class TrainResult:
+    """What one round of local training produced."""
+
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    steps: int
+    train_loss: float
+    examples_seen: int
+    seconds: float
+
+
+def plan_steps(num_examples: int, cfg: TrainConfig) -> tuple[float, int]:
+    """Sampling rate and number of optimizer steps for one round of ``cfg.local_epochs``.
+
+    With Poisson sampling at rate ``q = batch_size / n`` a pass over the data takes ``1 / q`` steps
+    in expectation; the same step count is used without DP so both modes see as many examples.
+    """
+    if num_examples <= 0:
+        raise ValueError("no training examples")
+    q = min(1.0, cfg.batch_size / num_examples)
+    steps = max(1, round(cfg.local_epochs / q))
+    return q, steps
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _forward_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    mixed_precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the micro-batch, and the per-example losses (detached)."""
+    labels = batch.pop("labels")
+    with autocast_for(device, mixed_precision):
+        logits = model(**batch).logits
+    per_example = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    return per_example.mean(), per_example.detach()
+
+
+def _make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _poisson_batches(n: int, q: float, steps: int, generator: torch.Generator) -> Iterator[np.ndarray]:
+    # Opacus's sampler: each example joins each batch independently with probability q, which is
+    # what the accountant's subsampling analysis assumes.
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=generator, steps=steps)
+    for idx in sampler:
+        yield np.asarray(idx, dtype=np.int64)
+
+
+def _shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    # Without DP: fixed-size batches from repeated shuffled passes.
+    order = rng.permutation(n)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order = np.concatenate([order[pos:], rng.permutation(n)])
+            pos = 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def train(
+    model: torch.nn.Module,
+    data: TokenizedExamples,
+    cfg: TrainConfig,
+    *,
+    dp: DPSettings | None,
+    pad_token_id: int,
+    device: torch.device | None = None,
+    mixed_precision: str = "auto",
+    seed: int | None = None,
+) -> TrainResult:
+    """Train the model's trainable weights on ``data`` for one round; return the new weights.
+
+    Parameters
+    ----------
+    model
+        A model whose trainable parameters (``requires_grad``) are the adapter and head.
+    data
+        The client's tokenized training examples.
+    cfg
+        Optimizer, learning rate, batch sizes, local epochs.
+    dp
+        DP-SGD settings (noise, clip, Poisson rate, steps), or ``None`` for non-private training.
+    pad_token_id
+        The tokenizer's padding id.
+    device
+        Where to train (default: the model's device).
+    mixed_precision
+        Autocast on GPU (``auto``/``bf16``/``fp16``/``off``); ignored on CPU.
+    seed
+        Seed of sampling and noise for this round (default: ``cfg.seed``).
+
+    Returns
+    -------
+    TrainResult
+        The trainable weights after the round (CPU tensors) and training metrics.
+    """
+    start = time.perf_counter()
+    n = len(data)
+    device = device or next(model.parameters()).device
+    model.to(device)
+    model.train()
+    seed = cfg.seed if seed is None else seed
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _make_optimizer(params, cfg)
+
+    if dp is None:
+        _, steps = plan_steps(n, cfg)
+        batches: Iterator[np.ndarray] = _shuffled_batches(n, min(cfg.batch_size, n), steps, np.random.default_rng(seed))
+        net: torch.nn.Module = model
+        dp_opt: DPOptimizer | None = None
+    else:
+        if dp.noise_multiplier <= 0 and not math.isinf(dp.max_grad_norm):
+            # Noise 0 is allowed only as an explicit test of the mechanism (clip set to infinity too).
+            raise PrivacyError(
+                "DP training was asked for with noise_multiplier 0, which gives no privacy",
+                fix="disable privacy explicitly (privacy.enabled = false) for a non-private baseline",
+            )
+        steps = dp.steps
+        gen = torch.Generator().manual_seed(seed)
+        batches = _poisson_batches(n, dp.sample_rate, steps, gen)
+        # Per-sample gradients through Opacus's hooks; only modules with trainable weights get hooks.
+        net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        expected = max(1, round(dp.sample_rate * n))
+        noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
+        dp_opt = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm if math.isfinite(dp.max_grad_norm) else 1e30,
+            expected_batch_size=expected,
+            loss_reduction="mean",
+            generator=noise_gen,
+        )
+
+    loss_sum, seen, done = 0.0, 0, 0
+    # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
+    rng_guard = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    rng_guard.__enter__()
+    torch.manual_seed(seed)
+    try:
+        for batch_idx in batches:
+            done += 1
+            if dp_opt is not None and len(batch_idx) == 0:
+                _noise_only_step(dp_opt, params)
+                continue
+            micro = length_sorted_microbatches(batch_idx, data.lengths, cfg.physical_batch_size)
+            for j, mb in enumerate(micro):
+                batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
+                loss, per_example = _forward_loss(net, batch, device, mixed_precision)
+                if dp_opt is None:
+                    # Gradient accumulation: weight each micro-batch by its share of the batch.
+                    (loss * (len(mb) / len(batch_idx))).backward()
+                else:
+                    loss.backward()
+                    if j < len(micro) - 1:
+                        # Clip and accumulate this micro-batch; noise is added once per batch.
+                        dp_opt.signal_skip_step(do_skip=True)
+                        dp_opt.step()
+                        dp_opt.zero_grad(set_to_none=True)
+                loss_sum += float(per_example.sum())
+                seen += len(mb)
+            if dp_opt is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                dp_opt.step()
+                dp_opt.zero_grad(set_to_none=True)
+    finally:
+        rng_guard.__exit__(None, None, None)
+        if isinstance(net, GradSampleModule):
+            # Leave the caller's model as it was given: no hooks, no per-sample state.
+            net._close()
+            for p in params:
+                for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+
+    if dp is not None and done != dp.steps:
+        raise PrivacyError(f"DP training ran {done} steps, the accountant was told {dp.steps}")
+    return TrainResult(
+        state=trainable_state(model),
+        num_examples=n,
+        steps=done,
+        train_loss=loss_sum / max(seen, 1),
+        examples_seen=seen,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _noise_only_step(dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]) -> None:
+    # An empty Poisson batch still releases a noisy step: skipping it would reveal that the
+    # batch was empty, which the privacy analysis does not allow for.
+    for p in params:
+        p.summed_grad = torch.zeros_like(p)
+    dp_opt.add_noise()
+    for p in params:
+        # what DPOptimizer.scale_grad does for a mean loss (it cannot count an empty batch)
+        p.grad = p.grad / dp_opt.expected_batch_size  # type: ignore[operator]
+    dp_opt.original_optimizer.step()
+    dp_opt.zero_grad(set_to_none=True)

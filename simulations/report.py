@@ -1,0 +1,160 @@
+"""What a person watches and reads: a live per-round table in the terminal, and plots of the run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from privet.server import RoundRecord
+from privet.server.rundir import read_metrics
+
+__all__ = ["ConsoleReporter", "load_summary", "plot_run", "round_line", "round_table"]
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _trained(r: dict[str, Any]) -> str:
+    names = r.get("clients_trained") or []
+    if r["round"] == 0:
+        return "untrained"
+    text = str(len(names))
+    if r.get("errors"):
+        text += f" [red]+{len(r['errors'])} refused/failed[/red]"
+    return text
+
+
+def round_table(records: list[dict[str, Any]], *, dp: bool) -> Table:
+    """A rich table with one row per round (round 0 is the untrained model)."""
+    table = Table(title="privet federation", title_style="bold")
+    for name in ("round", "clients", "train loss", "server acc", "client acc", "max ε" if dp else "ε", "MiB out/in", "s"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in records:
+        sent = r.get("bytes_sent", 0) / 2**20
+        recv = r.get("bytes_received", 0) / 2**20
+        table.add_row(
+            str(r["round"]),
+            _trained(r),
+            _fmt(r.get("train_loss")),
+            _fmt(r.get("server_accuracy"), ".2%"),
+            _fmt(r.get("client_accuracy"), ".2%"),
+            _fmt(r.get("max_epsilon"), ".2f") if dp else "off",
+            f"{sent:.2f}/{recv:.2f}" if r["round"] else "-",
+            f"{r.get('seconds', 0.0):.0f}" if r["round"] else "-",
+        )
+    return table
+
+
+def round_line(r: dict[str, Any], *, dp: bool) -> str:
+    """One line per finished round, printed while the run goes on."""
+    if r["round"] == 0:
+        return f"round 0 (untrained): server acc {_fmt(r.get('server_accuracy'), '.2%')}"
+    names = ", ".join(r.get("clients_trained") or []) or "none"
+    eps = f"max ε {_fmt(r.get('max_epsilon'), '.2f')}" if dp else "DP off"
+    return (
+        f"round {r['round']}: trained {names} | loss {_fmt(r.get('train_loss'))} | "
+        f"server acc {_fmt(r.get('server_accuracy'), '.2%')} | client acc "
+        f"{_fmt(r.get('client_accuracy'), '.2%')} | {eps} | {r.get('seconds', 0.0):.0f} s"
+    )
+
+
+class ConsoleReporter:
+    """Renders server events: a progress bar while rounds run and a row per finished round."""
+
+    def __init__(self, console: Console | None = None, *, dp: bool) -> None:
+        self.console = console or Console()
+        self.dp = dp
+        self.records: list[dict[str, Any]] = []
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} rounds"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._task = self.progress.add_task("starting (loading model, data and workers)", total=None)
+        self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> ConsoleReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def run_started(self, *, rounds: int, clients: int, run_dir: Path) -> None:
+        """Announce the run and size the progress bar."""
+        with self._lock:
+            self.progress.update(self._task, total=rounds, description="evaluating the untrained model")
+            self.console.print(f"[bold]{clients} clients, {rounds} rounds[/bold]; outputs in {run_dir}")
+
+    def round_started(self, server_round: int) -> None:
+        """Show which round is training."""
+        with self._lock:
+            self.progress.update(self._task, description=f"round {server_round}: clients training")
+
+    def round_finished(self, record: RoundRecord) -> None:
+        """Print the round's row and advance the bar."""
+        with self._lock:
+            rec = record.as_json()
+            self.records.append(rec)
+            self.progress.update(self._task, completed=record.round, description="waiting for the next round")
+            self.console.print(round_line(rec, dp=self.dp), highlight=False)
+            for who, why in record.errors.items():
+                self.console.print(f"  [yellow]{who}[/yellow]: {why}")
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """Write ``plots.png``: accuracy and cumulative epsilon per round. Returns its path."""
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("server_accuracy", "server test"), ("client_accuracy", "clients' tests")):
+        pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax1.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("accuracy")
+    ax1.set_title("Accuracy of the global model")
+    ax1.set_xticks(rounds)
+    ax1.legend()
+    clients = sorted({c for r in records for c in (r.get("epsilon_per_client") or {})})
+    for c in clients:
+        pts = [(r["round"], r["epsilon_per_client"][c]) for r in records if c in (r.get("epsilon_per_client") or {})]
+        ax2.plot(*zip(*pts, strict=True), marker="o", label=c)
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("cumulative ε")
+    ax2.set_title("Privacy spent per client")
+    ax2.set_xticks(rounds)
+    if clients:
+        ax2.legend(fontsize="small")
+    else:
+        ax2.text(0.5, 0.5, "DP off", ha="center", va="center", transform=ax2.transAxes)
+    fig.tight_layout()
+    out = Path(run_dir) / "plots.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def load_summary(run_dir: Path) -> dict[str, Any]:
+    """Read ``summary.json``."""
+    return dict(json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")))

@@ -1,0 +1,108 @@
+"""End to end: the real ServerApp and ClientApp through Flower's Simulation Engine, DP on."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from privet.common.config import load_config
+from privet.common.modeling import resolve_model_path
+from privet.server.rundir import read_metrics
+from privet.simulations import simulate
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "ray::" in line or "raylet" in line or "gcs_server" in line]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(
+        None,
+        [
+            "model.num_hidden_layers=1",
+            "model.max_length=48",
+            "data.max_examples=1500",
+            "data.num_clients=3",
+            "data.server_test_fraction=0.2",
+            "federation.rounds=2",
+            "privacy.target_epsilon=8",
+            "privacy.delta=1e-4",
+            "train.batch_size=64",
+            "train.local_epochs=1",
+            "train.lr=5e-3",
+            f"simulation.output_dir='{out}'",
+            "simulation.run_name='e2e'",
+        ],
+    )
+    before = set(_ray_processes())
+    run_dir = simulate(cfg)
+    return cfg, run_dir, before
+
+
+def test_writes_every_output_file(run) -> None:
+    _, run_dir, _ = run
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "checkpoints/round-0001.safetensors",
+                 "checkpoints/round-0002.safetensors", "final_adapter/adapter_config.json"):
+        assert (run_dir / name).exists(), name
+    assert load_config(run_dir / "config.toml").federation.rounds == 2
+
+
+def test_metrics_one_line_per_round_with_every_field(run) -> None:
+    _, run_dir, _ = run
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert len(r["clients_trained"]) == 3
+        assert set(r["epsilon_per_client"]) == set(r["accuracy_per_client"]) == set(r["clients_trained"])
+        assert r["bytes_sent"] > 0 and r["bytes_received"] > 0
+        assert r["train_loss"] is not None and r["client_accuracy"] is not None
+    # ε is cumulative and grows round over round, never past the budget
+    e1, e2 = records[1]["epsilon_per_client"], records[2]["epsilon_per_client"]
+    assert all(e2[c] > e1[c] > 0 for c in e1)
+    assert max(e2.values()) <= 8.0 + 1e-6
+
+
+def test_learns_under_dp(run) -> None:
+    _, run_dir, _ = run
+    records = read_metrics(run_dir)
+    assert records[2]["server_loss"] < records[0]["server_loss"]
+    assert records[2]["server_accuracy"] > 0.6
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_server_accuracy"] == records[2]["server_accuracy"]
+
+
+def test_ledgers_hold_cumulative_epsilon(run) -> None:
+    _, run_dir, _ = run
+    ledgers = sorted((run_dir / "clients").glob("ledger-*.json"))
+    assert len(ledgers) == 3
+    final = read_metrics(run_dir)[-1]["epsilon_per_client"]
+    for path in ledgers:
+        data = json.loads(path.read_text())
+        assert [e["round"] for e in data["entries"]] == [1, 2]
+        assert data["entries"][-1]["epsilon_after"] == pytest.approx(final[data["client_id"]], rel=1e-9)
+
+
+def test_final_adapter_loads_with_peft(run) -> None:
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _, run_dir, _ = run
+    src = resolve_model_path("embedded:all-MiniLM-L6-v2")
+    base = AutoModelForSequenceClassification.from_pretrained(
+        src, config=AutoConfig.from_pretrained(src, num_hidden_layers=1, num_labels=2)
+    )
+    model = PeftModel.from_pretrained(base, str(run_dir / "final_adapter")).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[101, 2307, 3185, 102]])).logits
+    assert logits.shape == (1, 2)
+
+
+def test_no_ray_process_left_behind(run) -> None:
+    _, _, before = run
+    assert set(_ray_processes()) - before == set()
