@@ -65,7 +65,9 @@ def _load(cfg: PrivetConfig, partition_id: int) -> _Loaded:
                     f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
                 )
             data = fed.clients[partition_id]
-            built = build_model(cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed)
+            built = build_model(
+                cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
+            )
             device = pick_device(cfg.model.device)
             built.model.to(device)
             tok, ml = built.tokenizer, cfg.model.max_length
@@ -94,6 +96,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         The federation's configuration (the client uses model, adapter, privacy, train, data).
     state_dir
         Folder for the clients' privacy ledgers; it must outlive the process.
+
     """
     app = ClientApp()
 
@@ -102,7 +105,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         partition = int(context.node_config.get("partition-id", 0))
         try:
             loaded = _load(cfg, partition)
-            conf = msg.content["config"]
+            conf = msg.content.config_records["config"]
             expected = str(conf.get("fingerprint", loaded.fingerprint))
             if expected != loaded.fingerprint:
                 raise PrivetError(
@@ -110,10 +113,10 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                     f"{loaded.fingerprint} vs {expected}); averaging its update would be wrong",
                     fix="use the same model, adapter and train.seed on server and clients",
                 )
-            server_round = int(conf["server-round"])
-            total_rounds = int(conf.get("total-rounds", cfg.federation.rounds))
+            server_round = int(str(conf["server-round"]))
+            total_rounds = int(str(conf.get("total-rounds", cfg.federation.rounds)))
             model = loaded.built.model
-            load_trainable_state(model, arrayrecord_to_state(msg.content["arrays"]))
+            load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
             plan = plan_round(
                 privacy=cfg.privacy,
                 train=cfg.train,
@@ -138,7 +141,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
             return _error_reply(msg, ERROR_BUDGET, f"[{partition}] {exc}")
         except PrivetError as exc:
             return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {exc}")
-        except Exception as exc:  # noqa: BLE001 - reported to the server, which logs it and goes on
+        except Exception as exc:
             log.error("client %s failed:\n%s", partition, traceback.format_exc())
             return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {type(exc).__name__}: {exc}")
         metrics = MetricRecord(
@@ -162,7 +165,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         try:
             loaded = _load(cfg, partition)
             model = loaded.built.model
-            load_trainable_state(model, arrayrecord_to_state(msg.content["arrays"]))
+            load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
             res = evaluate(
                 model,
                 loaded.test,
@@ -173,7 +176,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
             )
         except PrivetError as exc:
             return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {exc}")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.error("client %s failed:\n%s", partition, traceback.format_exc())
             return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {type(exc).__name__}: {exc}")
         metrics = MetricRecord(
@@ -187,4 +190,3 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
-

@@ -59,6 +59,7 @@ def plan_round(
         When the round would take the cumulative epsilon past the budget (nothing is trained).
     PrivacyError
         When delta is too large for the data set, or the ledger cannot be trusted.
+
     """
     if not privacy.enabled:
         return RoundPrivacy(ledger=None, path=None, dp=None, epsilon_before=0.0)
@@ -96,7 +97,9 @@ def plan_round(
         save_ledger(ledger, path)
     before = ledger.epsilon()
     ledger.check_round(noise_multiplier=sigma, sample_rate=q, steps=steps)
-    dp = DPSettings(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, sample_rate=q, steps=steps)
+    dp = DPSettings(
+        noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, sample_rate=q, steps=steps
+    )
     return RoundPrivacy(ledger=ledger, path=path, dp=dp, epsilon_before=before)
 
 

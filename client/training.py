@@ -81,21 +81,31 @@ def _forward_loss(
     return per_example.mean(), per_example.detach()
 
 
-def _make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(
+    params: Sequence[torch.nn.Parameter], cfg: TrainConfig
+) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _poisson_batches(n: int, q: float, steps: int, generator: torch.Generator) -> Iterator[np.ndarray]:
+def _poisson_batches(
+    n: int, q: float, steps: int, generator: torch.Generator
+) -> Iterator[np.ndarray]:
     # Opacus's sampler: each example joins each batch independently with probability q, which is
     # what the accountant's subsampling analysis assumes.
-    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=q, generator=generator, steps=steps)
+    sampler = UniformWithReplacementSampler(
+        num_samples=n, sample_rate=q, generator=generator, steps=steps
+    )
     for idx in sampler:
         yield np.asarray(idx, dtype=np.int64)
 
 
-def _shuffled_batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def _shuffled_batches(
+    n: int, batch_size: int, steps: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     # Without DP: fixed-size batches from repeated shuffled passes.
     order = rng.permutation(n)
     pos = 0
@@ -143,6 +153,7 @@ def train(
     -------
     TrainResult
         The trainable weights after the round (CPU tensors) and training metrics.
+
     """
     start = time.perf_counter()
     n = len(data)
@@ -155,7 +166,9 @@ def train(
 
     if dp is None:
         _, steps = plan_steps(n, cfg)
-        batches: Iterator[np.ndarray] = _shuffled_batches(n, min(cfg.batch_size, n), steps, np.random.default_rng(seed))
+        batches: Iterator[np.ndarray] = _shuffled_batches(
+            n, min(cfg.batch_size, n), steps, np.random.default_rng(seed)
+        )
         net: torch.nn.Module = model
         dp_opt: DPOptimizer | None = None
     else:
@@ -198,9 +211,9 @@ def train(
                 loss, per_example = _forward_loss(net, batch, device, mixed_precision)
                 if dp_opt is None:
                     # Gradient accumulation: weight each micro-batch by its share of the batch.
-                    (loss * (len(mb) / len(batch_idx))).backward()
+                    (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]
                 else:
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     if j < len(micro) - 1:
                         # Clip and accumulate this micro-batch; noise is added once per batch.
                         dp_opt.signal_skip_step(do_skip=True)
@@ -240,7 +253,7 @@ def _noise_only_step(dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]) 
     # An empty Poisson batch still releases a noisy step: skipping it would reveal that the
     # batch was empty, which the privacy analysis does not allow for.
     for p in params:
-        p.summed_grad = torch.zeros_like(p)
+        p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
     dp_opt.add_noise()
     for p in params:
         # what DPOptimizer.scale_grad does for a mean loss (it cannot count an empty batch)

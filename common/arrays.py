@@ -42,15 +42,20 @@ def check_update(
     ------
     UpdateError
         Naming ``who`` and the first problem found.
+
     """
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
     if missing or extra:
-        raise UpdateError(f"{who}: update keys differ from the global adapter (missing {missing[:3]}, extra {extra[:3]})")
+        raise UpdateError(
+            f"{who}: update keys differ from the global adapter (missing {missing[:3]}, extra {extra[:3]})"
+        )
     for name, ref in reference.items():
         got = update[name]
         if tuple(got.shape) != tuple(ref.shape):
-            raise UpdateError(f"{who}: {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+            raise UpdateError(
+                f"{who}: {name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+            )
         if got.dtype != ref.dtype:
             raise UpdateError(f"{who}: {name} has dtype {got.dtype}, expected {ref.dtype}")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):

@@ -59,7 +59,9 @@ class ModelConfig(_Section):
         le=128,
         description="Keep only the first N transformer layers (a cut of the model, for tests and quick trials).",
     )
-    max_length: int = Field(64, ge=8, le=4096, description="Tokens per example; longer texts are truncated.")
+    max_length: int = Field(
+        64, ge=8, le=4096, description="Tokens per example; longer texts are truncated."
+    )
     freeze_embeddings: bool = Field(
         True,
         description=(
@@ -87,7 +89,9 @@ class ModelConfig(_Section):
             "Per-sample gradients and clipping stay in fp32, so DP is unaffected."
         ),
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off: safer).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub (off: safer)."
+    )
 
 
 class AdapterConfig(_Section):
@@ -116,19 +120,25 @@ class AdapterConfig(_Section):
             "exactly averaging the products, and DP noise goes into half as many dimensions."
         ),
     )
-    train_head: bool = Field(True, description="Train the classification head (needed for a new task).")
+    train_head: bool = Field(
+        True, description="Train the classification head (needed for a new task)."
+    )
 
     @model_validator(mode="after")
     def _layers_valid(self) -> AdapterConfig:
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError("adapter.layers must be a non-empty list of layer indices >= 0, or unset")
+            raise ValueError(
+                "adapter.layers must be a non-empty list of layer indices >= 0, or unset"
+            )
         return self
 
 
 class PrivacyConfig(_Section):
     """Sample-level differential privacy with Opacus DP-SGD, per client."""
 
-    enabled: bool = Field(True, description="DP-SGD on. Off is for baselines only and is announced loudly.")
+    enabled: bool = Field(
+        True, description="DP-SGD on. Off is for baselines only and is announced loudly."
+    )
     target_epsilon: float | None = Field(
         8.0,
         gt=0,
@@ -143,9 +153,13 @@ class PrivacyConfig(_Section):
         ge=0,
         description="Fixed noise multiplier (instead of target_epsilon). 0 with enabled=true is refused.",
     )
-    delta: float = Field(1e-5, gt=0, lt=1, description="DP delta; keep it well below 1 / client dataset size.")
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="DP delta; keep it well below 1 / client dataset size."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm C.")
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant for the epsilon.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant for the epsilon."
+    )
     budget_epsilon: float | None = Field(
         None,
         gt=0,
@@ -164,7 +178,9 @@ class PrivacyConfig(_Section):
         if not self.enabled:
             return self
         if self.target_epsilon is None and self.noise_multiplier is None:
-            raise ValueError("privacy: give target_epsilon or noise_multiplier when privacy.enabled = true")
+            raise ValueError(
+                "privacy: give target_epsilon or noise_multiplier when privacy.enabled = true"
+            )
         if self.target_epsilon is not None and self.noise_multiplier is not None:
             raise ValueError(
                 "privacy: give target_epsilon or noise_multiplier, not both (set target_epsilon = none "
@@ -196,10 +212,15 @@ class TrainConfig(_Section):
 
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Local optimizer.")
     lr: float = Field(3e-3, gt=0, le=10, description="Learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD)."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     local_epochs: float = Field(
-        0.5, gt=0, le=100, description="Passes over the client's training data per round (may be fractional)."
+        0.5,
+        gt=0,
+        le=100,
+        description="Passes over the client's training data per round (may be fractional).",
     )
     batch_size: int = Field(
         256,
@@ -216,7 +237,10 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(128, ge=1, le=65536, description="Batch size for evaluation.")
     seed: int = Field(0, ge=0, description="Seed for sampling, noise and initialisation.")
     num_threads: int | None = Field(
-        None, ge=1, le=1024, description="torch CPU threads per client (default: the CPUs Ray gives it)."
+        None,
+        ge=1,
+        le=1024,
+        description="torch CPU threads per client (default: the CPUs Ray gives it).",
     )
 
 
@@ -231,25 +255,34 @@ class DataConfig(_Section):
         ),
     )
     train_files: list[Path] = Field(
-        default_factory=list, description="With source='files': the files holding all examples (CSV, JSONL, Parquet)."
+        default_factory=list,
+        description="With source='files': the files holding all examples (CSV, JSONL, Parquet).",
     )
     test_file: Path | None = Field(
-        None, description="With source='files': an optional server test file (else server_test_fraction is held out)."
+        None,
+        description="With source='files': an optional server test file (else server_test_fraction is held out).",
     )
     text_column: str = Field("text", min_length=1, description="Column holding the text.")
-    label_column: str = Field("label", min_length=1, description="Column holding the integer label 0..num_labels-1.")
+    label_column: str = Field(
+        "label", min_length=1, description="Column holding the integer label 0..num_labels-1."
+    )
     client_column: str | None = Field(
-        None, description="With partition='natural' and source='files': the column naming each row's client."
+        None,
+        description="With partition='natural' and source='files': the column naming each row's client.",
     )
     num_labels: int | None = Field(
         None, ge=2, le=100_000, description="Number of classes (default: inferred from the labels)."
     )
     vader_domains: list[Literal["tweets", "movie", "amazon", "nyt"]] = Field(
-        default_factory=lambda: ["tweets", "movie", "amazon", "nyt"], min_length=1,
+        default_factory=lambda: ["tweets", "movie", "amazon", "nyt"],  # type: ignore[arg-type]
+        min_length=1,
         description="VADER domains to use.",
     )
     vader_threshold: float = Field(
-        0.5, ge=0, lt=4, description="VADER: drop rows with |mean valence| <= this; label = valence > 0."
+        0.5,
+        ge=0,
+        lt=4,
+        description="VADER: drop rows with |mean valence| <= this; label = valence > 0.",
     )
     max_examples: int | None = Field(
         None, ge=10, description="Use a random subset of at most this many examples (quick trials)."
@@ -261,27 +294,42 @@ class DataConfig(_Section):
             "'natural': one client per natural key (VADER domain/document, or client_column)."
         ),
     )
-    alpha: float = Field(0.5, gt=0, le=1e6, description="Dirichlet concentration (small = more skew).")
+    alpha: float = Field(
+        0.5, gt=0, le=1e6, description="Dirichlet concentration (small = more skew)."
+    )
     natural_key: Literal["domain", "document"] = Field(
         "domain",
         description="VADER natural key: 'domain' (4 clients) or 'document' (Amazon review / NYT editorial id).",
     )
-    num_clients: int = Field(4, ge=1, le=1_000_000, description="Number of clients (iid and dirichlet).")
+    num_clients: int = Field(
+        4, ge=1, le=1_000_000, description="Number of clients (iid and dirichlet)."
+    )
     client_test_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of each client's examples kept for its local test split."
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of each client's examples kept for its local test split.",
     )
     server_test_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of all examples held out for the server's test set."
     )
-    seed: int = Field(0, ge=0, description="Seed of shuffling and partitioning (same seed, same split).")
-    cache_dir: Path | None = Field(None, description="Where downloads are cached (default: the user's cache dir).")
+    seed: int = Field(
+        0, ge=0, description="Seed of shuffling and partitioning (same seed, same split)."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Where downloads are cached (default: the user's cache dir)."
+    )
 
     @model_validator(mode="after")
     def _files_given(self) -> DataConfig:
         if self.source == "files" and not self.train_files:
-            raise ValueError("data.train_files must list at least one file when data.source = 'files'")
+            raise ValueError(
+                "data.train_files must list at least one file when data.source = 'files'"
+            )
         if self.source == "files" and self.partition == "natural" and self.client_column is None:
-            raise ValueError("data.client_column is needed for partition = 'natural' with your own files")
+            raise ValueError(
+                "data.client_column is needed for partition = 'natural' with your own files"
+            )
         return self
 
 
@@ -289,25 +337,47 @@ class FederationConfig(_Section):
     """Rounds, sampling and evaluation of the federation."""
 
     rounds: int = Field(3, ge=1, le=100_000, description="Federated rounds.")
-    strategy: Literal["fedavg"] = Field("fedavg", description="Aggregation strategy (Flower's Message-API FedAvg).")
-    fraction_train: float = Field(1.0, gt=0, le=1, description="Share of connected clients sampled to train per round.")
-    min_train_clients: int = Field(2, ge=1, description="Never train a round with fewer sampled clients.")
-    fraction_evaluate: float = Field(
-        1.0, ge=0, le=1, description="Share of clients that evaluate the global model on their test split (0: none)."
+    strategy: Literal["fedavg"] = Field(
+        "fedavg", description="Aggregation strategy (Flower's Message-API FedAvg)."
     )
-    min_available_clients: int = Field(2, ge=1, description="Wait until this many clients are connected.")
-    server_evaluation: bool = Field(True, description="Evaluate the global adapter on the server test set each round.")
-    round_timeout: float = Field(3600.0, gt=0, description="Seconds to wait for the replies of one round.")
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="Share of connected clients sampled to train per round."
+    )
+    min_train_clients: int = Field(
+        2, ge=1, description="Never train a round with fewer sampled clients."
+    )
+    fraction_evaluate: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of clients that evaluate the global model on their test split (0: none).",
+    )
+    min_available_clients: int = Field(
+        2, ge=1, description="Wait until this many clients are connected."
+    )
+    server_evaluation: bool = Field(
+        True, description="Evaluate the global adapter on the server test set each round."
+    )
+    round_timeout: float = Field(
+        3600.0, gt=0, description="Seconds to wait for the replies of one round."
+    )
 
 
 class SimulationConfig(_Section):
     """The single-machine simulation harness (Flower's Simulation Engine on Ray)."""
 
     cpus_per_client: float = Field(
-        1.0, gt=0, le=1024, description="CPUs Ray reserves per client; clients run in parallel up to the CPU count."
+        1.0,
+        gt=0,
+        le=1024,
+        description="CPUs Ray reserves per client; clients run in parallel up to the CPU count.",
     )
-    gpus_per_client: float = Field(0.0, ge=0, le=64, description="GPU share per client (schedules, does not limit memory).")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use (default: all of this machine).")
+    gpus_per_client: float = Field(
+        0.0, ge=0, le=64, description="GPU share per client (schedules, does not limit memory)."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs Ray may use (default: all of this machine)."
+    )
     output_dir: Path = Field(Path("runs"), description="Parent folder of run directories.")
     run_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9._-]+$", description="Run directory name (default: a timestamp)."
@@ -348,7 +418,11 @@ class PrivetConfig(_Section):
                     f"federation.min_available_clients ({self.federation.min_available_clients}) exceeds "
                     f"data.num_clients ({self.data.num_clients}); the run would wait forever"
                 )
-        if self.adapter.method == "full" and self.privacy.enabled and self.privacy.clipping == "flat":
+        if (
+            self.adapter.method == "full"
+            and self.privacy.enabled
+            and self.privacy.clipping == "flat"
+        ):
             # Allowed, but memory heavy; nothing to refuse.
             pass
         return self
@@ -370,6 +444,7 @@ def format_validation_error(exc: ValidationError) -> str:
     -------
     str
         Lines of the form ``field: what is wrong (got VALUE)``.
+
     """
     lines = []
     for err in exc.errors():
@@ -383,7 +458,9 @@ def format_validation_error(exc: ValidationError) -> str:
         elif kind == "literal_error":
             msg = msg.replace("Input should be", "must be one of")
         got = err.get("input")
-        shown = "" if kind in ("missing", "model_type") or isinstance(got, dict) else f" (got {got!r})"
+        shown = (
+            "" if kind in ("missing", "model_type") or isinstance(got, dict) else f" (got {got!r})"
+        )
         lines.append(f"{where}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -419,13 +496,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     ------
     ConfigError
         When an override is not of the form ``section.key=value``.
+
     """
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(
-                f"--set {item!r} is not of the form section.key=value", fix="e.g. --set train.lr=3e-4"
+                f"--set {item!r} is not of the form section.key=value",
+                fix="e.g. --set train.lr=3e-4",
             )
         node = data
         *parents, leaf = key.split(".")
@@ -466,12 +545,15 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     ------
     ConfigError
         With one line per problem, each naming the field.
+
     """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist", fix="pass --config with a TOML file")
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist", fix="pass --config with a TOML file"
+            )
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -507,7 +589,11 @@ def config_reference() -> str:
         out.append("| --- | --- | --- |")
         for name, f in type(model).model_fields.items():
             default = getattr(model, name)
-            shown = "none" if default is None else repr(default if not isinstance(default, Path) else str(default))
+            shown = (
+                "none"
+                if default is None
+                else repr(default if not isinstance(default, Path) else str(default))
+            )
             out.append(f"| `{name}` | `{shown}` | {f.description or ''} |")
         out.append("")
     return "\n".join(out)

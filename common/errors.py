@@ -26,6 +26,7 @@ class PrivetError(Exception):
         What went wrong, naming the field, file or value.
     fix
         What the user can change to make it work.
+
     """
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:

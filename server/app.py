@@ -19,11 +19,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from privet.common.evaluation import evaluate
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.config import PrivetConfig
 from privet.common.data import TokenizedExamples, build_federated_data
-from privet.common.modeling import build_model, frozen_fingerprint, load_trainable_state, pick_device, trainable_state
+from privet.common.evaluation import evaluate
+from privet.common.modeling import (
+    build_model,
+    frozen_fingerprint,
+    load_trainable_state,
+    pick_device,
+    trainable_state,
+)
 from privet.server.rundir import append_metrics, save_checkpoint, write_json
 
 __all__ = ["RoundObserver", "RoundRecord", "TrackingFedAvg", "make_server_app"]
@@ -75,7 +81,9 @@ class TrackingFedAvg(FedAvg):
     per-client metrics, errors and bytes on the wire.
     """
 
-    def __init__(self, *, client_names: list[str], observer: RoundObserver | None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, client_names: list[str], observer: RoundObserver | None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.client_names = client_names
         self.observer = observer
@@ -132,7 +140,9 @@ class TrackingFedAvg(FedAvg):
             rec.max_epsilon = max(rec.epsilon_per_client.values())
         return super().aggregate_train(server_round, replies)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Record each client's test accuracy, then aggregate with FedAvg."""
         replies = list(replies)
         rec = self.current
@@ -155,7 +165,9 @@ class TrackingFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
 
-def make_server_app(cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver | None = None) -> ServerApp:
+def make_server_app(
+    cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver | None = None
+) -> ServerApp:
     """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``."""
     app = ServerApp()
 
@@ -178,7 +190,9 @@ def make_server_app(cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver
             fraction_train=fed_cfg.fraction_train,
             fraction_evaluate=fed_cfg.fraction_evaluate,
             min_train_nodes=min(fed_cfg.min_train_clients, len(names)),
-            min_evaluate_nodes=min(fed_cfg.min_train_clients, len(names)) if fed_cfg.fraction_evaluate else 0,
+            min_evaluate_nodes=min(fed_cfg.min_train_clients, len(names))
+            if fed_cfg.fraction_evaluate
+            else 0,
             min_available_nodes=min(fed_cfg.min_available_clients, len(names)),
         )
 
@@ -207,7 +221,9 @@ def make_server_app(cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver
                 observer.round_finished(rec)
             if rec.server_accuracy is None:
                 return None
-            return MetricRecord({"accuracy": rec.server_accuracy, "loss": float(rec.server_loss or 0.0)})
+            return MetricRecord(
+                {"accuracy": rec.server_accuracy, "loss": float(rec.server_loss or 0.0)}
+            )
 
         train_config = ConfigRecord(
             {"total-rounds": fed_cfg.rounds, "fingerprint": frozen_fingerprint(model)}
@@ -231,15 +247,20 @@ def make_server_app(cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver
 def _save_final(model: torch.nn.Module, out: Path, cfg: PrivetConfig) -> None:
     """PEFT's own format, so ``PeftModel.from_pretrained(base, out)`` loads it; full weights otherwise."""
     model = model.to("cpu")
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(str(out))
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if hasattr(model, "peft_config") and callable(save_pretrained):
+        save_pretrained(str(out))
     else:
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(out / "trainable.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in trainable_state(model).items()},
+            str(out / "trainable.safetensors"),
+        )
     (out / "privet-model.txt").write_text(
-        f"base model: {cfg.model.name}\nnum_hidden_layers: {cfg.model.num_hidden_layers}\n", encoding="utf-8"
+        f"base model: {cfg.model.name}\nnum_hidden_layers: {cfg.model.num_hidden_layers}\n",
+        encoding="utf-8",
     )
 
 

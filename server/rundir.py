@@ -73,14 +73,20 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Tensor]) -> Path:
     """Save the global trainable weights after ``server_round`` (safetensors, atomic)."""
     path = run_dir / "checkpoints" / f"round-{server_round:04d}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"round": str(server_round)})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(tmp),
+        metadata={"round": str(server_round)},
+    )
     os.replace(tmp, path)
     return path
 

@@ -35,7 +35,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     show_version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Federated, privacy-preserving fine-tuning of pretrained transformers."""
@@ -43,12 +46,20 @@ def _root(
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="TOML file with [model], [adapter], [privacy], [train], [data], "
-                 "[federation], [simulation] sections. Defaults give the demo federation."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML file with [model], [adapter], [privacy], [train], [data], "
+        "[federation], [simulation] sections. Defaults give the demo federation.",
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override one field, e.g. --set train.lr=3e-4 (repeatable; values are TOML)."),
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override one field, e.g. --set train.lr=3e-4 (repeatable; values are TOML).",
+    ),
 ]
 
 
@@ -56,7 +67,9 @@ SetOpt = Annotated[
 def simulate(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's log lines.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's log lines.")
+    ] = False,
 ) -> None:
     """Run a whole federation on this machine (Flower Simulation Engine) and report each round.
 
@@ -105,8 +118,8 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _announce_privacy(cfg: PrivetConfig) -> None:
@@ -117,7 +130,11 @@ def _announce_privacy(cfg: PrivetConfig) -> None:
             "carry no privacy guarantee; use this only for non-private baselines.[/red]"
         )
     else:
-        how = f"target ε = {p.target_epsilon}" if p.target_epsilon is not None else f"noise σ = {p.noise_multiplier}"
+        how = (
+            f"target ε = {p.target_epsilon}"
+            if p.target_epsilon is not None
+            else f"noise σ = {p.noise_multiplier}"
+        )
         console.print(
             f"[bold]DP-SGD on[/bold]: sample-level ({how}, δ = {p.delta}, clip C = {p.max_grad_norm}, "
             f"{p.accountant.upper()} accountant, budget ε ≤ {p.effective_budget} per client)"

@@ -35,7 +35,16 @@ def _trained(r: dict[str, Any]) -> str:
 def round_table(records: list[dict[str, Any]], *, dp: bool) -> Table:
     """A rich table with one row per round (round 0 is the untrained model)."""
     table = Table(title="privet federation", title_style="bold")
-    for name in ("round", "clients", "train loss", "server acc", "client acc", "max ε" if dp else "ε", "MiB out/in", "s"):
+    for name in (
+        "round",
+        "clients",
+        "train loss",
+        "server acc",
+        "client acc",
+        "max ε" if dp else "ε",
+        "MiB out/in",
+        "s",
+    ):
         table.add_column(name, justify="right", no_wrap=True)
     for r in records:
         sent = r.get("bytes_sent", 0) / 2**20
@@ -82,7 +91,9 @@ class ConsoleReporter:
             console=self.console,
             transient=True,
         )
-        self._task = self.progress.add_task("starting (loading model, data and workers)", total=None)
+        self._task = self.progress.add_task(
+            "starting (loading model, data and workers)", total=None
+        )
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
 
@@ -96,8 +107,12 @@ class ConsoleReporter:
     def run_started(self, *, rounds: int, clients: int, run_dir: Path) -> None:
         """Announce the run and size the progress bar."""
         with self._lock:
-            self.progress.update(self._task, total=rounds, description="evaluating the untrained model")
-            self.console.print(f"[bold]{clients} clients, {rounds} rounds[/bold]; outputs in {run_dir}")
+            self.progress.update(
+                self._task, total=rounds, description="evaluating the untrained model"
+            )
+            self.console.print(
+                f"[bold]{clients} clients, {rounds} rounds[/bold]; outputs in {run_dir}"
+            )
 
     def round_started(self, server_round: int) -> None:
         """Show which round is training."""
@@ -109,7 +124,9 @@ class ConsoleReporter:
         with self._lock:
             rec = record.as_json()
             self.records.append(rec)
-            self.progress.update(self._task, completed=record.round, description="waiting for the next round")
+            self.progress.update(
+                self._task, completed=record.round, description="waiting for the next round"
+            )
             self.console.print(round_line(rec, dp=self.dp), highlight=False)
             for who, why in record.errors.items():
                 self.console.print(f"  [yellow]{who}[/yellow]: {why}")
@@ -138,7 +155,11 @@ def plot_run(run_dir: Path) -> Path | None:
     ax1.legend()
     clients = sorted({c for r in records for c in (r.get("epsilon_per_client") or {})})
     for c in clients:
-        pts = [(r["round"], r["epsilon_per_client"][c]) for r in records if c in (r.get("epsilon_per_client") or {})]
+        pts = [
+            (r["round"], r["epsilon_per_client"][c])
+            for r in records
+            if c in (r.get("epsilon_per_client") or {})
+        ]
         ax2.plot(*zip(*pts, strict=True), marker="o", label=c)
     ax2.set_xlabel("round")
     ax2.set_ylabel("cumulative ε")

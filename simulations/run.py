@@ -37,7 +37,7 @@ def _ray_shutdown() -> None:
 
         if ray.is_initialized():
             ray.shutdown()
-    except Exception:  # noqa: BLE001 - best effort on the way out
+    except Exception:
         log.debug("ray shutdown failed", exc_info=True)
 
 
@@ -60,11 +60,15 @@ def simulate(
     Path
         The run directory holding ``config.toml``, ``metrics.jsonl``, checkpoints and the final
         adapter.
+
     """
     # Never let Flower phone home or reinstall dependencies; this machine may be offline.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts workers at nice 15; here the workers *are* the training, so they must not yield
+    # the CPU to every other process on the machine.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from flwr.simulation import run_simulation
@@ -79,7 +83,9 @@ def simulate(
     # once, not oversubscribed.
     if cfg.train.num_threads is None:
         threads = max(1, int(sim.cpus_per_client))
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": threads})})
+        cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"num_threads": threads})}
+        )
     backend_config = {
         "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
         "init_args": {

@@ -18,7 +18,15 @@ from privet.common.config import (
 )
 from privet.common.errors import ConfigError
 
-SECTIONS = [ModelConfig, AdapterConfig, PrivacyConfig, TrainConfig, DataConfig, FederationConfig, SimulationConfig]
+SECTIONS = [
+    ModelConfig,
+    AdapterConfig,
+    PrivacyConfig,
+    TrainConfig,
+    DataConfig,
+    FederationConfig,
+    SimulationConfig,
+]
 
 
 @pytest.mark.parametrize("model", SECTIONS)
@@ -89,7 +97,15 @@ def test_federation_cannot_wait_for_more_clients_than_exist() -> None:
 
 
 def test_overrides_parse_toml_values() -> None:
-    data = apply_overrides({}, ["train.lr=3e-4", "adapter.target_modules=['query','key']", "privacy.enabled=false", "simulation.run_name=abc"])
+    data = apply_overrides(
+        {},
+        [
+            "train.lr=3e-4",
+            "adapter.target_modules=['query','key']",
+            "privacy.enabled=false",
+            "simulation.run_name=abc",
+        ],
+    )
     assert data == {
         "train": {"lr": 3e-4},
         "adapter": {"target_modules": ["query", "key"]},
@@ -102,9 +118,16 @@ def test_overrides_parse_toml_values() -> None:
 
 def test_toml_and_overrides_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "f.toml"
-    path.write_text('[train]\nlr = 0.01\n[federation]\nrounds = 7\n[data]\npartition = "dirichlet"\nalpha = 0.3\n')
+    path.write_text(
+        '[train]\nlr = 0.01\n[federation]\nrounds = 7\n[data]\npartition = "dirichlet"\nalpha = 0.3\n'
+    )
     cfg = load_config(path, ["federation.rounds=5", "model.num_hidden_layers=1"])
-    assert (cfg.train.lr, cfg.federation.rounds, cfg.data.partition, cfg.data.alpha) == (0.01, 5, "dirichlet", 0.3)
+    assert (cfg.train.lr, cfg.federation.rounds, cfg.data.partition, cfg.data.alpha) == (
+        0.01,
+        5,
+        "dirichlet",
+        0.3,
+    )
     again = tmp_path / "again.toml"
     again.write_text(dump_config(cfg))
     assert load_config(again) == cfg

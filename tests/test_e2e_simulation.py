@@ -15,8 +15,14 @@ pytestmark = pytest.mark.slow
 
 
 def _ray_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if "ray::" in line or "raylet" in line or "gcs_server" in line]
+    out = subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    ).stdout
+    return [
+        line
+        for line in out.splitlines()
+        if "ray::" in line or "raylet" in line or "gcs_server" in line
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,14 @@ def run(tmp_path_factory: pytest.TempPathFactory):
 
 def test_writes_every_output_file(run) -> None:
     _, run_dir, _ = run
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "checkpoints/round-0001.safetensors",
-                 "checkpoints/round-0002.safetensors", "final_adapter/adapter_config.json"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/round-0001.safetensors",
+        "checkpoints/round-0002.safetensors",
+        "final_adapter/adapter_config.json",
+    ):
         assert (run_dir / name).exists(), name
     assert load_config(run_dir / "config.toml").federation.rounds == 2
 
@@ -59,7 +71,11 @@ def test_metrics_one_line_per_round_with_every_field(run) -> None:
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
         assert len(r["clients_trained"]) == 3
-        assert set(r["epsilon_per_client"]) == set(r["accuracy_per_client"]) == set(r["clients_trained"])
+        assert (
+            set(r["epsilon_per_client"])
+            == set(r["accuracy_per_client"])
+            == set(r["clients_trained"])
+        )
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0
         assert r["train_loss"] is not None and r["client_accuracy"] is not None
     # ε is cumulative and grows round over round, never past the budget
@@ -85,7 +101,9 @@ def test_ledgers_hold_cumulative_epsilon(run) -> None:
     for path in ledgers:
         data = json.loads(path.read_text())
         assert [e["round"] for e in data["entries"]] == [1, 2]
-        assert data["entries"][-1]["epsilon_after"] == pytest.approx(final[data["client_id"]], rel=1e-9)
+        assert data["entries"][-1]["epsilon_after"] == pytest.approx(
+            final[data["client_id"]], rel=1e-9
+        )
 
 
 def test_final_adapter_loads_with_peft(run) -> None:

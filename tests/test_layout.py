@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"common": "privet.common", "client": "privet.client", "server": "privet.server", "simulations": "privet.simulations"}
+FOLDERS = {
+    "common": "privet.common",
+    "client": "privet.client",
+    "server": "privet.server",
+    "simulations": "privet.simulations",
+}
 
 
 def _imports(folder: str) -> set[str]:
@@ -25,9 +30,11 @@ def _imports(folder: str) -> set[str]:
 
 @pytest.mark.parametrize(
     ("folder", "forbidden"),
-    [("common", ("privet.client", "privet.server", "privet.simulations")),
-     ("client", ("privet.server", "privet.simulations")),
-     ("server", ("privet.client", "privet.simulations"))],
+    [
+        ("common", ("privet.client", "privet.server", "privet.simulations")),
+        ("client", ("privet.server", "privet.simulations")),
+        ("server", ("privet.client", "privet.simulations")),
+    ],
 )
 def test_layers_point_one_way(folder: str, forbidden: tuple[str, ...]) -> None:
     bad = {m for m in _imports(folder) if m.startswith(forbidden)}
@@ -41,14 +48,20 @@ def test_no_bare_folder_imports() -> None:
 
 
 def test_training_code_imports_no_flower() -> None:
-    code = "import sys, privet.client.training, privet.client.privacy, privet.client; " \
-           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, privet.client.training, privet.client.privacy, privet.client; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
 def test_every_subpackage_is_installed() -> None:
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = set()
     for folder, name in FOLDERS.items():
         for init in (ROOT / folder).rglob("__init__.py"):
@@ -59,18 +72,51 @@ def test_every_subpackage_is_installed() -> None:
 
 PUBLIC = {
     "privet.common": [
-        "AdapterConfig", "BudgetExhaustedError", "BuiltModel", "ConfigError", "DataConfig", "DataError",
-        "FederationConfig", "ModelConfig", "ModelError", "PrivacyConfig", "PrivacyError", "PrivetConfig",
-        "PrivetError", "SimulationConfig", "TrainConfig", "UpdateError", "build_model", "config_reference",
-        "dump_config", "load_config", "load_trainable_state", "trainable_state",
+        "AdapterConfig",
+        "BudgetExhaustedError",
+        "BuiltModel",
+        "ConfigError",
+        "DataConfig",
+        "DataError",
+        "FederationConfig",
+        "ModelConfig",
+        "ModelError",
+        "PrivacyConfig",
+        "PrivacyError",
+        "PrivetConfig",
+        "PrivetError",
+        "SimulationConfig",
+        "TrainConfig",
+        "UpdateError",
+        "build_model",
+        "config_reference",
+        "dump_config",
+        "load_config",
+        "load_trainable_state",
+        "trainable_state",
     ],
     "privet.client": [
-        "DPSettings", "EvalResult", "RoundPrivacy", "TrainResult", "evaluate", "ledger_path", "make_client_app",
-        "plan_round", "plan_steps", "record_round", "train",
+        "DPSettings",
+        "EvalResult",
+        "RoundPrivacy",
+        "TrainResult",
+        "evaluate",
+        "ledger_path",
+        "make_client_app",
+        "plan_round",
+        "plan_steps",
+        "record_round",
+        "train",
     ],
     "privet.server": [
-        "RoundObserver", "RoundRecord", "TrackingFedAvg", "create_run_dir", "load_checkpoint", "make_server_app",
-        "read_metrics", "save_checkpoint",
+        "RoundObserver",
+        "RoundRecord",
+        "TrackingFedAvg",
+        "create_run_dir",
+        "load_checkpoint",
+        "make_server_app",
+        "read_metrics",
+        "save_checkpoint",
     ],
     "privet.simulations": ["simulate"],
 }

@@ -20,7 +20,9 @@ from .conftest import tiny_model
 def test_only_adapter_b_and_head_train_under_ffa(tiny) -> None:
     keys = tiny.trainable_keys
     assert keys, "something must train"
-    assert all(("lora_B" in k) or ("classifier" in k and "modules_to_save" in k) for k in keys), keys
+    assert all(("lora_B" in k) or ("classifier" in k and "modules_to_save" in k) for k in keys), (
+        keys
+    )
     # one layer, query and value -> two B matrices, plus head weight and bias
     assert sum("lora_B" in k for k in keys) == 2
     assert sum("classifier" in k for k in keys) == 2
@@ -114,7 +116,9 @@ def test_hub_name_offline_gives_one_clear_error() -> None:
 
 def test_bad_target_modules_are_explained() -> None:
     with pytest.raises(ModelError, match="target_modules"):
-        build_model(ModelConfig(num_hidden_layers=1), AdapterConfig(target_modules=["nope"]), num_labels=2)
+        build_model(
+            ModelConfig(num_hidden_layers=1), AdapterConfig(target_modules=["nope"]), num_labels=2
+        )
 
 
 def test_arrayrecord_type(tiny) -> None:

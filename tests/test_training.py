@@ -15,9 +15,18 @@ from privet.common.modeling import trainable_state
 from .conftest import tiny_model
 
 TEXTS = [
-    "a wonderful, moving film", "dull and far too long", "I loved every minute", "the worst meal I ever had",
-    "great value, works perfectly", "broke after two days", "brilliant acting throughout", "a waste of money",
-    "charming and funny", "terrible customer service", "highly recommended", "never again",
+    "a wonderful, moving film",
+    "dull and far too long",
+    "I loved every minute",
+    "the worst meal I ever had",
+    "great value, works perfectly",
+    "broke after two days",
+    "brilliant acting throughout",
+    "a waste of money",
+    "charming and funny",
+    "terrible customer service",
+    "highly recommended",
+    "never again",
 ]
 
 
@@ -31,7 +40,14 @@ def _frozen(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _cfg(**kw: object) -> TrainConfig:
-    base = {"optimizer": "sgd", "momentum": 0.0, "lr": 0.5, "batch_size": 12, "physical_batch_size": 5, "local_epochs": 1.0}
+    base = {
+        "optimizer": "sgd",
+        "momentum": 0.0,
+        "lr": 0.5,
+        "batch_size": 12,
+        "physical_batch_size": 5,
+        "local_epochs": 1.0,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -71,9 +87,12 @@ def test_dp_step_clips_each_example_exactly_like_a_hand_computation() -> None:
             t += g * min(1.0, clip / (float(norm) + 1e-6))
     assert min(norms) > clip, "the test needs every example to be clipped"
     lr = 0.5
-    expected = {n: p.detach() - lr * t / len(data) for (n, p), t in
-                zip([(n, p) for n, p in ref.model.named_parameters() if p.requires_grad], total, strict=True)}
-    dp = DPSettings(noise_multiplier=0.0, max_grad_norm=math.inf, sample_rate=1.0, steps=1)
+    expected = {
+        n: p.detach() - lr * t / len(data)
+        for (n, p), t in zip(
+            [(n, p) for n, p in ref.model.named_parameters() if p.requires_grad], total, strict=True
+        )
+    }
     dp = DPSettings(noise_multiplier=1e-12, max_grad_norm=clip, sample_rate=1.0, steps=1)
     out = train(private.model, data, _cfg(lr=lr), dp=dp, pad_token_id=pad)
     for k, v in expected.items():
@@ -86,7 +105,13 @@ def test_dp_changes_exactly_the_trainable_weights() -> None:
     frozen_before = _frozen(built.model)
     start = trainable_state(built.model)
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=3)
-    out = train(built.model, data, _cfg(optimizer="adamw", lr=1e-2), dp=dp, pad_token_id=int(built.tokenizer.pad_token_id))
+    out = train(
+        built.model,
+        data,
+        _cfg(optimizer="adamw", lr=1e-2),
+        dp=dp,
+        pad_token_id=int(built.tokenizer.pad_token_id),
+    )
     assert out.steps == 3
     for k, v in out.state.items():
         assert not torch.equal(v, start[k]), f"DP update left {k} unchanged"
@@ -103,7 +128,9 @@ def test_noise_is_seeded_and_matters() -> None:
     for seed in (1, 1, 2):
         built = tiny_model()
         dp = DPSettings(noise_multiplier=2.0, max_grad_norm=1.0, sample_rate=0.5, steps=2)
-        outs.append(train(built.model, _data(built), _cfg(), dp=dp, pad_token_id=0, seed=seed).state)
+        outs.append(
+            train(built.model, _data(built), _cfg(), dp=dp, pad_token_id=0, seed=seed).state
+        )
     k = next(iter(outs[0]))
     assert torch.equal(outs[0][k], outs[1][k])
     assert not torch.equal(outs[0][k], outs[2][k])

@@ -1,0 +1,418 @@
+"""The per-client privacy ledger: the source of truth for a client's cumulative epsilon.
+
+The ledger is a small JSON file holding every round the client has released an update for, as
+Opacus accountant history entries.  It is written atomically and read back fail-closed: a ledger
+that cannot be parsed, or that was kept under different accounting settings, stops the client
+instead of being silently reset, because a reset would forget privacy that was already spent.
+
+Use it in this order in each round::
+
+    ledger = open_ledger(path, client_id=..., accountant=..., delta=..., budget_epsilon=...)
+    ledger.check_round(noise_multiplier=s, sample_rate=q, steps=n)   # before training
+    ...train...
+    ledger.record_round(round=r, noise_multiplier=s, sample_rate=q, steps=n_taken)
+    save_ledger(ledger, path)                                        # before the update leaves
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from privet.common.errors import BudgetExhaustedError, PrivacyError
+from privet.common.privacy.accounting import AccountantName, HistoryEntry, epsilon_from_history
+
+__all__ = [
+    "LEDGER_FORMAT_VERSION",
+    "Ledger",
+    "LedgerEntry",
+    "open_ledger",
+    "save_ledger",
+]
+
+log = logging.getLogger(__name__)
+
+LEDGER_FORMAT_VERSION = 1
+"""The ledger file format this code writes and reads."""
+
+# Floating-point slack when comparing a projected epsilon with the budget: the calibrated noise is
+# meant to land *on* the budget at the last round, and must not be refused for a rounding error.
+_BUDGET_SLACK = 1e-9
+
+
+class LedgerEntry(BaseModel):
+    """One round whose update the client released, as an accountant history entry.
+
+    Parameters
+    ----------
+    round
+        The federated round number.
+    noise_multiplier
+        The DP-SGD noise multiplier used.
+    sample_rate
+        The Poisson sampling rate used.
+    steps
+        The DP-SGD steps actually taken.
+    epsilon_after
+        Cumulative epsilon after this round, for people reading the file; the code recomputes it.
+    recorded_at
+        When the round was recorded (ISO 8601, UTC).
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    round: int = Field(ge=0)
+    noise_multiplier: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=1)
+    epsilon_after: float = Field(ge=0)
+    recorded_at: str
+
+    @field_validator("recorded_at")
+    @classmethod
+    def _iso_time(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"recorded_at must be an ISO 8601 time, got {value!r}") from None
+        return value
+
+
+class Ledger(BaseModel):
+    """A client's privacy ledger: its accounting settings and every round it has released.
+
+    Use :func:`open_ledger` to get one and :func:`save_ledger` to persist it.
+
+    Parameters
+    ----------
+    format_version
+        The file format (:data:`LEDGER_FORMAT_VERSION`).
+    client_id
+        The client the ledger belongs to.
+    accountant
+        The Opacus accountant epsilon is computed with.
+    delta
+        The delta epsilon is computed at.
+    budget_epsilon
+        The cumulative epsilon the client will not pass (``None``: unbounded).
+    planned_noise_multiplier
+        The noise multiplier calibrated at the client's first round, reused after restarts.
+    entries
+        The recorded rounds, in increasing round order.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    format_version: int = LEDGER_FORMAT_VERSION
+    client_id: str = Field(min_length=1)
+    accountant: Literal["rdp", "prv"]
+    delta: float = Field(gt=0, lt=1)
+    budget_epsilon: float | None = Field(default=None, gt=0)
+    planned_noise_multiplier: float | None = Field(default=None, gt=0)
+    entries: list[LedgerEntry] = Field(default_factory=list)
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != LEDGER_FORMAT_VERSION:
+            raise ValueError(
+                f"ledger format_version {value} is not the version {LEDGER_FORMAT_VERSION} this "
+                "privet reads (written by a different privet version?)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _rounds_increase(self) -> Ledger:
+        rounds = [e.round for e in self.entries]
+        if any(b <= a for a, b in itertools.pairwise(rounds)):
+            raise ValueError(f"ledger rounds must strictly increase, got {rounds}")
+        return self
+
+    def history(self) -> list[HistoryEntry]:
+        """The recorded rounds as Opacus accountant history entries."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+
+    def epsilon(self) -> float:
+        """Cumulative epsilon spent, recomputed from the history (never read from the file)."""
+        return epsilon_from_history(self.history(), delta=self.delta, accountant=self.accountant)
+
+    def projected_epsilon(
+        self, *, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> float:
+        """Cumulative epsilon after one more round with these settings.
+
+        Parameters
+        ----------
+        noise_multiplier, sample_rate, steps
+            The settings of the round.
+
+        Returns
+        -------
+        float
+            The epsilon the history would have with the round appended.
+
+        """
+        return epsilon_from_history(
+            [*self.history(), (noise_multiplier, sample_rate, steps)],
+            delta=self.delta,
+            accountant=self.accountant,
+        )
+
+    def check_round(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Refuse a round that would take the cumulative epsilon past the budget.
+
+        Parameters
+        ----------
+        noise_multiplier, sample_rate, steps
+            The settings of the round.
+
+        Returns
+        -------
+        float
+            The projected cumulative epsilon after the round.
+
+        Raises
+        ------
+        BudgetExhaustedError
+            When the projected epsilon is above ``budget_epsilon``.
+        PrivacyError
+            When the settings are out of range.
+
+        """
+        projected = self.projected_epsilon(
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
+        )
+        budget = self.budget_epsilon
+        if budget is not None and projected > budget + _BUDGET_SLACK:
+            raise BudgetExhaustedError(
+                f"client {self.client_id!r} has spent eps={self.epsilon():.4f} of its budget "
+                f"{budget:g} (delta={self.delta:g}, {self.accountant} accountant); this round "
+                f"would bring it to {projected:.4f}",
+                fix="raise privacy.budget_epsilon (a deliberate decision to spend more privacy), "
+                "or start a new client state dir knowingly (it forgets what this client already "
+                "spent)",
+            )
+        return projected
+
+    def record_round(
+        self, *, round: int, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> LedgerEntry:
+        """Append a round, after checking it against the budget.
+
+        Call it after training and *before* the update leaves the client, then :func:`save_ledger`;
+        if it raises, the update must be discarded (an update that is never released spends no
+        privacy, so refusing here keeps the budget).  Nothing is appended when it raises.
+
+        Parameters
+        ----------
+        round
+            The federated round number; must be above every recorded round.
+        noise_multiplier, sample_rate, steps
+            The settings the round actually ran with.
+
+        Returns
+        -------
+        LedgerEntry
+            The new entry.
+
+        Raises
+        ------
+        BudgetExhaustedError
+            When the round would pass the budget.
+        PrivacyError
+            When the round was already recorded, the settings are out of range, or the round gives
+            no finite guarantee.
+
+        """
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise PrivacyError(f"round must be an integer >= 0, got {round!r}")
+        if self.entries and round <= self.entries[-1].round:
+            raise PrivacyError(
+                f"client {self.client_id!r}: round {round} is not after the last recorded round "
+                f"{self.entries[-1].round}: that round was already counted (recording it again "
+                "would double-count, and going back in time suggests a stale ledger)",
+                fix="check that the client state dir belongs to this federation run",
+            )
+        projected = self.check_round(
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
+        )
+        if projected == float("inf"):
+            raise PrivacyError(
+                f"client {self.client_id!r}: round {round} (noise_multiplier={noise_multiplier}) "
+                "gives no finite epsilon, so its update must not be released",
+                fix="use a larger noise multiplier",
+            )
+        entry = LedgerEntry(
+            round=round,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            epsilon_after=projected,
+            recorded_at=datetime.now(UTC).isoformat(),
+        )
+        self.entries.append(entry)
+        return entry
+
+
+def _unreadable(path: Path, why: str) -> PrivacyError:
+    return PrivacyError(
+        f"privacy ledger {str(path)!r} cannot be read ({why}); privet will not treat it as empty, "
+        "because that would forget the privacy this client has already spent",
+        fix="restore the file from a backup, or, knowingly, start a new client state dir",
+    )
+
+
+def open_ledger(
+    path: Path,
+    *,
+    client_id: str,
+    accountant: AccountantName,
+    delta: float,
+    budget_epsilon: float | None,
+) -> Ledger:
+    """Load a client's ledger, or create (and save) a new one when ``path`` does not exist.
+
+    Parameters
+    ----------
+    path
+        The ledger file.
+    client_id
+        The client; must match the ledger's.
+    accountant
+        The accountant; must match the ledger's (epsilons of different accountants don't add up).
+    delta
+        The delta; must match the ledger's (an epsilon is only meaningful with its delta).
+    budget_epsilon
+        The budget now in force.  It replaces the stored one (and the file is saved): a lower
+        budget is stricter, a higher one is the operator's explicit decision and is logged.
+
+    Returns
+    -------
+    Ledger
+        The ledger.
+
+    Raises
+    ------
+    PrivacyError
+        When the file is corrupt or was kept for another client or other accounting settings.
+
+    """
+    path = Path(path)
+    if not path.exists():
+        try:
+            ledger = Ledger(
+                client_id=client_id,
+                accountant=accountant,
+                delta=delta,
+                budget_epsilon=budget_epsilon,
+            )
+        except ValidationError as exc:
+            raise PrivacyError(
+                f"cannot create a privacy ledger for client {client_id!r}: {exc}"
+            ) from None
+        save_ledger(ledger, path)
+        return ledger
+
+    try:
+        ledger = Ledger.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise _unreadable(
+            path,
+            f"not a valid ledger: {exc.error_count()} problem(s), first: {exc.errors()[0]['msg']}",
+        ) from None
+    except OSError as exc:
+        raise _unreadable(path, str(exc)) from None
+
+    if ledger.client_id != client_id:
+        raise PrivacyError(
+            f"privacy ledger {str(path)!r} belongs to client {ledger.client_id!r}, not "
+            f"{client_id!r}; using it would mix two clients' privacy spending",
+            fix="give each client its own state dir or ledger file",
+        )
+    if ledger.accountant != accountant:
+        raise PrivacyError(
+            f"privacy ledger {str(path)!r} was kept with the {ledger.accountant!r} accountant, not "
+            f"{accountant!r}; privet does not switch accountants mid-way, because restarting the "
+            "count under another accountant would forget the rounds already spent",
+            fix=f"set privacy.accountant = {ledger.accountant!r}",
+        )
+    if ledger.delta != delta:
+        raise PrivacyError(
+            f"privacy ledger {str(path)!r} was kept at delta={ledger.delta!r}, not {delta!r}; an "
+            "epsilon only means something together with its delta, and a larger delta would "
+            "quietly weaken the guarantee of the rounds already released",
+            fix=f"set privacy.delta = {ledger.delta!r}",
+        )
+    if ledger.budget_epsilon != budget_epsilon:
+        old = ledger.budget_epsilon
+        raised = budget_epsilon is None or (old is not None and budget_epsilon > old)
+        if raised:
+            log.warning(
+                "client %s: privacy budget raised from %s to %s (spent so far: eps=%.4f)",
+                client_id,
+                old,
+                budget_epsilon,
+                ledger.epsilon(),
+            )
+        try:
+            ledger.budget_epsilon = budget_epsilon
+        except ValidationError as exc:
+            raise PrivacyError(f"invalid budget_epsilon {budget_epsilon!r}: {exc}") from None
+        save_ledger(ledger, path)
+    return ledger
+
+
+def save_ledger(ledger: Ledger, path: Path) -> None:
+    """Write a ledger atomically: a crash leaves either the old file or the new one, never half.
+
+    The JSON goes to a temporary file in the same folder (so the rename cannot cross file
+    systems), is flushed and fsynced, then renamed over ``path``; the folder is fsynced too where
+    the platform allows, so the rename itself survives a power loss.
+
+    Parameters
+    ----------
+    ledger
+        The ledger.
+    path
+        The ledger file (its folder is created when missing).
+
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = ledger.model_dump_json(indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Best effort: directories cannot be opened for fsync on every platform (e.g. Windows).
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,241 @@
+"""Accounting: golden values pinned from Opacus 1.6, calibration properties, input checks."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from privet.common.errors import PrivacyError
+from privet.common.privacy import (
+    MIN_NOISE_MULTIPLIER,
+    HistoryEntry,
+    accountant_steps,
+    calibrate_noise,
+    epsilon_from_history,
+)
+
+DELTA = 1e-5
+SINGLE: list[HistoryEntry] = [(1.0, 0.01, 1000)]
+MULTI: list[HistoryEntry] = [(1.0, 0.01, 1000), (0.8, 0.02, 500), (1.5, 0.05, 200)]
+
+# Computed once with opacus 1.6.0 (RDPAccountant / PRVAccountant, history set directly,
+# get_epsilon(delta=1e-5)) and pasted here: a change means Opacus changed its accounting.
+GOLDEN = {
+    ("rdp", "single"): 2.1013652716430564,
+    ("rdp", "multi"): 6.268454708472613,
+    ("prv", "single"): 1.8383716376346455,
+    ("prv", "multi"): 5.580012478171666,
+}
+
+# The property tests probe the accountant many times; keep them cheap on shared CPUs (an RDP
+# evaluation costs ~0.02 s per history entry at small q but ~0.3-0.5 s at q >= 0.2: q stays small).
+PROPERTY = settings(max_examples=12, deadline=None)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("which", ["single", "multi"])
+def test_golden_epsilons(accountant: str, which: str) -> None:
+    history = SINGLE if which == "single" else MULTI
+    eps = epsilon_from_history(history, delta=DELTA, accountant=accountant)  # type: ignore[arg-type]
+    assert isinstance(eps, float)
+    assert eps == pytest.approx(GOLDEN[(accountant, which)], abs=1e-6)
+
+
+def test_matches_an_opacus_accountant_fed_step_by_step() -> None:
+    acc = RDPAccountant()
+    for _ in range(40):
+        acc.step(noise_multiplier=1.2, sample_rate=0.05)
+    for _ in range(10):
+        acc.step(noise_multiplier=0.9, sample_rate=0.1)
+    expected = acc.get_epsilon(delta=DELTA)
+    ours = epsilon_from_history([(1.2, 0.05, 40), (0.9, 0.1, 10)], delta=DELTA, accountant="rdp")
+    assert ours == pytest.approx(expected, abs=1e-12)
+    assert ours == pytest.approx(4.495833664735416, abs=1e-6)
+
+
+@pytest.mark.parametrize(("accountant", "tol"), [("rdp", 1e-12), ("prv", 1e-6)])
+def test_merging_equal_mechanisms_does_not_change_epsilon(accountant: str, tol: float) -> None:
+    # Rounds with the same sigma and q are merged before Opacus sees them (a speed-up only).
+    history: list[HistoryEntry] = [(1.1, 0.02, 50)] * 4 + [(0.9, 0.02, 30), (1.1, 0.02, 50)]
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = list(history)
+    expected = float(acc.get_epsilon(delta=DELTA))
+    ours = epsilon_from_history(history, delta=DELTA, accountant=accountant)  # type: ignore[arg-type]
+    assert ours == pytest.approx(expected, abs=tol)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_empty_history_is_zero(accountant: str) -> None:
+    eps = epsilon_from_history([], delta=DELTA, accountant=accountant)  # type: ignore[arg-type]
+    assert eps == 0.0
+    assert isinstance(eps, float)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(0.0, 0.01, 10)],
+        [(float("nan"), 0.01, 10)],
+        [(1.0, 0.0, 10)],
+        [(1.0, 1.5, 10)],
+        [(1.0, 0.01, 0)],
+        [(1.0, 0.01, 2.5)],
+    ],
+)
+def test_invalid_history_is_refused(history: list[HistoryEntry]) -> None:
+    with pytest.raises(PrivacyError):
+        epsilon_from_history(history, delta=DELTA, accountant="rdp")
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, float("nan")])
+def test_invalid_delta_is_refused(delta: float) -> None:
+    with pytest.raises(PrivacyError, match="delta"):
+        epsilon_from_history(SINGLE, delta=delta, accountant="rdp")
+
+
+def test_unknown_accountant_is_refused() -> None:
+    with pytest.raises(PrivacyError, match="accountant"):
+        epsilon_from_history(SINGLE, delta=DELTA, accountant="gdp")  # type: ignore[arg-type]
+
+
+def test_accountant_steps() -> None:
+    assert accountant_steps(sample_rate=0.01, epochs=1.0) == 100
+    assert accountant_steps(sample_rate=0.3, epochs=0.5) == 2  # round(1.67)
+    assert accountant_steps(sample_rate=0.5, epochs=0.1) == 1  # at least one step
+    assert accountant_steps(sample_rate=1.0, epochs=3.0) == 3
+    for q, epochs in [(0.0, 1.0), (1.5, 1.0), (0.1, 0.0), (0.1, float("inf"))]:
+        with pytest.raises(PrivacyError):
+            accountant_steps(sample_rate=q, epochs=epochs)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+def test_calibration_agrees_with_opacus() -> None:
+    ours = calibrate_noise(
+        target_epsilon=8.0, delta=DELTA, sample_rate=0.01, steps=500, accountant="rdp"
+    )
+    theirs = get_noise_multiplier(
+        target_epsilon=8.0, target_delta=DELTA, sample_rate=0.01, steps=500, accountant="rdp"
+    )
+    eps = epsilon_from_history([(ours, 0.01, 500)], delta=DELTA, accountant="rdp")
+    assert 8.0 - 0.01 <= eps <= 8.0
+    assert ours == pytest.approx(theirs, abs=0.005)
+
+
+def test_calibration_with_prv() -> None:
+    sigma = calibrate_noise(
+        target_epsilon=4.0,
+        delta=DELTA,
+        sample_rate=0.05,
+        steps=60,
+        accountant="prv",
+        epsilon_tolerance=0.05,
+    )
+    eps = epsilon_from_history([(sigma, 0.05, 60)], delta=DELTA, accountant="prv")
+    assert 4.0 - 0.05 <= eps <= 4.0
+
+
+def test_calibration_refuses_a_target_already_spent() -> None:
+    with pytest.raises(PrivacyError, match="already taken"):
+        calibrate_noise(
+            target_epsilon=2.0,
+            delta=DELTA,
+            sample_rate=0.01,
+            steps=100,
+            accountant="rdp",
+            prior_history=SINGLE,  # eps 2.10 > 2
+        )
+
+
+def test_calibration_refuses_an_absurd_noise_level() -> None:
+    # RDP cannot certify eps = 0.05 at delta 1e-5 whatever the noise (its order grid has a floor).
+    with pytest.raises(PrivacyError, match="pure noise"):
+        calibrate_noise(
+            target_epsilon=0.05, delta=DELTA, sample_rate=0.01, steps=100, accountant="rdp"
+        )
+
+
+@pytest.mark.parametrize(("q", "steps"), [(0.0, 10), (1.01, 10), (0.1, 0)])
+def test_calibration_refuses_invalid_sampling(q: float, steps: int) -> None:
+    with pytest.raises(PrivacyError):
+        calibrate_noise(
+            target_epsilon=8.0, delta=DELTA, sample_rate=q, steps=steps, accountant="rdp"
+        )
+
+
+def test_calibration_stops_at_the_floor_for_huge_targets() -> None:
+    sigma = calibrate_noise(
+        target_epsilon=500.0, delta=DELTA, sample_rate=0.5, steps=5, accountant="rdp"
+    )
+    assert sigma == MIN_NOISE_MULTIPLIER
+    assert epsilon_from_history([(sigma, 0.5, 5)], delta=DELTA, accountant="rdp") <= 500.0
+
+
+@PROPERTY
+@given(
+    target=st.floats(min_value=0.5, max_value=20.0),
+    q=st.floats(min_value=0.002, max_value=0.05),
+    steps=st.integers(min_value=10, max_value=2000),
+)
+def test_calibration_never_overshoots(target: float, q: float, steps: int) -> None:
+    tol = 0.1
+    sigma = calibrate_noise(
+        target_epsilon=target,
+        delta=DELTA,
+        sample_rate=q,
+        steps=steps,
+        accountant="rdp",
+        epsilon_tolerance=tol,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eps = epsilon_from_history([(sigma, q, steps)], delta=DELTA, accountant="rdp")
+    assert eps <= target
+    # ... and is not needlessly noisy: within the tolerance, unless it hit the search floor.
+    assert sigma == MIN_NOISE_MULTIPLIER or eps >= target - tol
+
+
+history_entries = st.tuples(
+    st.floats(min_value=0.8, max_value=5.0),
+    st.floats(min_value=0.001, max_value=0.05),
+    st.integers(min_value=1, max_value=500),
+)
+
+
+@PROPERTY
+@given(prior=st.lists(history_entries, min_size=1, max_size=3), extra=st.floats(0.3, 5.0))
+def test_calibration_with_prior_history_respects_the_target(
+    prior: list[HistoryEntry], extra: float
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spent = epsilon_from_history(prior, delta=DELTA, accountant="rdp")
+        target = spent + extra
+        sigma = calibrate_noise(
+            target_epsilon=target,
+            delta=DELTA,
+            sample_rate=0.02,
+            steps=200,
+            accountant="rdp",
+            prior_history=prior,
+            epsilon_tolerance=0.1,
+        )
+        total = epsilon_from_history([*prior, (sigma, 0.02, 200)], delta=DELTA, accountant="rdp")
+    assert total <= target
+
+
+@PROPERTY
+@given(history=st.lists(history_entries, min_size=1, max_size=5))
+def test_epsilon_is_monotone_as_rounds_are_appended(history: list[HistoryEntry]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eps = [
+            epsilon_from_history(history[:k], delta=DELTA, accountant="rdp")
+            for k in range(len(history) + 1)
+        ]
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(eps))

@@ -1,0 +1,314 @@
+"""The privacy ledger: persistence across restarts, budget enforcement, fail-closed loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privet.common.errors import BudgetExhaustedError, PrivacyError
+from privet.common.privacy import (
+    Ledger,
+    LedgerEntry,
+    epsilon_from_history,
+    open_ledger,
+    save_ledger,
+)
+
+DELTA = 1e-5
+# One round of 100 steps at sigma 1.0, q 0.01 costs eps 1.21 (RDP), two 1.34; 2000 steps 2.87.
+ROUND: dict[str, Any] = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 100}
+
+
+def _open(path: Path, **overrides: Any) -> Ledger:
+    kwargs: dict[str, Any] = {
+        "client_id": "c0",
+        "accountant": "rdp",
+        "delta": DELTA,
+        "budget_epsilon": 2.0,
+    }
+    kwargs.update(overrides)
+    return open_ledger(path, **kwargs)
+
+
+def test_new_ledger_is_created_and_saved(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "ledger-c0.json"
+    ledger = _open(path)
+    assert path.is_file()
+    assert ledger.entries == []
+    assert ledger.epsilon() == 0.0
+    data = json.loads(path.read_text())
+    assert data["client_id"] == "c0"
+    assert data["format_version"] == 1
+    assert data["budget_epsilon"] == 2.0
+
+
+def test_ledger_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.planned_noise_multiplier = 1.0
+    ledger.record_round(round=1, **ROUND)
+    ledger.record_round(round=2, noise_multiplier=1.3, sample_rate=0.02, steps=50)
+    save_ledger(ledger, path)
+    before = ledger.epsilon()
+
+    reloaded = _open(path)  # a fresh object, as after a process restart
+    assert reloaded.epsilon() == pytest.approx(before, abs=1e-12)
+    assert reloaded.history() == [(1.0, 0.01, 100), (1.3, 0.02, 50)]
+    assert reloaded.planned_noise_multiplier == 1.0
+    assert before == pytest.approx(
+        epsilon_from_history(reloaded.history(), delta=DELTA, accountant="rdp"), abs=1e-12
+    )
+    assert reloaded.entries[-1].epsilon_after == pytest.approx(before, abs=1e-12)
+
+
+def test_prv_ledger_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path, accountant="prv")
+    entry = ledger.record_round(round=1, **ROUND)
+    save_ledger(ledger, path)
+    assert isinstance(entry.epsilon_after, float)
+    assert _open(path, accountant="prv").epsilon() == pytest.approx(entry.epsilon_after, abs=1e-12)
+
+
+def test_epsilon_is_recomputed_not_read_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.record_round(round=1, **ROUND)
+    save_ledger(ledger, path)
+    data = json.loads(path.read_text())
+    data["entries"][0]["epsilon_after"] = 0.0
+    path.write_text(json.dumps(data))
+    assert _open(path).epsilon() == pytest.approx(ledger.epsilon(), abs=1e-12)
+
+
+def test_exhausted_budget_refuses_and_records_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.record_round(round=1, **ROUND)
+    ledger.record_round(round=2, **ROUND)
+    save_ledger(ledger, path)
+    spent = ledger.epsilon()
+    with pytest.raises(BudgetExhaustedError, match=r"client 'c0' has spent eps=.* budget 2"):
+        ledger.check_round(noise_multiplier=1.0, sample_rate=0.01, steps=1800)
+    with pytest.raises(BudgetExhaustedError) as info:
+        ledger.record_round(round=3, noise_multiplier=1.0, sample_rate=0.01, steps=1800)
+    assert info.value.fix is not None and "budget_epsilon" in info.value.fix
+    assert len(ledger.entries) == 2
+    assert ledger.epsilon() == spent
+    assert len(_open(path).entries) == 2
+
+
+def test_check_round_returns_the_projection(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json")
+    projected = ledger.check_round(**ROUND)
+    assert projected == pytest.approx(ledger.projected_epsilon(**ROUND))
+    assert ledger.entries == []  # checking records nothing
+
+
+def test_unbounded_budget_never_refuses(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    for r in range(1, 6):
+        ledger.record_round(round=r, noise_multiplier=0.8, sample_rate=0.05, steps=200)
+    assert ledger.epsilon() > 10
+
+
+@pytest.mark.parametrize("again", [1, 0])
+def test_round_already_counted_is_refused(tmp_path: Path, again: int) -> None:
+    ledger = _open(tmp_path / "ledger.json")
+    ledger.record_round(round=1, **ROUND)
+    with pytest.raises(PrivacyError, match="already counted"):
+        ledger.record_round(round=again, **ROUND)
+    assert len(ledger.entries) == 1
+
+
+def test_invalid_round_settings_are_refused(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json")
+    with pytest.raises(PrivacyError):
+        ledger.record_round(round=1, noise_multiplier=0.0, sample_rate=0.01, steps=10)
+    with pytest.raises(PrivacyError):
+        ledger.record_round(round=1, noise_multiplier=1.0, sample_rate=1.5, steps=10)
+    with pytest.raises(PrivacyError):
+        ledger.record_round(round=-1, **ROUND)
+    assert ledger.entries == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("delta", 1e-6, "delta"),
+        ("accountant", "prv", "accountant"),
+        ("client_id", "c1", "belongs to client"),
+    ],
+)
+def test_mismatched_settings_are_refused(
+    tmp_path: Path, field: str, value: Any, match: str
+) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.record_round(round=1, **ROUND)
+    save_ledger(ledger, path)
+    with pytest.raises(PrivacyError, match=match):
+        _open(path, **{field: value})
+    assert len(_open(path).entries) == 1  # the file was not touched
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "{not json",
+        "[]",
+        '{"client_id": "c0"}',
+        "\xff\xfe garbage",
+    ],
+)
+def test_corrupt_file_is_refused(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text(content, encoding="latin-1")
+    with pytest.raises(PrivacyError, match=r"ledger\.json"):
+        _open(path)
+    assert path.read_text(encoding="latin-1") == content  # never overwritten
+
+
+def _valid_json(**changes: Any) -> str:
+    data: dict[str, Any] = {
+        "format_version": 1,
+        "client_id": "c0",
+        "accountant": "rdp",
+        "delta": DELTA,
+        "budget_epsilon": 2.0,
+        "planned_noise_multiplier": None,
+        "entries": [
+            {
+                "round": 1,
+                "noise_multiplier": 1.0,
+                "sample_rate": 0.01,
+                "steps": 100,
+                "epsilon_after": 0.7,
+                "recorded_at": "2025-01-01T00:00:00+00:00",
+            }
+        ],
+    }
+    data.update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"format_version": 2},
+        {"unknown_field": 1},
+        {"entries": [{"round": 1}]},
+        {
+            "entries": [
+                {
+                    "round": r,
+                    "noise_multiplier": 1.0,
+                    "sample_rate": 0.01,
+                    "steps": 10,
+                    "epsilon_after": 0.1,
+                    "recorded_at": "2025-01-01T00:00:00+00:00",
+                }
+                for r in (2, 2)
+            ]
+        },
+    ],
+)
+def test_invalid_ledger_content_is_refused(tmp_path: Path, changes: dict[str, Any]) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text(_valid_json(**changes))
+    with pytest.raises(PrivacyError, match=r"ledger\.json"):
+        _open(path)
+
+
+def test_valid_hand_written_ledger_loads(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text(_valid_json())
+    ledger = _open(path)
+    assert isinstance(ledger.entries[0], LedgerEntry)
+    assert ledger.history() == [(1.0, 0.01, 100)]
+
+
+@pytest.mark.parametrize("new_budget", [1.0, 5.0, None])
+def test_budget_change_is_stored(tmp_path: Path, new_budget: float | None) -> None:
+    path = tmp_path / "ledger.json"
+    _open(path)
+    assert _open(path, budget_epsilon=new_budget).budget_epsilon == new_budget
+    assert json.loads(path.read_text())["budget_epsilon"] == new_budget
+
+
+def test_lower_budget_than_spent_refuses_the_next_round(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.record_round(round=1, **ROUND)
+    save_ledger(ledger, path)
+    stricter = _open(path, budget_epsilon=0.5)
+    with pytest.raises(BudgetExhaustedError):
+        stricter.check_round(**ROUND)
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    for r in range(1, 4):
+        ledger.record_round(round=r, noise_multiplier=2.0, sample_rate=0.01, steps=10)
+        save_ledger(ledger, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+    assert len(_open(path).entries) == 3
+
+
+def test_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    old = path.read_text()
+    ledger.record_round(round=1, **ROUND)
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_ledger(ledger, path)
+    assert path.read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+
+
+rounds_strategy = st.lists(
+    st.tuples(
+        st.floats(min_value=0.7, max_value=3.0),
+        st.floats(min_value=0.005, max_value=0.05),
+        st.integers(min_value=1, max_value=300),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+@settings(max_examples=12, deadline=None)
+@given(rounds=rounds_strategy, budget=st.floats(min_value=0.5, max_value=6.0))
+def test_restarts_never_record_past_the_budget(
+    rounds: list[tuple[float, float, int]], budget: float
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ledger.json"
+        refused = 0
+        for r, (sigma, q, steps) in enumerate(rounds, start=1):
+            ledger = _open(path, budget_epsilon=budget)  # a fresh process each round
+            try:
+                ledger.record_round(round=r, noise_multiplier=sigma, sample_rate=q, steps=steps)
+            except BudgetExhaustedError:
+                refused += 1
+                continue
+            save_ledger(ledger, path)
+        final = _open(path, budget_epsilon=budget)
+        assert final.epsilon() <= budget + 1e-9
+        assert all(e.epsilon_after <= budget + 1e-9 for e in final.entries)
+        assert len(final.entries) + refused == len(rounds)
