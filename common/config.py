@@ -69,6 +69,15 @@ class ModelConfig(_Section):
             "[batch, vocab, hidden] gradient and rarely help a classifier."
         ),
     )
+    pooling: Literal["auto", "model", "mean"] = Field(
+        "auto",
+        description=(
+            "How a sequence becomes one vector for the head. 'model': the architecture's own pooler "
+            "(BERT: tanh(dense(CLS))). 'mean': the mean of the token states under the attention mask. "
+            "'auto': 'mean' for sentence-transformers checkpoints (trained for mean pooling, their CLS "
+            "pooler is not), else 'model'."
+        ),
+    )
     dropout: float | None = Field(
         0.0,
         ge=0.0,

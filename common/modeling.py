@@ -24,12 +24,15 @@ from privet.common.errors import ModelError
 
 __all__ = [
     "BuiltModel",
+    "MaskedMeanPooler",
     "build_model",
+    "check_model_loads",
     "frozen_fingerprint",
     "load_trainable_state",
     "pick_device",
     "resolve_model_path",
     "trainable_state",
+    "use_mean_pooling",
 ]
 
 EMBEDDED_PREFIX = "embedded:"
@@ -100,6 +103,37 @@ def pick_device(choice: str) -> torch.device:
     if choice in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def check_model_loads(model_cfg: ModelConfig) -> None:
+    """Fail early, with a :class:`ModelError`, when the model's configuration cannot be loaded.
+
+    Cheap (reads ``config.json`` only), so the simulation can check before it starts any worker.
+    """
+    from transformers import AutoConfig
+
+    source = resolve_model_path(model_cfg.name)
+    try:
+        with _quiet_transformers():
+            hf_config = AutoConfig.from_pretrained(
+                source, trust_remote_code=model_cfg.trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load model.name {model_cfg.name!r}: {first}",
+            fix="check the name, or give a local folder (hub names need a network the first time)",
+        ) from None
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if (
+        model_cfg.num_hidden_layers is not None
+        and layers is not None
+        and model_cfg.num_hidden_layers > layers
+    ):
+        raise ModelError(
+            f"model.num_hidden_layers = {model_cfg.num_hidden_layers} but {model_cfg.name!r} has {layers} layers",
+            fix=f"use at most {layers}",
+        )
 
 
 @contextlib.contextmanager
@@ -187,6 +221,9 @@ def build_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
 
+    if _wants_mean_pooling(model_cfg.pooling, source):
+        use_mean_pooling(model)
+
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -209,6 +246,58 @@ def build_model(
         )
     model.train()
     return BuiltModel(model=model, tokenizer=tokenizer, num_labels=num_labels, trainable_keys=keys)
+
+
+def _wants_mean_pooling(choice: str, source: str) -> bool:
+    if choice != "auto":
+        return choice == "mean"
+    folder = Path(source)
+    return (folder / "sentence_bert_config.json").is_file() or (folder / "modules.json").is_file()
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """Mean of the token states where the attention mask is 1 (what sentence-transformers trains).
+
+    It replaces a BERT-style ``pooler`` module, whose ``forward`` only sees the hidden states; the
+    attention mask is handed over by a pre-hook on the encoder model. No parameters: nothing here
+    is trained or sent, and per-sample gradients are unaffected (each row is pooled on its own).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Pool ``[batch, length, hidden]`` to ``[batch, hidden]``."""
+        mask = self.mask
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            return hidden_states.mean(dim=1)
+        m = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: torch.nn.Module) -> None:
+    """Swap a BERT-style model's pooler for :class:`MaskedMeanPooler` (in place).
+
+    Call it on a freshly loaded base model before ``PeftModel.from_pretrained`` when the run used
+    mean pooling (``pooling`` in the run's ``final_adapter/privet.json``).
+    """
+    base_name = getattr(model, "base_model_prefix", "")
+    encoder = getattr(model, base_name, None)
+    if not isinstance(encoder, torch.nn.Module) or not hasattr(encoder, "pooler"):
+        raise ModelError(
+            "model.pooling = 'mean' needs a BERT-style model with a pooler module",
+            fix="set model.pooling = 'model' for this architecture",
+        )
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def _capture_mask(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        pooler.mask = kwargs.get("attention_mask")
+
+    encoder.register_forward_pre_hook(_capture_mask, with_kwargs=True)
 
 
 def _attach_lora(model: torch.nn.Module, cfg: AdapterConfig, *, seed: int) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -155,5 +156,9 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted; workers stopped[/yellow]")
-        sys.exit(130)
+        err_console.print("[yellow]interrupted; Ray workers stopped[/yellow]")
+        # Flower's ServerApp thread is not a daemon and would wait for the round timeout; Ray is
+        # already shut down (simulate's finally), so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)

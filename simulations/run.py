@@ -13,7 +13,8 @@ from pathlib import Path
 
 from privet.client import make_client_app
 from privet.common.config import PrivetConfig
-from privet.common.data import num_clients
+from privet.common.data import cached_federated_data
+from privet.common.modeling import check_model_loads
 from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import create_run_dir
 
@@ -23,7 +24,8 @@ log = logging.getLogger("privet")
 
 
 def _quiet_flower(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
+    # run_simulation's deprecation notice is Flower talking to us, not to our users.
+    level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("flwr").setLevel(level)
     # Opacus installs a root handler at import; without this Flower's lines print twice.
     root = logging.getLogger()
@@ -73,7 +75,11 @@ def simulate(
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from flwr.simulation import run_simulation
 
-    n_clients = num_clients(cfg.data)
+    # Preflight, before any worker starts: bad data or a model that cannot load fail here with one
+    # clear error instead of inside a Ray worker.
+    fed = cached_federated_data(cfg.data)
+    n_clients = len(fed.clients)
+    check_model_loads(cfg.model)
     run_dir = create_run_dir(cfg)
     state_dir = cfg.simulation.state_dir or (run_dir / "clients")
     state_dir.mkdir(parents=True, exist_ok=True)

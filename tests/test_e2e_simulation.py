@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from privet.common.config import load_config
-from privet.common.modeling import resolve_model_path
+from privet.common.modeling import (
+    build_model,
+    load_trainable_state,
+    resolve_model_path,
+    use_mean_pooling,
+)
+from privet.server.rundir import load_checkpoint
 from privet.server.rundir import read_metrics
 from privet.simulations import simulate
 
@@ -115,10 +121,19 @@ def test_final_adapter_loads_with_peft(run) -> None:
     base = AutoModelForSequenceClassification.from_pretrained(
         src, config=AutoConfig.from_pretrained(src, num_hidden_layers=1, num_labels=2)
     )
+    info = json.loads((run_dir / "final_adapter" / "privet.json").read_text())
+    assert info["mean_pooling"] is True
+    use_mean_pooling(base)
     model = PeftModel.from_pretrained(base, str(run_dir / "final_adapter")).eval()
+    # the exported adapter predicts exactly what the federation's final global model predicts
+    cfg, _, _ = run
+    ours = build_model(cfg.model, cfg.adapter, num_labels=2, seed=cfg.train.seed).model.eval()
+    load_trainable_state(ours, load_checkpoint(run_dir / "checkpoints" / "round-0002.safetensors"))
+    ids = torch.tensor([[101, 2307, 3185, 102, 0], [101, 1037, 6659, 2143, 102]])
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[101, 2307, 3185, 102]])).logits
-    assert logits.shape == (1, 2)
+        theirs = model(input_ids=ids, attention_mask=(ids > 0).long()).logits
+        mine = ours(input_ids=ids, attention_mask=(ids > 0).long()).logits
+    torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-5)
 
 
 def test_no_ray_process_left_behind(run) -> None:

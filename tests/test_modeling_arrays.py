@@ -123,3 +123,21 @@ def test_bad_target_modules_are_explained() -> None:
 
 def test_arrayrecord_type(tiny) -> None:
     assert isinstance(state_to_arrayrecord(trainable_state(tiny.model)), ArrayRecord)
+
+
+def test_mean_pooling_ignores_padding_and_is_the_default_for_sentence_transformers(tiny) -> None:
+    from privet.common.modeling import MaskedMeanPooler
+
+    poolers = [m for n, m in tiny.model.named_modules() if n.endswith("pooler")]
+    assert len(poolers) == 1 and isinstance(poolers[0], MaskedMeanPooler)
+    tiny.model.eval()
+    ids = torch.tensor([[101, 2307, 3185, 102, 0, 0], [101, 2307, 2307, 3185, 2307, 102]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        padded = tiny.model(input_ids=ids, attention_mask=mask).logits[0]
+        alone = tiny.model(input_ids=ids[:1, :4], attention_mask=mask[:1, :4]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-6)
+    own = build_model(
+        ModelConfig(num_hidden_layers=1, pooling="model"), AdapterConfig(), num_labels=2
+    )
+    assert not any(isinstance(m, MaskedMeanPooler) for m in own.model.modules())

@@ -1,0 +1,70 @@
+"""Ctrl-C during a simulation stops it promptly and leaves no Ray process behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_pids() -> set[int]:
+    out = subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    ).stdout
+    pids = set()
+    for line in out.splitlines()[1:]:
+        pid, _, args = line.strip().partition(" ")
+        if "ray::" in args or "raylet" in args or "gcs_server" in args:
+            pids.add(int(pid))
+    return pids
+
+
+def test_sigint_stops_the_run_and_ray(tmp_path: Path) -> None:
+    before = _ray_pids()
+    privet = Path(sys.executable).parent / "privet"
+    cmd = [
+        str(privet),
+        "simulate",
+        "--set",
+        "model.num_hidden_layers=1",
+        "--set",
+        "data.max_examples=3000",
+        "--set",
+        "data.num_clients=2",
+        "--set",
+        "federation.rounds=50",
+        "--set",
+        "train.local_epochs=5",
+        "--set",
+        f"simulation.output_dir='{tmp_path}'",
+        "--set",
+        "simulation.run_name='int'",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    deadline = time.monotonic() + 120
+    seen = ""
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if "round 0" in line or not line:
+            break
+    assert "round 0" in seen, seen
+    time.sleep(3)  # round 1 is training in the Ray workers now
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 130
+    time.sleep(2)
+    assert _ray_pids() - before == set()
