@@ -24,7 +24,6 @@ from privet.common.config import PrivetConfig
 from privet.common.data import TokenizedExamples, build_federated_data
 from privet.common.evaluation import evaluate
 from privet.common.modeling import (
-    MaskedMeanPooler,
     build_model,
     frozen_fingerprint,
     load_trainable_state,

@@ -13,8 +13,7 @@ from privet.common.modeling import (
     resolve_model_path,
     use_mean_pooling,
 )
-from privet.server.rundir import load_checkpoint
-from privet.server.rundir import read_metrics
+from privet.server.rundir import load_checkpoint, read_metrics
 from privet.simulations import simulate
 
 pytestmark = pytest.mark.slow
