@@ -62,6 +62,11 @@ def plan_round(
 
     """
     if not privacy.enabled:
+        log.warning(
+            "client %s trains WITHOUT differential privacy (privacy.enabled = false): its update carries "
+            "no privacy guarantee",
+            client_id,
+        )
         return RoundPrivacy(ledger=None, path=None, dp=None, epsilon_before=0.0)
     if privacy.delta >= 1.0 / num_examples:
         raise PrivacyError(

@@ -163,6 +163,8 @@ def train(
     seed = cfg.seed if seed is None else seed
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(params, cfg)
+    # Small micro-batches on CPU: each is padded only to its own longest text.
+    physical = cfg.physical_batch_size or (128 if device.type == "cuda" else 16)
 
     if dp is None:
         _, steps = plan_steps(n, cfg)
@@ -205,10 +207,13 @@ def train(
             if dp_opt is not None and len(batch_idx) == 0:
                 _noise_only_step(dp_opt, params)
                 continue
-            micro = length_sorted_microbatches(batch_idx, data.lengths, cfg.physical_batch_size)
+            micro = length_sorted_microbatches(batch_idx, data.lengths, physical)
             for j, mb in enumerate(micro):
                 batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
-                loss, per_example = _forward_loss(net, batch, device, mixed_precision)
+                # No autocast under DP: per-sample norms must be computed in full precision.
+                loss, per_example = _forward_loss(
+                    net, batch, device, "off" if dp_opt else mixed_precision
+                )
                 if dp_opt is None:
                     # Gradient accumulation: weight each micro-batch by its share of the batch.
                     (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]

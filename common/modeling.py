@@ -29,6 +29,7 @@ __all__ = [
     "check_model_loads",
     "frozen_fingerprint",
     "load_trainable_state",
+    "lora_layers",
     "pick_device",
     "resolve_model_path",
     "trainable_state",
@@ -228,7 +229,8 @@ def build_model(
         p.requires_grad_(False)
 
     if adapter_cfg.method == "lora":
-        model = _attach_lora(model, adapter_cfg, seed=seed)
+        num_layers = getattr(hf_config, "num_hidden_layers", None)
+        model = _attach_lora(model, adapter_cfg, seed=seed, num_layers=num_layers)
     else:
         for name, p in model.named_parameters():
             if "embeddings" not in name or not model_cfg.freeze_embeddings:
@@ -300,7 +302,23 @@ def use_mean_pooling(model: torch.nn.Module) -> None:
     encoder.register_forward_pre_hook(_capture_mask, with_kwargs=True)
 
 
-def _attach_lora(model: torch.nn.Module, cfg: AdapterConfig, *, seed: int) -> torch.nn.Module:
+def lora_layers(cfg: AdapterConfig, num_layers: int | None) -> list[int] | None:
+    """The layer indices that get LoRA: ``cfg.layers``, else the top ``cfg.top_layers``, else all."""
+    if cfg.layers is not None:
+        if num_layers is not None and max(cfg.layers) >= num_layers:
+            raise ModelError(
+                f"adapter.layers {cfg.layers} name layers the model does not have (it has {num_layers})",
+                fix=f"use indices 0..{num_layers - 1}",
+            )
+        return list(cfg.layers)
+    if cfg.top_layers is None or num_layers is None or cfg.top_layers >= num_layers:
+        return None
+    return list(range(num_layers - cfg.top_layers, num_layers))
+
+
+def _attach_lora(
+    model: torch.nn.Module, cfg: AdapterConfig, *, seed: int, num_layers: int | None
+) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(
@@ -309,7 +327,7 @@ def _attach_lora(model: torch.nn.Module, cfg: AdapterConfig, *, seed: int) -> to
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # PEFT accepts a float scale
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
-        layers_to_transform=list(cfg.layers) if cfg.layers is not None else None,
+        layers_to_transform=lora_layers(cfg, num_layers),
     )
     try:
         with torch.random.fork_rng(devices=[]):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -34,11 +35,13 @@ def _trained(r: dict[str, Any]) -> str:
 
 def round_table(records: list[dict[str, Any]], *, dp: bool) -> Table:
     """A rich table with one row per round (round 0 is the untrained model)."""
-    table = Table(title="privet federation", title_style="bold")
+    table = Table(
+        title="privet federation", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     for name in (
         "round",
-        "clients",
-        "train loss",
+        "trained",
+        "loss",
         "server acc",
         "client acc",
         "max ε" if dp else "ε",
@@ -55,7 +58,7 @@ def round_table(records: list[dict[str, Any]], *, dp: bool) -> Table:
             _fmt(r.get("train_loss")),
             _fmt(r.get("server_accuracy"), ".2%"),
             _fmt(r.get("client_accuracy"), ".2%"),
-            _fmt(r.get("max_epsilon"), ".2f") if dp else "off",
+            _fmt(r.get("max_epsilon"), ".3f") if dp else "off",
             f"{sent:.2f}/{recv:.2f}" if r["round"] else "-",
             f"{r.get('seconds', 0.0):.0f}" if r["round"] else "-",
         )
@@ -67,7 +70,7 @@ def round_line(r: dict[str, Any], *, dp: bool) -> str:
     if r["round"] == 0:
         return f"round 0 (untrained): server acc {_fmt(r.get('server_accuracy'), '.2%')}"
     names = ", ".join(r.get("clients_trained") or []) or "none"
-    eps = f"max ε {_fmt(r.get('max_epsilon'), '.2f')}" if dp else "DP off"
+    eps = f"max ε {_fmt(r.get('max_epsilon'), '.3f')}" if dp else "DP off"
     return (
         f"round {r['round']}: trained {names} | loss {_fmt(r.get('train_loss'))} | "
         f"server acc {_fmt(r.get('server_accuracy'), '.2%')} | client acc "
@@ -155,12 +158,14 @@ def plot_run(run_dir: Path) -> Path | None:
     ax1.legend()
     clients = sorted({c for r in records for c in (r.get("epsilon_per_client") or {})})
     for c in clients:
-        pts = [
+        pts = [(0, 0.0)] + [
             (r["round"], r["epsilon_per_client"][c])
             for r in records
             if c in (r.get("epsilon_per_client") or {})
         ]
         ax2.plot(*zip(*pts, strict=True), marker="o", label=c)
+    if clients:
+        ax2.set_ylim(bottom=0)
     ax2.set_xlabel("round")
     ax2.set_ylabel("cumulative ε")
     ax2.set_title("Privacy spent per client")

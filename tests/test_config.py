@@ -149,3 +149,11 @@ def test_reference_documents_every_field() -> None:
         assert f"## [{name}]" in ref
         for key in type(section).model_fields:
             assert f"| `{key}` |" in ref
+
+
+def test_docs_config_reference_is_current() -> None:
+    path = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert path.read_text() == config_reference() + "\n", (
+        'docs/config.md is stale: python -c "from privet.common.config import config_reference; '
+        "open('docs/config.md','w').write(config_reference()+'\\n')\""
+    )
