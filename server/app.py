@@ -24,6 +24,7 @@ from privet.common.config import PrivetConfig
 from privet.common.data import TokenizedExamples, build_federated_data
 from privet.common.evaluation import evaluate
 from privet.common.modeling import (
+    MaskedMeanPooler,
     build_model,
     frozen_fingerprint,
     load_trainable_state,
@@ -197,9 +198,13 @@ def make_server_app(
         )
 
         history: list[RoundRecord] = []
+        # The global adapter as of the last round; Flower's Result holds no arrays when no round
+        # produced an aggregate (every client refused), and the run must still end with one.
+        latest: dict[str, dict[str, torch.Tensor]] = {}
 
         def _evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             state = arrayrecord_to_state(arrays)
+            latest["state"] = state
             load_trainable_state(model, state)
             rec = strategy.current if server_round > 0 else RoundRecord(round=0)
             if fed_cfg.server_evaluation:
@@ -236,7 +241,7 @@ def make_server_app(
             train_config=train_config,
             evaluate_fn=_evaluate,
         )
-        final = arrayrecord_to_state(result.arrays)
+        final = arrayrecord_to_state(result.arrays) if len(result.arrays) else latest["state"]
         load_trainable_state(model, final)
         _save_final(model, run_dir / "final_adapter", cfg)
         write_json(run_dir / "summary.json", _summary(history))
@@ -258,9 +263,15 @@ def _save_final(model: torch.nn.Module, out: Path, cfg: PrivetConfig) -> None:
             {k: v.contiguous() for k, v in trainable_state(model).items()},
             str(out / "trainable.safetensors"),
         )
-    (out / "privet-model.txt").write_text(
-        f"base model: {cfg.model.name}\nnum_hidden_layers: {cfg.model.num_hidden_layers}\n",
-        encoding="utf-8",
+    # What a reader needs to rebuild the base model the adapter was trained on.
+    write_json(
+        out / "privet.json",
+        {
+            "base_model": cfg.model.name,
+            "num_hidden_layers": cfg.model.num_hidden_layers,
+            "mean_pooling": any(isinstance(m, MaskedMeanPooler) for m in model.modules()),
+            "max_length": cfg.model.max_length,
+        },
     )
 
 

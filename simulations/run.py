@@ -7,9 +7,14 @@ on success, on error and on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from privet.client import make_client_app
 from privet.common.config import PrivetConfig
@@ -104,6 +109,7 @@ def simulate(
     _quiet_flower(verbose)
     server_app = make_server_app(cfg, run_dir=run_dir, observer=observer)
     client_app = make_client_app(cfg, state_dir=state_dir)
+    previous = _install_interrupt_handler()
     try:
         run_simulation(
             server_app=server_app,
@@ -113,5 +119,48 @@ def simulate(
             verbose_logging=verbose,
         )
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         _ray_shutdown()
     return run_dir
+
+
+def _kill_descendants(timeout: float = 5.0) -> None:
+    """Terminate every process this one started (Ray's GCS, raylet, agents and workers), bounded in time."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def _install_interrupt_handler() -> Any:
+    """Make Ctrl-C stop the run: shut Ray down and end the process with status 130.
+
+    Flower's simulation loop waits on worker threads that only stop when the run ends, so a
+    KeyboardInterrupt cannot unwind it; without this handler Ctrl-C would hang until the round
+    timeout. Installed only in the main thread, and the previous handler is restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _stop(signum: int, frame: object) -> None:
+        sys.stderr.write("\ninterrupted: stopping the Ray workers\n")
+        sys.stderr.flush()
+        for name in ("privet", "flwr"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # teardown noise is not news
+        # ray.shutdown() here would race Flower's worker threads (tracebacks, exit status 1); end
+        # every process Ray started for this run instead, then leave.
+        _kill_descendants()
+        os._exit(130)
+
+    return signal.signal(signal.SIGINT, _stop)

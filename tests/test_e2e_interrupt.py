@@ -19,7 +19,9 @@ def _ray_pids() -> set[int]:
     pids = set()
     for line in out.splitlines()[1:]:
         pid, _, args = line.strip().partition(" ")
-        if "ray::" in args or "raylet" in args or "gcs_server" in args:
+        if (
+            "ray::" in args or "raylet" in args or "gcs_server" in args
+        ) and "<defunct>" not in args:
             pids.add(int(pid))
     return pids
 

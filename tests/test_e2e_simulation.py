@@ -23,10 +23,11 @@ def _ray_processes() -> list[str]:
     out = subprocess.run(
         ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
     ).stdout
+    # zombies (<defunct>) have exited already; only live processes count
     return [
         line
         for line in out.splitlines()
-        if "ray::" in line or "raylet" in line or "gcs_server" in line
+        if ("ray::" in line or "raylet" in line or "gcs_server" in line) and "<defunct>" not in line
     ]
 
 
@@ -38,15 +39,13 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         [
             "model.num_hidden_layers=1",
             "model.max_length=48",
-            "data.max_examples=1500",
-            "data.num_clients=3",
-            "data.server_test_fraction=0.2",
+            # A one-layer model on 2,700 examples per client needs more than ε = 8 to learn in two
+            # short rounds (the full model reaches 80% at ε = 8 in the demo); DP is on all the same.
+            "data.max_examples=6000",
+            "data.num_clients=2",
             "federation.rounds=2",
-            "privacy.target_epsilon=8",
-            "privacy.delta=1e-4",
-            "train.batch_size=64",
-            "train.local_epochs=1",
-            "train.lr=5e-3",
+            "privacy.target_epsilon=20",
+            "train.local_epochs=0.5",
             f"simulation.output_dir='{out}'",
             "simulation.run_name='e2e'",
         ],
@@ -75,7 +74,7 @@ def test_metrics_one_line_per_round_with_every_field(run) -> None:
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
-        assert len(r["clients_trained"]) == 3
+        assert len(r["clients_trained"]) == 2
         assert (
             set(r["epsilon_per_client"])
             == set(r["accuracy_per_client"])
@@ -86,14 +85,15 @@ def test_metrics_one_line_per_round_with_every_field(run) -> None:
     # ε is cumulative and grows round over round, never past the budget
     e1, e2 = records[1]["epsilon_per_client"], records[2]["epsilon_per_client"]
     assert all(e2[c] > e1[c] > 0 for c in e1)
-    assert max(e2.values()) <= 8.0 + 1e-6
+    assert max(e2.values()) <= 20.0 + 1e-6
 
 
 def test_learns_under_dp(run) -> None:
     _, run_dir, _ = run
     records = read_metrics(run_dir)
+    assert records[2]["train_loss"] < records[1]["train_loss"]
     assert records[2]["server_loss"] < records[0]["server_loss"]
-    assert records[2]["server_accuracy"] > 0.6
+    assert records[2]["server_accuracy"] > 0.65 > records[0]["server_accuracy"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_server_accuracy"] == records[2]["server_accuracy"]
 
@@ -101,7 +101,7 @@ def test_learns_under_dp(run) -> None:
 def test_ledgers_hold_cumulative_epsilon(run) -> None:
     _, run_dir, _ = run
     ledgers = sorted((run_dir / "clients").glob("ledger-*.json"))
-    assert len(ledgers) == 3
+    assert len(ledgers) == 2
     final = read_metrics(run_dir)[-1]["epsilon_per_client"]
     for path in ledgers:
         data = json.loads(path.read_text())
