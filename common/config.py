@@ -241,7 +241,7 @@ class TrainConfig(_Section):
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     local_epochs: float = Field(
-        0.3,
+        0.25,
         gt=0,
         le=100,
         description="Passes over the client's training data per round (may be fractional).",

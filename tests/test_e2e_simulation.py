@@ -69,6 +69,14 @@ def test_writes_every_output_file(run) -> None:
     assert load_config(run_dir / "config.toml").federation.rounds == 2
 
 
+def test_only_trainable_weights_travel(run) -> None:
+    """What the server aggregated (and so what crossed the wire) holds no frozen base weight."""
+    _, run_dir, _ = run
+    keys = set(load_checkpoint(run_dir / "checkpoints" / "round-0001.safetensors"))
+    assert keys
+    assert all(("lora_B" in k) or ("classifier.modules_to_save" in k) for k in keys), keys
+
+
 def test_metrics_one_line_per_round_with_every_field(run) -> None:
     _, run_dir, _ = run
     records = read_metrics(run_dir)
