@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from privet.common.config import PrivetConfig, config_reference, load_config
 from privet.common.errors import PrivetError
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -50,8 +51,9 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="TOML file with [model], [adapter], [privacy], [train], [data], "
-        "[federation], [simulation] sections. Defaults give the demo federation.",
+        help="TOML file with \\[model], \\[adapter], \\[privacy], \\[train], \\[data], "
+        "\\[federation], \\[simulation] sections (every field is optional; `privet config-reference` "
+        "lists them all). No file: the demo federation.",
     ),
 ]
 SetOpt = Annotated[
@@ -153,7 +155,7 @@ def main() -> None:
     try:
         app()
     except PrivetError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted; Ray workers stopped[/yellow]")
