@@ -83,8 +83,16 @@ def _load(cfg: PrivetConfig, partition_id: int) -> _Loaded:
         return _cache[key]
 
 
-def _error_reply(msg: Message, code: int, reason: str) -> Message:
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
+    """Reply with an error the server can log: the budget's own code, else a generic one."""
+    if isinstance(exc, BudgetExhaustedError):
+        code, reason = ERROR_BUDGET, str(exc)
+    elif isinstance(exc, PrivetError):
+        code, reason = ERROR_CLIENT, str(exc)
+    else:  # a bug or an environment failure: keep the traceback in this process's log
+        log.error("client %s failed:\n%s", partition, traceback.format_exc())
+        code, reason = ERROR_CLIENT, f"{type(exc).__name__}: {exc}"
+    return Message(Error(code=code, reason=f"[{partition}] {reason}"), reply_to=msg)
 
 
 def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
@@ -137,13 +145,8 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round,
             )
             epsilon = record_round(plan, server_round=server_round, result=result)
-        except BudgetExhaustedError as exc:
-            return _error_reply(msg, ERROR_BUDGET, f"[{partition}] {exc}")
-        except PrivetError as exc:
-            return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {exc}")
-        except Exception as exc:
-            log.error("client %s failed:\n%s", partition, traceback.format_exc())
-            return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {type(exc).__name__}: {exc}")
+        except Exception as exc:  # every failure becomes an error reply the server logs
+            return _error_reply(msg, partition, exc)
         metrics = MetricRecord(
             {
                 "num-examples": result.num_examples,
@@ -174,11 +177,8 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 device=loaded.device,
                 mixed_precision=cfg.model.mixed_precision,
             )
-        except PrivetError as exc:
-            return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {exc}")
-        except Exception as exc:
-            log.error("client %s failed:\n%s", partition, traceback.format_exc())
-            return _error_reply(msg, ERROR_CLIENT, f"[{partition}] {type(exc).__name__}: {exc}")
+        except Exception as exc:  # every failure becomes an error reply the server logs
+            return _error_reply(msg, partition, exc)
         metrics = MetricRecord(
             {
                 "num-examples": max(res.num_examples, 1),
