@@ -91,6 +91,10 @@ class TrackingFedAvg(FedAvg):
         self.current = RoundRecord(round=0)
         self._round_start = time.perf_counter()
 
+    def seconds_since_round_start(self) -> float:
+        """Wall time since the current round's messages were built."""
+        return time.perf_counter() - self._round_start
+
     def _name(self, metrics: MetricRecord | None, node_id: int) -> str:
         if metrics is not None and "partition-id" in metrics:
             pid = int(metrics["partition-id"])  # type: ignore[arg-type]
@@ -219,7 +223,7 @@ def make_server_app(
                 rec.server_accuracy, rec.server_loss = res.accuracy, res.loss
             if server_round > 0:
                 save_checkpoint(run_dir, server_round, state)
-                rec.seconds = time.perf_counter() - strategy._round_start
+                rec.seconds = strategy.seconds_since_round_start()
             append_metrics(run_dir, rec.as_json())
             history.append(rec)
             if observer is not None:
