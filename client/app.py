@@ -20,7 +20,7 @@ from privet.client.privacy import plan_round, record_round
 from privet.client.training import evaluate, train
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.config import PrivetConfig
-from privet.common.data import ClientData, TokenizedExamples, build_federated_data
+from privet.common.data import ClientData, TokenizedExamples, cached_federated_data
 from privet.common.errors import BudgetExhaustedError, PrivetError
 from privet.common.modeling import (
     BuiltModel,
@@ -59,7 +59,7 @@ def _load(cfg: PrivetConfig, partition_id: int) -> _Loaded:
         if key not in _cache:
             if cfg.train.num_threads is not None:
                 torch.set_num_threads(cfg.train.num_threads)
-            fed = build_federated_data(cfg.data)
+            fed = cached_federated_data(cfg.data)
             if not 0 <= partition_id < len(fed.clients):
                 raise PrivetError(
                     f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"

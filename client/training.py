@@ -198,49 +198,47 @@ def train(
 
     loss_sum, seen, done = 0.0, 0, 0
     # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
-    rng_guard = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    rng_guard.__enter__()
-    torch.manual_seed(seed)
-    try:
-        for batch_idx in batches:
-            done += 1
-            if dp_opt is not None and len(batch_idx) == 0:
-                _noise_only_step(dp_opt, params)
-                continue
-            micro = length_sorted_microbatches(batch_idx, data.lengths, physical)
-            for j, mb in enumerate(micro):
-                batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
-                # No autocast under DP: per-sample norms must be computed in full precision.
-                loss, per_example = _forward_loss(
-                    net, batch, device, "off" if dp_opt else mixed_precision
-                )
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for batch_idx in batches:
+                done += 1
+                if dp_opt is not None and len(batch_idx) == 0:
+                    _noise_only_step(dp_opt, params)
+                    continue
+                micro = length_sorted_microbatches(batch_idx, data.lengths, physical)
+                for j, mb in enumerate(micro):
+                    batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
+                    # No autocast under DP: per-sample norms must be computed in full precision.
+                    loss, per_example = _forward_loss(
+                        net, batch, device, "off" if dp_opt else mixed_precision
+                    )
+                    if dp_opt is None:
+                        # Gradient accumulation: weight each micro-batch by its share of the batch.
+                        (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]
+                    else:
+                        loss.backward()  # type: ignore[no-untyped-call]
+                        if j < len(micro) - 1:
+                            # Clip and accumulate this micro-batch; noise is added once per batch.
+                            dp_opt.signal_skip_step(do_skip=True)
+                            dp_opt.step()
+                            dp_opt.zero_grad(set_to_none=True)
+                    loss_sum += float(per_example.sum())
+                    seen += len(mb)
                 if dp_opt is None:
-                    # Gradient accumulation: weight each micro-batch by its share of the batch.
-                    (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 else:
-                    loss.backward()  # type: ignore[no-untyped-call]
-                    if j < len(micro) - 1:
-                        # Clip and accumulate this micro-batch; noise is added once per batch.
-                        dp_opt.signal_skip_step(do_skip=True)
-                        dp_opt.step()
-                        dp_opt.zero_grad(set_to_none=True)
-                loss_sum += float(per_example.sum())
-                seen += len(mb)
-            if dp_opt is None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                dp_opt.step()
-                dp_opt.zero_grad(set_to_none=True)
-    finally:
-        rng_guard.__exit__(None, None, None)
-        if isinstance(net, GradSampleModule):
-            # Leave the caller's model as it was given: no hooks, no per-sample state.
-            net._close()
-            for p in params:
-                for attr in ("grad_sample", "summed_grad", "_forward_counter"):
-                    if hasattr(p, attr):
-                        delattr(p, attr)
+                    dp_opt.step()
+                    dp_opt.zero_grad(set_to_none=True)
+        finally:
+            if isinstance(net, GradSampleModule):
+                # Leave the caller's model as it was given: no hooks, no per-sample state.
+                net._close()
+                for p in params:
+                    for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+                        if hasattr(p, attr):
+                            delattr(p, attr)
 
     if dp is not None and done != dp.steps:
         raise PrivacyError(f"DP training ran {done} steps, the accountant was told {dp.steps}")

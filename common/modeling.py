@@ -114,17 +114,10 @@ def check_model_loads(model_cfg: ModelConfig) -> None:
     from transformers import AutoConfig
 
     source = resolve_model_path(model_cfg.name)
-    try:
-        with _quiet_transformers():
-            hf_config = AutoConfig.from_pretrained(
-                source, trust_remote_code=model_cfg.trust_remote_code
-            )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"could not load model.name {model_cfg.name!r}: {first}",
-            fix="check the name, or give a local folder (hub names need a network the first time)",
-        ) from None
+    with _loading(model_cfg.name):
+        hf_config = AutoConfig.from_pretrained(
+            source, trust_remote_code=model_cfg.trust_remote_code
+        )
     layers = getattr(hf_config, "num_hidden_layers", None)
     if (
         model_cfg.num_hidden_layers is not None
@@ -148,6 +141,20 @@ def _quiet_transformers() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(before)
+
+
+@contextlib.contextmanager
+def _loading(name: str) -> Iterator[None]:
+    """Quiet transformers while loading, and turn its errors into one :class:`ModelError`."""
+    try:
+        with _quiet_transformers():
+            yield
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load model.name {name!r}: {first}",
+            fix="check the name, or give a local folder (hub names need a network the first time)",
+        ) from None
 
 
 @dataclass
@@ -192,30 +199,23 @@ def build_model(
     overrides: dict[str, Any] = {"num_labels": num_labels}
     if model_cfg.num_hidden_layers is not None:
         overrides["num_hidden_layers"] = model_cfg.num_hidden_layers
-    try:
-        with _quiet_transformers():
-            hf_config = AutoConfig.from_pretrained(
-                source, trust_remote_code=model_cfg.trust_remote_code, **overrides
+    with _loading(model_cfg.name):
+        hf_config = AutoConfig.from_pretrained(
+            source, trust_remote_code=model_cfg.trust_remote_code, **overrides
+        )
+        if model_cfg.dropout is not None:
+            for key in _DROPOUT_KEYS:
+                if getattr(hf_config, key, None) is not None:
+                    setattr(hf_config, key, model_cfg.dropout)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=model_cfg.trust_remote_code
+        )
+        # The head (and LoRA weights below) must be the same on every participant.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, config=hf_config, trust_remote_code=model_cfg.trust_remote_code
             )
-            if model_cfg.dropout is not None:
-                for key in _DROPOUT_KEYS:
-                    if getattr(hf_config, key, None) is not None:
-                        setattr(hf_config, key, model_cfg.dropout)
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=model_cfg.trust_remote_code
-            )
-            # The head (and LoRA weights below) must be the same on every participant.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    source, config=hf_config, trust_remote_code=model_cfg.trust_remote_code
-                )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"could not load model.name {model_cfg.name!r}: {first}",
-            fix="check the name, or give a local folder (hub names need a network the first time)",
-        ) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"the tokenizer of {model_cfg.name!r} has no pad or eos token")

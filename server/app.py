@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.config import PrivetConfig
-from privet.common.data import TokenizedExamples, build_federated_data
+from privet.common.data import TokenizedExamples, cached_federated_data
 from privet.common.evaluation import evaluate
 from privet.common.modeling import (
     MaskedMeanPooler,
@@ -178,7 +178,7 @@ def make_server_app(
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        fed = build_federated_data(cfg.data)
+        fed = cached_federated_data(cfg.data)
         names = [c.name for c in fed.clients]
         built = build_model(cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed)
         device = pick_device(cfg.model.device)
