@@ -1,0 +1,64 @@
+"""The round loop: Flower's ``Strategy.start`` written out, so a run can start at any round.
+
+Flower's ``Strategy.start`` always begins at round 1 and keeps its history in memory; a coordinator
+that resumes after a crash (``privet server --resume``) must begin at the round after the last
+checkpoint. So privet drives the strategy's four steps itself; the steps are Flower's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+__all__ = ["RoundEnd", "run_rounds"]
+
+log = logging.getLogger("privet")
+
+#: Called after each round (and for round ``first_round - 1`` before training starts) with the
+#: round number and the global arrays after it.
+RoundEnd = Callable[[int, ArrayRecord], None]
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    *,
+    arrays: ArrayRecord,
+    first_round: int,
+    last_round: int,
+    timeout: float,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord | None = None,
+    on_round_end: RoundEnd,
+) -> ArrayRecord:
+    """Run rounds ``first_round..last_round`` of ``strategy`` starting from ``arrays``.
+
+    Returns the global arrays after the last round. A round in which no update was aggregated keeps
+    the previous global arrays (the wrapped strategy returned ``None``).
+    """
+    evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
+    on_round_end(first_round - 1, arrays)
+    for server_round in range(first_round, last_round + 1):
+        replies = grid.send_and_receive(
+            messages=strategy.configure_train(server_round, arrays, train_config, grid),
+            timeout=timeout,
+        )
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        else:
+            log.warning(
+                "round %d: no update was aggregated; the global model is unchanged", server_round
+            )
+        eval_messages = list(
+            strategy.configure_evaluate(server_round, arrays, evaluate_config, grid)
+        )
+        if eval_messages:
+            eval_replies = grid.send_and_receive(messages=eval_messages, timeout=timeout)
+            strategy.aggregate_evaluate(server_round, eval_replies)
+        on_round_end(server_round, arrays)
+    return arrays

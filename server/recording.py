@@ -1,0 +1,203 @@
+"""A strategy wrapper that records every reply per client before the wrapped strategy aggregates.
+
+Composition, not inheritance: privet wraps whatever Flower strategy the config selects (and any
+Flower DP wrapper around it), so per-client bookkeeping and reply validation work the same for all
+of them. Flower has no such observer, hence our own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+__all__ = ["RecordingStrategy", "ReplyCheck", "RoundObserver", "RoundRecord"]
+
+log = logging.getLogger("privet")
+
+#: Inspects one successful train reply against the arrays that were sent; returns the reason to
+#: reject it, or None to accept it.
+ReplyCheck = Callable[[Message, ArrayRecord], "str | None"]
+
+
+@dataclass
+class RoundRecord:
+    """Everything measured in one round; one line of ``metrics.jsonl``."""
+
+    round: int
+    clients_trained: list[str] = field(default_factory=list)
+    train_loss: float | None = None
+    train_loss_per_client: dict[str, float] = field(default_factory=dict)
+    epsilon_per_client: dict[str, float] = field(default_factory=dict)
+    max_epsilon: float | None = None
+    accuracy_per_client: dict[str, float] = field(default_factory=dict)
+    client_accuracy: float | None = None
+    server_accuracy: float | None = None
+    server_loss: float | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as a JSON-ready dictionary."""
+        return dict(self.__dict__)
+
+
+class RoundObserver(Protocol):
+    """Receives progress events from the server loop (the CLI renders them)."""
+
+    def run_started(self, *, rounds: int, clients: int, run_dir: Path) -> None:
+        """Called once, before round 0's evaluation."""
+
+    def round_started(self, server_round: int) -> None:
+        """Called when a round's messages go out."""
+
+    def round_finished(self, record: RoundRecord) -> None:
+        """Called after a round was aggregated, evaluated and saved."""
+
+
+class RecordingStrategy(Strategy):
+    """Wrap ``inner``: record each reply per client, drop invalid replies, then let ``inner`` aggregate.
+
+    Parameters
+    ----------
+    inner
+        Any Flower Message-API strategy (FedAvg, FedAdam, a DP wrapper, ...).
+    client_names
+        Names indexed by the ``partition-id`` metric the ClientApp reports.
+    observer
+        Receives ``round_started``; the server loop reports ``round_finished``.
+    checks
+        Reply checks run on every successful train reply before aggregation; a reply any check
+        rejects is dropped, logged and recorded in ``RoundRecord.rejected``.
+
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        client_names: list[str],
+        observer: RoundObserver | None = None,
+        checks: Iterable[ReplyCheck] = (),
+    ) -> None:
+        self.inner = inner
+        self.client_names = client_names
+        self.observer = observer
+        self.checks = list(checks)
+        self.current = RoundRecord(round=0)
+        self._round_start = time.perf_counter()
+        self._sent = ArrayRecord()
+
+    def summary(self) -> None:
+        """Delegate to the wrapped strategy."""
+        self.inner.summary()
+
+    def seconds_since_round_start(self) -> float:
+        """Wall time since the current round's messages were built."""
+        return time.perf_counter() - self._round_start
+
+    def name_of(self, metrics: MetricRecord | None, node_id: int) -> str:
+        """The client's name from its ``partition-id`` metric, else ``node-<id>``."""
+        if metrics is not None and "partition-id" in metrics:
+            pid = int(metrics["partition-id"])  # type: ignore[arg-type]
+            if 0 <= pid < len(self.client_names):
+                return self.client_names[pid]
+        return f"node-{node_id}"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Start a round's record, then let the wrapped strategy sample clients and build messages."""
+        self.current = RoundRecord(round=server_round)
+        self._round_start = time.perf_counter()
+        self._sent = arrays
+        if self.observer is not None:
+            self.observer.round_started(server_round)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            sent = msg.content.array_records.get("arrays")
+            self.current.bytes_sent += sent.count_bytes() if sent is not None else 0
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record each reply (or error) per client, drop rejected ones, aggregate the rest."""
+        rec = self.current
+        kept: list[Message] = []
+        losses: list[float] = []
+        weights: list[float] = []
+        for msg in replies:
+            if msg.has_error():
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                rec.errors[f"node-{msg.metadata.src_node_id}"] = reason
+                log.warning("round %d: client replied with an error: %s", server_round, reason)
+                # Flower's strategies skip error replies themselves; keep them so a DP wrapper sees
+                # the true count of replies.
+                kept.append(msg)
+                continue
+            metrics = msg.content.metric_records.get("metrics")
+            name = self.name_of(metrics, msg.metadata.src_node_id)
+            if "arrays" in msg.content.array_records:
+                rec.bytes_received += msg.content.array_records["arrays"].count_bytes()
+            rejection = next((r for r in (c(msg, self._sent) for c in self.checks) if r), None)
+            if rejection is not None:
+                rec.rejected[name] = rejection
+                log.warning(
+                    "round %d: rejected the update of %s: %s", server_round, name, rejection
+                )
+                continue
+            kept.append(msg)
+            if metrics is None:
+                continue
+            rec.clients_trained.append(name)
+            loss = float(metrics.get("train-loss", float("nan")))  # type: ignore[arg-type]
+            rec.train_loss_per_client[name] = loss
+            rec.epsilon_per_client[name] = float(metrics.get("epsilon", 0.0))  # type: ignore[arg-type]
+            losses.append(loss)
+            weights.append(float(metrics.get("num-examples", 1)))  # type: ignore[arg-type]
+        if losses:
+            rec.train_loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
+        if rec.epsilon_per_client:
+            rec.max_epsilon = max(rec.epsilon_per_client.values())
+        return self.inner.aggregate_train(server_round, kept)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Record each client's test accuracy, then let the wrapped strategy aggregate."""
+        replies = list(replies)
+        rec = self.current
+        correct, total = 0.0, 0.0
+        for msg in replies:
+            if msg.has_error():
+                rec.errors[f"node-{msg.metadata.src_node_id}-eval"] = msg.error.reason or "error"
+                continue
+            metrics = msg.content.metric_records.get("metrics")
+            if metrics is None:
+                continue
+            name = self.name_of(metrics, msg.metadata.src_node_id)
+            acc = float(metrics.get("accuracy", 0.0))  # type: ignore[arg-type]
+            n = float(metrics.get("num-examples", 0))  # type: ignore[arg-type]
+            rec.accuracy_per_client[name] = acc
+            correct += acc * n
+            total += n
+        if total > 0:
+            rec.client_accuracy = correct / total
+        return self.inner.aggregate_evaluate(server_round, replies)
