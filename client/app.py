@@ -143,6 +143,8 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 mixed_precision=cfg.model.mixed_precision,
                 # A different sampling/noise stream for every client and round.
                 seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round,
+                # Flower's FedProx sends its mu in the train config; other strategies send none.
+                proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             )
             epsilon = record_round(plan, server_round=server_round, result=result)
         except Exception as exc:  # every failure becomes an error reply the server logs
