@@ -32,6 +32,7 @@ from privet.server.loop import run_rounds
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
 from privet.server.rundir import append_metrics, save_checkpoint, write_json
 from privet.server.strategies import build_strategy
+from privet.server.validation import make_reply_checks
 
 __all__ = ["make_server_app"]
 
@@ -58,7 +59,13 @@ def make_server_app(
 
         fed_cfg = cfg.federation
         strategy = RecordingStrategy(
-            build_strategy(fed_cfg, num_clients=len(names)), client_names=names, observer=observer
+            build_strategy(fed_cfg, num_clients=len(names), aggregation=cfg.aggregation),
+            client_names=names,
+            observer=observer,
+            checks=make_reply_checks(
+                max_update_norm=fed_cfg.max_update_norm,
+                max_examples={i: len(c.train) for i, c in enumerate(fed.clients)},
+            ),
         )
 
         history: list[RoundRecord] = []
