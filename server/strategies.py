@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from privet.common.config import AggregationConfig, FederationConfig
+from privet.server.lora import LoraSvdAggregation
 
 __all__ = ["build_strategy"]
 
@@ -63,10 +64,14 @@ def build_strategy(
     # Adam/Yogi moment decays: None keeps Flower's defaults.
     betas = {k: v for k, v in (("beta_1", agg.beta_1), ("beta_2", agg.beta_2)) if v is not None}
     name = fed.strategy
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedprox":
-        return FedProx(**common, proximal_mu=agg.proximal_mu)
+    if name in ("fedavg", "fedprox"):
+        mean: Strategy = (
+            FedAvg(**common)
+            if name == "fedavg"
+            else FedProx(**common, proximal_mu=agg.proximal_mu)
+        )
+        # The config allows 'svd' only with these two mean-based strategies.
+        return LoraSvdAggregation(mean) if agg.lora == "svd" else mean
     if name == "fedavgm":
         return FedAvgM(
             **common,
