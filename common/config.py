@@ -586,6 +586,13 @@ class FaultsConfig(_Section):
 class SimulationConfig(_Section):
     """The single-machine simulation harness (Flower's Simulation Engine on Ray)."""
 
+    engine: Literal["ray", "inprocess"] = Field(
+        "ray",
+        description=(
+            "'ray': Flower's Simulation Engine, clients in parallel Ray workers. 'inprocess': the same "
+            "apps in this one process, clients one after another (no Ray start-up; small studies and tests)."
+        ),
+    )
     cpus_per_client: float = Field(
         1.0,
         gt=0,

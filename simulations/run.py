@@ -22,6 +22,8 @@ from privet.common.data import cached_federated_data
 from privet.common.modeling import check_model_loads
 from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import create_run_dir
+from privet.simulations.faults import FaultPlan
+from privet.simulations.inprocess import run_in_process
 
 __all__ = ["simulate"]
 
@@ -108,7 +110,12 @@ def simulate(
     }
     _quiet_flower(verbose)
     server_app = make_server_app(cfg, run_dir=run_dir, observer=observer)
-    client_app = make_client_app(cfg, state_dir=state_dir)
+    client_app = _client_app(
+        cfg, state_dir=state_dir, num_clients=n_clients, num_labels=fed.num_labels
+    )
+    if sim.engine == "inprocess":
+        run_in_process(server_app, client_app, num_nodes=n_clients)
+        return run_dir
     previous = _install_interrupt_handler()
     try:
         run_simulation(
@@ -123,6 +130,28 @@ def simulate(
             signal.signal(signal.SIGINT, previous)
         _ray_shutdown()
     return run_dir
+
+
+def _client_app(cfg: PrivetConfig, *, state_dir: Path, num_clients: int, num_labels: int) -> Any:
+    """The ClientApp, with the fault plan of ``[faults]`` around its train function when one is set."""
+    if not cfg.faults.active:
+        return make_client_app(cfg, state_dir=state_dir)
+    plan = FaultPlan(
+        cfg.faults,
+        num_clients=num_clients,
+        round_timeout=cfg.federation.round_timeout,
+        num_labels=num_labels,
+    )
+    log.warning(
+        "simulated faults: attackers %s (%s), stragglers %s, dropout %.2f",
+        sorted(plan.byzantine),
+        cfg.faults.attack,
+        sorted(plan.stragglers),
+        cfg.faults.dropout,
+    )
+    return make_client_app(
+        cfg, state_dir=state_dir, train_mods=[plan.mod()], data_hook=plan.flip_labels
+    )
 
 
 def _kill_descendants(timeout: float = 5.0) -> None:
