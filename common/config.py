@@ -475,7 +475,10 @@ class AggregationConfig(_Section):
         None, ge=0, lt=1, description="fedadam / fedyogi: first-moment decay (none: Flower's 0.9)."
     )
     beta_2: float | None = Field(
-        None, ge=0, lt=1, description="fedadam / fedyogi: second-moment decay (none: Flower's 0.99)."
+        None,
+        ge=0,
+        lt=1,
+        description="fedadam / fedyogi: second-moment decay (none: Flower's 0.99).",
     )
     tau: float = Field(
         1e-3,
@@ -568,9 +571,7 @@ class FaultsConfig(_Section):
             "'wrong_shape' a truncated array, 'label_flip' trains honestly on flipped labels."
         ),
     )
-    attack_scale: float = Field(
-        4.0, gt=0, le=1e6, description="s of 'sign_flip' and 'scale'."
-    )
+    attack_scale: float = Field(4.0, gt=0, le=1e6, description="s of 'sign_flip' and 'scale'.")
     noise_std: float = Field(1.0, gt=0, le=1e6, description="Standard deviation of 'gaussian'.")
 
     @property

@@ -69,40 +69,44 @@ def _weights(weights: Sequence[float], n: int) -> NDArray:
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"need {n} finite non-negative weights with a positive sum, got {weights}")
-    return w / w.sum()
+    return np.asarray(w / w.sum())
 
 
-def mean_product(As: Sequence[NDArray], Bs: Sequence[NDArray], weights: Sequence[float]) -> NDArray:
+def mean_product(
+    a_mats: Sequence[NDArray], b_mats: Sequence[NDArray], *, weights: Sequence[float]
+) -> NDArray:
     """The weighted mean of the clients' products, ``sum_i w_i B_i A_i / sum_i w_i`` (float64)."""
-    w = _weights(weights, len(As))
-    if len(As) != len(Bs) or not As:
+    w = _weights(weights, len(a_mats))
+    if len(a_mats) != len(b_mats) or not a_mats:
         raise ValueError("need as many A as B matrices, at least one")
-    return sum(  # type: ignore[return-value]
-        wi * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
-        for wi, a, b in zip(w, As, Bs, strict=True)
+    return np.asarray(
+        sum(
+            wi * (np.asarray(b, np.float64) @ np.asarray(a, np.float64))
+            for wi, a, b in zip(w, a_mats, b_mats, strict=True)
+        )
     )
 
 
 def fedex_residual(
-    As: Sequence[NDArray], Bs: Sequence[NDArray], weights: Sequence[float]
+    a_mats: Sequence[NDArray], b_mats: Sequence[NDArray], *, weights: Sequence[float]
 ) -> tuple[NDArray, NDArray, NDArray]:
     """FedEx-LoRA: mean A, mean B and the residual that makes them exact.
 
     Returns
     -------
     tuple
-        ``(A_mean, B_mean, R)`` with ``B_mean @ A_mean + R == mean_product(As, Bs, weights)``; ``R`` is
+        ``(A_mean, B_mean, R)`` with ``B_mean @ A_mean + R == mean_product(a_mats, b_mats, weights=weights)``; ``R`` is
         what a client would add to its frozen base weight (times the LoRA scaling).
 
     """
-    w = _weights(weights, len(As))
-    a_mean = sum(wi * np.asarray(a, np.float64) for wi, a in zip(w, As, strict=True))
-    b_mean = sum(wi * np.asarray(b, np.float64) for wi, b in zip(w, Bs, strict=True))
+    w = _weights(weights, len(a_mats))
+    a_mean = sum(wi * np.asarray(a, np.float64) for wi, a in zip(w, a_mats, strict=True))
+    b_mean = sum(wi * np.asarray(b, np.float64) for wi, b in zip(w, b_mats, strict=True))
     assert isinstance(a_mean, np.ndarray) and isinstance(b_mean, np.ndarray)
-    return a_mean, b_mean, mean_product(As, Bs, weights) - b_mean @ a_mean
+    return a_mean, b_mean, mean_product(a_mats, b_mats, weights=weights) - b_mean @ a_mean
 
 
-def svd_refactor(product: NDArray, rank: int) -> tuple[NDArray, NDArray, float]:
+def svd_refactor(product: NDArray, *, rank: int) -> tuple[NDArray, NDArray, float]:
     """Factor ``product`` (out x in) into ``B`` (out x rank) and ``A`` (rank x in), best in Frobenius norm.
 
     The singular values are split evenly (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) so neither factor
@@ -174,10 +178,10 @@ class LoraSvdAggregation(Strategy):
         out = ArrayRecord({k: v for k, v in arrays.items()})
         for a_key, b_key in lora_pairs(states[0]).values():
             product = mean_product(
-                [s[a_key] for s in states], [s[b_key] for s in states], weights
+                [s[a_key] for s in states], [s[b_key] for s in states], weights=weights
             )
             rank = states[0][a_key].shape[0]
-            a, b, err = svd_refactor(product, rank)
+            a, b, err = svd_refactor(product, rank=rank)
             dtype = states[0][a_key].dtype
             out[a_key] = Array(a.astype(dtype))
             out[b_key] = Array(b.astype(dtype))

@@ -62,13 +62,11 @@ def build_strategy(
         "min_available_nodes": min(fed.min_available_clients, num_clients),
     }
     # Adam/Yogi moment decays: None keeps Flower's defaults.
-    betas = {k: v for k, v in (("beta_1", agg.beta_1), ("beta_2", agg.beta_2)) if v is not None}
+    betas: dict[str, Any] = {k: v for k, v in (("beta_1", agg.beta_1), ("beta_2", agg.beta_2)) if v is not None}
     name = fed.strategy
     if name in ("fedavg", "fedprox"):
         mean: Strategy = (
-            FedAvg(**common)
-            if name == "fedavg"
-            else FedProx(**common, proximal_mu=agg.proximal_mu)
+            FedAvg(**common) if name == "fedavg" else FedProx(**common, proximal_mu=agg.proximal_mu)
         )
         # The config allows 'svd' only with these two mean-based strategies.
         return LoraSvdAggregation(mean) if agg.lora == "svd" else mean

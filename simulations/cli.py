@@ -150,6 +150,15 @@ def config_reference_cmd() -> None:
     console.print(config_reference(), markup=False, highlight=False)
 
 
+def _register_studies() -> None:
+    from privet.simulations.studies import study_app
+
+    app.add_typer(study_app, name="study")
+
+
+_register_studies()
+
+
 def main() -> None:
     """Console entry point: one clear line on bad input, never a traceback."""
     try:

@@ -28,7 +28,7 @@ A2, B2 = np.array([[3.0, 4.0]]), np.array([[0.0], [1.0]])
 
 
 def test_mean_of_products_is_not_product_of_means() -> None:
-    m = mean_product([A1, A2], [B1, B2], [1, 1])
+    m = mean_product([A1, A2], [B1, B2], weights=[1, 1])
     # (B1 A1 + B2 A2) / 2 = ([[1, 2], [0, 0]] + [[0, 0], [3, 4]]) / 2
     assert m.tolist() == [[0.5, 1.0], [1.5, 2.0]]
     naive = ((B1 + B2) / 2) @ ((A1 + A2) / 2)  # [[.5], [.5]] @ [[2, 3]]
@@ -36,12 +36,12 @@ def test_mean_of_products_is_not_product_of_means() -> None:
 
 
 def test_weights_follow_examples() -> None:
-    m = mean_product([A1, A2], [B1, B2], [3, 1])
+    m = mean_product([A1, A2], [B1, B2], weights=[3, 1])
     assert m.tolist() == [[0.75, 1.5], [0.75, 1.0]]
 
 
 def test_fedex_residual_makes_the_means_exact() -> None:
-    a, b, r = fedex_residual([A1, A2], [B1, B2], [1, 1])
+    a, b, r = fedex_residual([A1, A2], [B1, B2], weights=[1, 1])
     assert a.tolist() == [[2.0, 3.0]]
     assert b.tolist() == [[0.5], [0.5]]
     assert r.tolist() == [[-0.5, -0.5], [0.5, 0.5]]
@@ -49,7 +49,7 @@ def test_fedex_residual_makes_the_means_exact() -> None:
 
 
 def test_svd_refactor_is_exact_when_the_rank_fits() -> None:
-    m = mean_product([A1, A2], [B1, B2], [1, 1])  # full rank 2
+    m = mean_product([A1, A2], [B1, B2], weights=[1, 1])  # full rank 2
     a, b, err = svd_refactor(m, rank=2)
     assert a.shape == (2, 2) and b.shape == (2, 2)
     np.testing.assert_allclose(b @ a, m, atol=1e-12)
@@ -61,7 +61,7 @@ def test_svd_refactor_truncates_to_the_best_rank() -> None:
     m = mean_product(
         [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])],
         [np.array([[2.0], [0.0]]), np.array([[0.0], [1.0]])],
-        [1, 1],
+        weights=[1, 1],
     )
     assert m.tolist() == [[1.0, 0.0], [0.0, 0.5]]
     a, b, err = svd_refactor(m, rank=1)
@@ -88,7 +88,7 @@ def test_a_shared_a_needs_no_correction(seed: int, n: int, r: int) -> None:
     a = rng.normal(size=(r, 5))
     bs = [rng.normal(size=(4, r)) for _ in range(n)]
     w = rng.integers(1, 10, size=n).tolist()
-    _, _, res = fedex_residual([a] * n, bs, w)
+    _, _, res = fedex_residual([a] * n, bs, weights=w)
     np.testing.assert_allclose(res, 0.0, atol=1e-10)
 
 
