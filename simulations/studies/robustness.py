@@ -104,7 +104,12 @@ def plan_runs(
 
 
 def run_robustness_study(
-    *, out: Path, seed: int = 0, extra: list[str] | None = None, console: Console | None = None
+    *,
+    out: Path,
+    seed: int = 0,
+    extra: list[str] | None = None,
+    parts: str = "AB",
+    console: Console | None = None,
 ) -> list[StudyRun]:
     """Run every federation of the study and write results, tables and the plot into ``out``.
 
@@ -116,6 +121,8 @@ def run_robustness_study(
         ``train.seed``, ``data.seed`` and ``faults.seed`` of every run.
     extra
         Overrides applied to every run after the study's own (e.g. a smaller ``data.max_examples``).
+    parts
+        Which parts to run: ``"A"`` (attackers), ``"B"`` (label skew) or ``"AB"``.
     console
         Where the progress bar goes.
 
@@ -128,7 +135,12 @@ def run_robustness_study(
     from privet.simulations.run import simulate
 
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs()
+    runs = [r for r in plan_runs() if r.part in parts]
+    # Every client of every run would announce that DP is off (the study says so once, here) and
+    # every attacked run would list its attackers: the progress bar is what a reader follows.
+    log.warning("robustness study: %d runs, DP off in all of them (aggregation only)", len(runs))
+    level = log.level
+    log.setLevel(logging.ERROR)
     seeds = [f"train.seed={seed}", f"data.seed={seed}", f"faults.seed={seed}"]
     with (
         tempfile.TemporaryDirectory(prefix="privet-study-") as tmp,
@@ -161,6 +173,7 @@ def run_robustness_study(
             run.accuracy = [float(r["server_accuracy"]) for r in records]
             run.rejected = sum(len(r.get("rejected", {})) for r in records)
             progress.advance(task)
+    log.setLevel(level)
     (out / "results.json").write_text(
         json.dumps(
             {
@@ -172,8 +185,9 @@ def run_robustness_study(
             indent=2,
         )
     )
-    (out / "robustness.md").write_text(tables(runs))
-    plot(runs, out / "robustness.png")
+    if parts == "AB":
+        (out / "robustness.md").write_text(tables(runs))
+        plot(runs, out / "robustness.png")
     return runs
 
 
@@ -275,11 +289,22 @@ def robustness_cmd(
             "--set", "-s", help="Override a field of every run, e.g. --set data.max_examples=600."
         ),
     ] = None,
+    part: Annotated[
+        str,
+        typer.Option(
+            help="Run part A (attackers), B (label skew) or AB (both, with table and plot)."
+        ),
+    ] = "AB",
 ) -> None:
     """FedAvg vs robust strategies with 0% and 20% attackers; FedAvg vs FedProx vs FedAdam under label skew."""
     console = Console()
-    runs = run_robustness_study(out=out, seed=seed, extra=overrides or [], console=console)
-    console.print(tables(runs), markup=False, highlight=False)
+    if part not in ("A", "B", "AB"):
+        raise typer.BadParameter("--part must be A, B or AB")
+    runs = run_robustness_study(
+        out=out, seed=seed, extra=overrides or [], parts=part, console=console
+    )
+    if part == "AB":
+        console.print(tables(runs), markup=False, highlight=False)
     console.print(f"written: {out}/results.json, {out}/robustness.md, {out}/robustness.png")
 
 
