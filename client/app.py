@@ -16,6 +16,7 @@ import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from privet.client.client_level import client_level_mods
 from privet.client.privacy import plan_round, record_round
 from privet.client.training import evaluate, train
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
@@ -108,7 +109,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
     """
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=client_level_mods(cfg))
     def _train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:
