@@ -121,6 +121,49 @@ def _scaled_update(new: ArrayRecord, old: ArrayRecord, factor: float) -> ArrayRe
     return out
 
 
+class _RoundClipNoise:
+    """Two corrections to Flower 1.41's adaptive-clipping wrappers (both the Message-API and the legacy ones).
+
+    * **Noise at the round's clip.**  Flower updates the clip *before* adding the noise, so the
+      noise std is ``z * C_next / m`` while the updates were clipped to ``C_this``; whenever the
+      clip shrinks the round gets less noise than its noise multiplier claims.  Here the noise
+      uses the clip of the round (set by :class:`ClientLevelDP` before aggregation).
+    * **The direction of the clip update.**  Flower's norm bit is 1 for a *clipped* update, but its
+      geometric update ``C *= exp(-lr (bit_mean - target))`` is the rule of Andrew et al. (2021)
+      for the fraction of *unclipped* updates; with the clipped fraction it runs the wrong way
+      (all updates clipped -> the clip shrinks further) and collapses or explodes.  Here the rule
+      gets the unclipped fraction, ``1 - clipped``, whose noise is the same.
+    """
+
+    clipping_norm: float
+    clip_norm_lr: float
+    target_clipped_quantile: float
+    round_clip: float | None = None
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        updated = self.clipping_norm
+        if self.round_clip is not None:
+            self.clipping_norm = self.round_clip
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc, no-any-return]
+        finally:
+            self.clipping_norm = updated
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        unclipped = 1.0 - clipped_fraction
+        self.clipping_norm *= math.exp(
+            -self.clip_norm_lr * (unclipped - self.target_clipped_quantile)
+        )
+
+
+class _ServerSideAdaptive(_RoundClipNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, noised with the round's own clip."""
+
+
+class _ClientSideAdaptive(_RoundClipNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, noised with the round's own clip."""
+
+
 class _FixedDenominatorMean(Strategy):
     """FedAvg's sampling and evaluation, but ``current + sum(updates) / m`` as the aggregate.
 
@@ -245,11 +288,7 @@ class ClientLevelDP(Strategy):
                     f"noise multiplier ({z:.4g} / 2) for adaptive clipping",
                     fix=f"set privacy.client_level.clipped_count_stddev >= {z:.4g} (or unset it)",
                 )
-            adaptive = (
-                DifferentialPrivacyServerSideAdaptiveClipping
-                if cl.side == "server"
-                else DifferentialPrivacyClientSideAdaptiveClipping
-            )
+            adaptive = _ServerSideAdaptive if cl.side == "server" else _ClientSideAdaptive
             self.dp = adaptive(
                 self._mean,
                 z,
@@ -359,6 +398,8 @@ class ClientLevelDP(Strategy):
         stdv = float(self.dp.noise_multiplier) * clip / max(1, self._asked)  # type: ignore[attr-defined]
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
+        if isinstance(self.dp, _RoundClipNoise):
+            self.dp.round_clip = clip
         if kept:
             arrays, metrics = self.dp.aggregate_train(server_round, kept)
         else:
