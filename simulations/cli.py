@@ -103,7 +103,16 @@ def simulate(
             f"[bold]largest cumulative ε among clients: {eps if eps is None else round(eps, 3)} "
             f"(budget {budget}, δ = {cfg.privacy.delta}, {cfg.privacy.accountant.upper()} accountant)[/bold]"
         )
-    console.print(f"run directory: {run_dir}" + (f"; plot: {plot}" if plot else ""))
+    from privet.simulations.privacy_report import load_privacy_report, plot_privacy, privacy_lines
+
+    for line in privacy_lines(load_privacy_report(run_dir)):
+        console.print(escape(line), highlight=False)
+    privacy_plot = plot_privacy(run_dir)
+    console.print(
+        f"run directory: {run_dir}"
+        + (f"; plot: {plot}" if plot else "")
+        + (f"; privacy report: {run_dir / 'privacy.json'}, {privacy_plot}" if privacy_plot else "")
+    )
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -142,6 +151,21 @@ def _announce_privacy(cfg: PrivetConfig) -> None:
             f"[bold]DP-SGD on[/bold]: sample-level ({how}, δ = {p.delta}, clip C = {p.max_grad_norm}, "
             f"{p.accountant.upper()} accountant, budget ε ≤ {p.effective_budget} per client)"
         )
+
+
+@app.command()
+def plan(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Preflight: noise, projected epsilon per client and for the federation, payload and memory.
+
+    Exits with status 2 when a budget cannot hold for the planned rounds, naming the setting to change.
+    """
+    from privet.simulations.plan import check_plan, make_plan, render_plan
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries(False)
+    run_plan = make_plan(cfg)
+    console.print(render_plan(run_plan, cfg))
+    check_plan(run_plan)
 
 
 @app.command("config-reference")
