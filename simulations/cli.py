@@ -168,6 +168,53 @@ def plan(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     check_plan(run_plan)
 
 
+@app.command()
+def audit(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    canaries: Annotated[
+        int, typer.Option(help="Planted canaries (the largest bound shown grows like log of this).")
+    ] = 100_000,
+    beta: Annotated[float, typer.Option(help="Significance of the lower bound.")] = 0.05,
+    broken: Annotated[
+        bool,
+        typer.Option(
+            "--broken",
+            help="Self-test: train WITHOUT noise or clipping while claiming the configured epsilon; "
+            "the audit must flag it.",
+        ),
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Empirical privacy audit: planted canaries give a lower bound on epsilon beside the accounted one.
+
+    Exits with status 1 when the lower bound exceeds the accounted epsilon (the claim is wrong).
+    """
+    import json
+
+    from privet.simulations.audit import run_audit
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries(False)
+    with console.status(f"training with {canaries:,} planted canaries ..."):
+        result = run_audit(cfg, canaries=canaries, beta=beta, broken=broken)
+    console.print(
+        f"accounted ε = {result.accounted_epsilon:.3f} (δ = {result.delta:g}, σ = "
+        f"{result.noise_multiplier:.4f}, C = {result.max_grad_norm:g}, q = {result.sample_rate:.4g}, "
+        f"{result.steps} steps{'; BROKEN on purpose: no noise, no clipping' if broken else ''})\n"
+        f"empirical lower bound ε ≥ {result.empirical_epsilon_lower_bound:.3f} "
+        f"({result.correct} of {result.guesses} membership guesses right, {result.canaries:,} "
+        f"canaries, β = {beta:g})",
+        highlight=False,
+    )
+    style = "bold red" if result.flagged else "bold green"
+    console.print(f"[{style}]{escape(result.verdict)}[/{style}]")
+    if out is not None:
+        out.write_text(json.dumps(result.as_json(), indent=2) + "\n", encoding="utf-8")
+    if result.flagged:
+        raise typer.Exit(1)
+
+
 @app.command("config-reference")
 def config_reference_cmd() -> None:
     """Print every configuration field with its default and meaning (Markdown)."""
