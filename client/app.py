@@ -18,6 +18,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from privet.client.client_level import client_level_mods
 from privet.client.privacy import plan_round, record_round
 from privet.client.training import evaluate, train
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
@@ -134,7 +135,7 @@ def make_client_app(
     """
     app = ClientApp()
 
-    @app.train(mods=list(train_mods))
+    @app.train(mods=[*train_mods, *client_level_mods(cfg)])
     def _train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:

@@ -7,6 +7,7 @@ description that doubles as the config reference (``privet config-reference`` pr
 
 from __future__ import annotations
 
+import inspect
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ __all__ = [
     "STRATEGIES",
     "AdapterConfig",
     "AggregationConfig",
+    "ClientLevelConfig",
     "DataConfig",
     "FaultsConfig",
     "FederationConfig",
@@ -158,6 +160,129 @@ class AdapterConfig(_Section):
         return self
 
 
+class ClientLevelConfig(_Section):
+    """Client-level (user-level) DP of the federation: DP-FedAvg on Flower's DP strategy wrappers.
+
+    Each client's update (new weights minus the global weights) is clipped to an L2 norm, the
+    server averages the clipped updates with a fixed denominator (the number of clients asked) and
+    adds Gaussian noise to the average, so the released global model hides whether any one
+    client took part.  The federation's epsilon is accounted every round.
+    """
+
+    enabled: bool = Field(
+        False, description="Clip every client's update and noise the aggregate (DP-FedAvg)."
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=(
+            "Federation epsilon after all planned rounds; the noise multiplier is calibrated to it. "
+            "Give this or noise_multiplier."
+        ),
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Fixed noise multiplier z: the noise std on the sum of clipped updates is z times the "
+            "clipping norm (instead of target_epsilon)."
+        ),
+    )
+    delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Client-level delta; must be below 1 / number of clients. Default: 1 / (10 x number of "
+            "clients)."
+        ),
+    )
+    clipping: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description=(
+            "'fixed': clip every update to clipping_norm. 'adaptive': the clip follows a noised "
+            "quantile of the update norms (Andrew et al. 2021); part of the noise budget goes to the "
+            "quantile estimate."
+        ),
+    )
+    side: Literal["server", "client"] = Field(
+        "server",
+        description=(
+            "'server': the server clips the updates it receives (it sees them unclipped). 'client': "
+            "each client clips its own update before sending (Flower's clipping mods), so the server "
+            "never sees an unclipped update; the server still checks the norm."
+        ),
+    )
+    clipping_norm: float = Field(
+        0.5,
+        gt=0,
+        description="L2 clipping norm of a client's update (the initial norm with adaptive clipping).",
+    )
+    target_quantile: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Adaptive clipping: share of updates that should be left unclipped.",
+    )
+    clip_learning_rate: float = Field(
+        0.2, gt=0, le=10, description="Adaptive clipping: geometric step of the clip per round."
+    )
+    clipped_count_stddev: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Adaptive clipping: noise std of the count of unclipped updates. Must exceed "
+            "noise_multiplier / 2. Default: the number of clients per round / 20 (Flower's), raised "
+            "to noise_multiplier when that is too small."
+        ),
+    )
+    budget_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Hard cap on the federation's epsilon (default: target_epsilon). The run stops before a "
+            "round that would pass it."
+        ),
+    )
+    sampling_amplification: bool = Field(
+        False,
+        description=(
+            "Account with sampling rate q = clients per round / population (privacy amplification "
+            "by subsampling, the DP-FedAvg paper's analysis). Flower samples a fixed number of "
+            "clients without replacement, for which this Poisson-sampling bound is an approximation, "
+            "not a proof; off: q = 1, valid whatever the sampling."
+        ),
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant for the federation's epsilon."
+    )
+
+    @model_validator(mode="after")
+    def _noise_or_target(self) -> ClientLevelConfig:
+        if not self.enabled:
+            return self
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "privacy.client_level: give exactly one of target_epsilon and noise_multiplier "
+                "when privacy.client_level.enabled = true"
+            )
+        budget = self.effective_budget
+        if budget is not None and self.target_epsilon is not None and self.target_epsilon > budget:
+            raise ValueError(
+                f"privacy.client_level.target_epsilon ({self.target_epsilon}) is above "
+                f"privacy.client_level.budget_epsilon ({budget}): the planned rounds could never finish"
+            )
+        return self
+
+    @property
+    def effective_budget(self) -> float | None:
+        """The federation epsilon the run will not exceed (``None``: off or unbounded)."""
+        if not self.enabled:
+            return None
+        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+
+
 class PrivacyConfig(_Section):
     """Sample-level differential privacy with Opacus DP-SGD, per client."""
 
@@ -197,9 +322,26 @@ class PrivacyConfig(_Section):
         "flat",
         description="Opacus clipping mode: 'flat' (per-sample hooks) or 'ghost' (less memory for full fine-tuning).",
     )
+    client_level: ClientLevelConfig = Field(
+        default_factory=ClientLevelConfig,
+        description="Client-level DP of the federation (DP-FedAvg), on top of the sample-level DP above.",
+    )
+    secure_aggregation: bool = Field(
+        False,
+        description=(
+            "SecAgg+ (the server sees only the sum of updates). Not available yet: Flower implements "
+            "it only in its legacy API, which privet's Message-API strategies cannot use; true is refused."
+        ),
+    )
 
     @model_validator(mode="after")
     def _noise_or_target(self) -> PrivacyConfig:
+        if self.secure_aggregation:
+            raise ValueError(
+                "privacy.secure_aggregation = true is not supported yet: Flower 1.41 offers SecAgg+ "
+                "only in its legacy API (SecAggPlusWorkflow), which cannot drive privet's Message-API "
+                "strategies; set it to false (client-level DP still protects each client's update)"
+            )
         if not self.enabled:
             return self
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -649,6 +791,19 @@ class PrivetConfig(_Section):
                     f"data.num_clients ({self.data.num_clients}); the run would wait forever"
                 )
         check_aggregation(self)
+        if self.privacy.client_level.enabled:
+            require_plain_averaging(
+                self,
+                feature="privacy.client_level",
+                why="its accountant bounds the sensitivity of an average of clipped updates, and a "
+                "median or a Krum selection has no such bound, so the printed epsilon would be false",
+            )
+            if self.aggregation.lora == "svd":
+                raise ValueError(
+                    "aggregation.lora = 'svd' cannot be combined with privacy.client_level: the noise "
+                    "is calibrated to a mean of clipped updates, not to an SVD re-factorization of "
+                    "their products; use adapter.freeze_a = true (FFA-LoRA) with aggregation.lora = 'mean'"
+                )
         if (
             self.adapter.method == "full"
             and self.privacy.enabled
@@ -918,17 +1073,27 @@ def dump_config(config: PrivetConfig) -> str:
 def config_reference() -> str:
     """Markdown reference of every section and field with its default and help text."""
     out = ["# privet configuration reference", ""]
+    sections: list[tuple[str, BaseModel]] = []
     for section, field in PrivetConfig.model_fields.items():
         model = field.default_factory() if field.default_factory else None  # type: ignore[call-arg]
         assert isinstance(model, BaseModel)
+        sections.append((section, model))
+    while sections:
+        section, model = sections.pop(0)
         out.append(f"## [{section}]")
         out.append("")
-        out.append((type(model).__doc__ or "").strip())
+        out.append(inspect.cleandoc(type(model).__doc__ or ""))
         out.append("")
         out.append("| field | default | meaning |")
         out.append("| --- | --- | --- |")
+        nested: list[tuple[str, BaseModel]] = []
         for name, f in type(model).model_fields.items():
             default = getattr(model, name)
+            if isinstance(default, BaseModel):
+                # A sub-section (e.g. [privacy.client_level]) gets its own table after this one.
+                nested.append((f"{section}.{name}", default))
+                out.append(f"| `{name}` | see [{section}.{name}] | {f.description or ''} |")
+                continue
             shown = (
                 "none"
                 if default is None
@@ -936,4 +1101,5 @@ def config_reference() -> str:
             )
             out.append(f"| `{name}` | `{shown}` | {f.description or ''} |")
         out.append("")
+        sections[:0] = nested
     return "\n".join(out)

@@ -49,6 +49,8 @@ class RoundRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    federation_epsilon: float | None = None
+    stopped: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The record as a JSON-ready dictionary."""

@@ -24,6 +24,7 @@ from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import create_run_dir
 from privet.simulations.faults import FaultPlan
 from privet.simulations.inprocess import run_in_process
+from privet.simulations.plan import check_plan, make_plan
 
 __all__ = ["simulate"]
 
@@ -51,7 +52,11 @@ def _ray_shutdown() -> None:
 
 
 def simulate(
-    cfg: PrivetConfig, *, observer: RoundObserver | None = None, verbose: bool = False
+    cfg: PrivetConfig,
+    *,
+    observer: RoundObserver | None = None,
+    verbose: bool = False,
+    preflight: bool = True,
 ) -> Path:
     """Run the federation described by ``cfg``; return its run directory.
 
@@ -63,6 +68,9 @@ def simulate(
         Receives progress events (the CLI's live table); ``None`` for silence.
     verbose
         Show Flower's and Ray's own log lines.
+    preflight
+        Refuse a run whose privacy plan cannot hold (``privet plan``); budgets are enforced at
+        run time either way.
 
     Returns
     -------
@@ -87,6 +95,8 @@ def simulate(
     fed = cached_federated_data(cfg.data)
     n_clients = len(fed.clients)
     check_model_loads(cfg.model)
+    if preflight:
+        check_plan(make_plan(cfg, with_model=False))
     run_dir = create_run_dir(cfg)
     state_dir = cfg.simulation.state_dir or (run_dir / "clients")
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -228,7 +228,7 @@ def test_server_optimizers_keep_lora_shapes_and_keys() -> None:
     ],
 )
 def test_impossible_combinations_are_refused_with_the_reason(sets: list[str], needle: str) -> None:
-    with pytest.raises(ConfigError, match="") as exc:
+    with pytest.raises(ConfigError) as exc:
         load_config(None, sets)
     assert needle in str(exc.value)
 
