@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from privet.common.config import PrivetConfig, config_reference, load_config
 from privet.common.errors import PrivetError
+from privet.simulations.commands import export_cmd, report_cmd, runs_cmd
 
 __all__ = ["app", "main"]
 
@@ -142,6 +143,11 @@ def _announce_privacy(cfg: PrivetConfig) -> None:
             f"[bold]DP-SGD on[/bold]: sample-level ({how}, δ = {p.delta}, clip C = {p.max_grad_norm}, "
             f"{p.accountant.upper()} accountant, budget ε ≤ {p.effective_budget} per client)"
         )
+
+
+app.command("export")(export_cmd)
+app.command("report")(report_cmd)
+app.command("runs")(runs_cmd)
 
 
 @app.command("config-reference")
