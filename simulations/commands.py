@@ -54,7 +54,9 @@ def export_cmd(
     with console.status("loading the base model and the final adapter"):
         res = export_run(run_dir, out=out, merge=not adapter_only, labels=names, overwrite=force)
     if not res.merged:
-        console.print(f"PEFT adapter written to {res.out}: PeftModel.from_pretrained(base, {str(res.out)!r})")
+        console.print(
+            f"PEFT adapter written to {res.out}: PeftModel.from_pretrained(base, {str(res.out)!r})"
+        )
         return
     trust = ", trust_remote_code=True" if res.needs_trust_remote_code else ""
     console.print(f"merged model written to {res.out} (labels: {res.id2label})")
@@ -73,7 +75,9 @@ def report_cmd(
     run_dir: RunDirArg,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Where to write report.html (default: RUN_DIR/report.html)."),
+        typer.Option(
+            "--out", "-o", help="Where to write report.html (default: RUN_DIR/report.html)."
+        ),
     ] = None,
 ) -> None:
     """Write a self-contained HTML report of a run (plots, config, privacy) and its PNGs."""

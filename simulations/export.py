@@ -59,7 +59,10 @@ def _num_labels(final: Path) -> int:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118  # safe_open is not a Mapping
                 if key.endswith(("classifier.weight", "score.weight")) or key.endswith(
-                    ("classifier.modules_to_save.default.weight", "score.modules_to_save.default.weight")
+                    (
+                        "classifier.modules_to_save.default.weight",
+                        "score.modules_to_save.default.weight",
+                    )
                 ):
                     return int(fh.get_slice(key).get_shape()[0])
     raise ExportError(
@@ -137,14 +140,14 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
     return model.eval(), tokenizer, info
 
 
-def _mean_pooled_copy(merged: torch.nn.Module) -> torch.nn.Module:
+def _mean_pooled_copy(merged: Any) -> Any:
     """The merged BERT model as a :class:`PrivetBertForSequenceClassification` (same weights)."""
     from privet.simulations.modeling_privet_bert import (
         PrivetBertConfig,
         PrivetBertForSequenceClassification,
     )
 
-    config = merged.config  # type: ignore[union-attr]
+    config = merged.config
     if config.model_type != "bert" or not hasattr(merged, "bert"):
         raise ExportError(
             f"a merged export of a mean-pooled {config.model_type!r} model is not supported "
@@ -155,8 +158,8 @@ def _mean_pooled_copy(merged: torch.nn.Module) -> torch.nn.Module:
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         data.pop(key, None)
     new_config = PrivetBertConfig(**data)
-    PrivetBertConfig.register_for_auto_class()
-    PrivetBertForSequenceClassification.register_for_auto_class(
+    PrivetBertConfig.register_for_auto_class()  # type: ignore[no-untyped-call]
+    PrivetBertForSequenceClassification.register_for_auto_class(  # type: ignore[no-untyped-call]
         "AutoModelForSequenceClassification"
     )
     model = PrivetBertForSequenceClassification(new_config)
@@ -168,7 +171,8 @@ def _mean_pooled_copy(merged: torch.nn.Module) -> torch.nn.Module:
             f"unexpected {result.unexpected_keys[:3]}",
             fix="use --adapter-only",
         )
-    return model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
+    return model
 
 
 def export_run(
@@ -211,7 +215,9 @@ def export_run(
     final = _final_dir(run_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ExportError(f"{out} exists and is not empty", fix="choose another --out or pass --force")
+            raise ExportError(
+                f"{out} exists and is not empty", fix="choose another --out or pass --force"
+            )
         shutil.rmtree(out)
     cfg = load_config(run_dir / "config.toml")
     model, tokenizer, info = load_run_model(run_dir)
@@ -224,18 +230,19 @@ def export_run(
         tokenizer.save_pretrained(str(out))
         return ExportResult(out=out, merged=False, needs_trust_remote_code=False, id2label=id2label)
 
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    unload = getattr(model, "merge_and_unload", None)
+    merged: Any = unload() if callable(unload) else model
     mean = any(isinstance(m, MaskedMeanPooler) for m in merged.modules())
-    final_model = _mean_pooled_copy(merged) if mean else merged
-    final_model.config.id2label = dict(id2label)  # type: ignore[union-attr]
-    final_model.config.label2id = {v: k for k, v in id2label.items()}  # type: ignore[union-attr]
-    final_model.config.privet = {  # type: ignore[union-attr]
+    final_model: Any = _mean_pooled_copy(merged) if mean else merged
+    final_model.config.id2label = dict(id2label)
+    final_model.config.label2id = {v: k for k, v in id2label.items()}
+    final_model.config.privet = {
         "run": run_dir.name,
         "base_model": info.get("base_model"),
         "pooling": "mean" if mean else "model",
         "max_length": info.get("max_length"),
     }
-    final_model.save_pretrained(str(out))  # type: ignore[operator]
+    final_model.save_pretrained(str(out))
     tokenizer.model_max_length = int(info.get("max_length") or tokenizer.model_max_length)
     tokenizer.save_pretrained(str(out))
     return ExportResult(out=out, merged=True, needs_trust_remote_code=mean, id2label=id2label)

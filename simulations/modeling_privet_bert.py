@@ -21,7 +21,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 __all__ = ["PrivetBertConfig", "PrivetBertForSequenceClassification"]
 
 
-class PrivetBertConfig(BertConfig):  # type: ignore[misc]
+class PrivetBertConfig(BertConfig):  # type: ignore[misc,no-untyped-call]
     """BERT's configuration under its own ``model_type``.
 
     A distinct type makes a loader without ``trust_remote_code=True`` stop with transformers' own
@@ -31,14 +31,14 @@ class PrivetBertConfig(BertConfig):  # type: ignore[misc]
     model_type = "privet_bert"
 
 
-class PrivetBertForSequenceClassification(BertPreTrainedModel):  # type: ignore[misc]
+class PrivetBertForSequenceClassification(BertPreTrainedModel):  # type: ignore[misc,no-untyped-call]
     """BERT encoder, masked mean over token states, dropout, linear head (privet's ``pooling = "mean"``)."""
 
     config_class = PrivetBertConfig
 
     def __init__(self, config: PrivetBertConfig) -> None:
         super().__init__(config)
-        self.num_labels = config.num_labels
+        self.num_labels = int(config.num_labels or 2)
         self.bert = BertModel(config, add_pooling_layer=False)
         dropout = (
             config.classifier_dropout
@@ -46,8 +46,8 @@ class PrivetBertForSequenceClassification(BertPreTrainedModel):  # type: ignore[
             else config.hidden_dropout_prob
         )
         self.dropout = torch.nn.Dropout(dropout)
-        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+        self.classifier = torch.nn.Linear(config.hidden_size, self.num_labels)
+        self.post_init()  # type: ignore[no-untyped-call]
 
     def forward(
         self,

@@ -91,11 +91,14 @@ def make_run(
     extra: list[str] | None = None,
     records: list[dict[str, Any]] | None = None,
     finished: bool = True,
+    adapter: bool = True,
     seed: int = 3,
-) -> tuple[Path, torch.nn.Module]:
-    """Write a run directory; with ``finished`` also a final adapter whose weights are not the init.
+) -> tuple[Path, torch.nn.Module | None]:
+    """Write a run directory; with ``finished`` also a summary and a final adapter.
 
-    Returns the run directory and the trained model as privet holds it (eval mode).
+    With ``adapter`` the final adapter holds real weights, not the init, and the trained model is
+    returned as privet holds it (eval mode); without, only ``final_adapter/privet.json`` is written
+    (fast: no model is built) and the model is ``None``.
     """
     cfg = tiny_config(out, name, extra)
     run_dir = out / name
@@ -105,10 +108,14 @@ def make_run(
     (run_dir / "metrics.jsonl").write_text(
         "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs), encoding="utf-8"
     )
-    built = build_model(cfg.model, cfg.adapter, num_labels=2, seed=cfg.train.seed)
-    model = built.model
     if not finished:
-        return run_dir, model.eval()
+        return run_dir, None
+    _write_summary(run_dir, recs)
+    if not adapter:
+        (run_dir / "final_adapter").mkdir()
+        (run_dir / "final_adapter" / "privet.json").write_text("{}")
+        return run_dir, None
+    model = build_model(cfg.model, cfg.adapter, num_labels=2, seed=cfg.train.seed).model
     # "Training": every trainable weight moves, so an export that drops the adapter or the head
     # gives different logits.
     gen = torch.Generator().manual_seed(seed)
@@ -127,6 +134,10 @@ def make_run(
             }
         )
     )
+    return run_dir, model.eval()
+
+
+def _write_summary(run_dir: Path, recs: list[dict[str, Any]]) -> None:
     last = recs[-1]
     (run_dir / "summary.json").write_text(
         json.dumps(
@@ -143,4 +154,3 @@ def make_run(
             }
         )
     )
-    return run_dir, model.eval()

@@ -31,7 +31,10 @@ def _privet_probs(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.
 def _pipeline_probs(clf, texts: list[str], **kw) -> torch.Tensor:
     rows = clf(texts, top_k=None, truncation=True, **kw)
     return torch.tensor(
-        [[next(d["score"] for d in row if d["label"] == lab) for lab in ("negative", "positive")] for row in rows]
+        [
+            [next(d["score"] for d in row if d["label"] == lab) for lab in ("negative", "positive")]
+            for row in rows
+        ]
     )
 
 
@@ -56,7 +59,12 @@ def test_merged_mean_pooled_model_predicts_like_privet(mean_run, tokenizer, tmp_
     res = export_run(run_dir, out=tmp_path / "model")
     assert res.merged and res.needs_trust_remote_code
     files = {p.name for p in (tmp_path / "model").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "modeling_privet_bert.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "modeling_privet_bert.py",
+    } <= files
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert config["privet"]["pooling"] == "mean"
@@ -148,7 +156,8 @@ def test_cli_export_and_labels(mean_run, tmp_path: Path) -> None:
     run_dir, _ = mean_run
     runner = CliRunner()
     res = runner.invoke(
-        app, ["export", str(run_dir), "--merge", "--out", str(tmp_path / "m"), "--labels", "bad,good"]
+        app,
+        ["export", str(run_dir), "--merge", "--out", str(tmp_path / "m"), "--labels", "bad,good"],
     )
     assert res.exit_code == 0, res.output
     assert "trust_remote_code=True" in res.output
@@ -156,7 +165,9 @@ def test_cli_export_and_labels(mean_run, tmp_path: Path) -> None:
         "0": "bad",
         "1": "good",
     }
-    res = runner.invoke(app, ["export", str(run_dir), "--adapter-only", "--out", str(tmp_path / "a")])
+    res = runner.invoke(
+        app, ["export", str(run_dir), "--adapter-only", "--out", str(tmp_path / "a")]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     res = runner.invoke(
