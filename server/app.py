@@ -32,6 +32,7 @@ from privet.server.loop import run_rounds
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
 from privet.server.rundir import append_metrics, save_checkpoint, write_json
 from privet.server.strategies import build_strategy
+from privet.server.tracking import Tracking, check_tracking, with_tracking
 
 __all__ = ["make_server_app"]
 
@@ -42,6 +43,8 @@ def make_server_app(
     cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver | None = None
 ) -> ServerApp:
     """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``."""
+    check_tracking(cfg.tracking)  # a missing tracker package stops here, before any round
+    observer = with_tracking(cfg, run_dir=run_dir, observer=observer)
     app = ServerApp()
 
     @app.main()
@@ -101,6 +104,8 @@ def make_server_app(
         load_trainable_state(model, arrayrecord_to_state(final))
         _save_final(model, run_dir / "final_adapter", cfg)
         write_json(run_dir / "summary.json", _summary(history))
+        if isinstance(observer, Tracking):
+            observer.close(final_adapter=run_dir / "final_adapter")
 
     return app
 

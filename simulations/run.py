@@ -22,6 +22,7 @@ from privet.common.data import cached_federated_data
 from privet.common.modeling import check_model_loads
 from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import create_run_dir
+from privet.server.tracking import check_tracking
 
 __all__ = ["simulate"]
 
@@ -82,6 +83,7 @@ def simulate(
 
     # Preflight, before any worker starts: bad data or a model that cannot load fail here with one
     # clear error instead of inside a Ray worker.
+    check_tracking(cfg.tracking)
     fed = cached_federated_data(cfg.data)
     n_clients = len(fed.clients)
     check_model_loads(cfg.model)
