@@ -424,6 +424,15 @@ class SimulationConfig(_Section):
         ),
     )
 
+    @model_validator(mode="after")
+    def _cluster_owns_resources(self) -> SimulationConfig:
+        if self.ray_address is not None and self.num_cpus is not None:
+            raise ValueError(
+                "num_cpus cannot be set with ray_address: an existing Ray "
+                "cluster's CPUs are its own (unset num_cpus)"
+            )
+        return self
+
 
 class TrackingConfig(_Section):
     """Experiment tracking: the server writes each round to TensorBoard and/or MLflow."""

@@ -153,7 +153,7 @@ app.command("runs")(runs_cmd)
 @app.command("config-reference")
 def config_reference_cmd() -> None:
     """Print every configuration field with its default and meaning (Markdown)."""
-    console.print(config_reference(), markup=False, highlight=False)
+    console.print(config_reference(), markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
