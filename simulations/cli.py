@@ -53,7 +53,7 @@ ConfigOpt = Annotated[
         "--config",
         "-c",
         help="TOML file with \\[model], \\[adapter], \\[privacy], \\[train], \\[data], "
-        "\\[federation], \\[simulation] sections (every field is optional; `privet config-reference` "
+        "\\[federation], \\[simulation], \\[tracking] sections (every field is optional; `privet config-reference` "
         "lists them all). No file: the demo federation.",
     ),
 ]
