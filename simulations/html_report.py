@@ -118,8 +118,9 @@ def _figures(run: _Run) -> dict[str, bytes]:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     clients = sorted({c for r in recs for c in (r.get("epsilon_per_client") or {})})
+    # Every client starts at ε = 0 before round 1: a one-round run still draws a line.
     for c in clients:
-        pts = [
+        pts = [(0, 0.0)] + [
             (int(r["round"]), float(r["epsilon_per_client"][c]))
             for r in recs
             if c in (r.get("epsilon_per_client") or {})
@@ -127,16 +128,17 @@ def _figures(run: _Run) -> dict[str, bytes]:
         ax.plot(
             [p[0] for p in pts],
             [p[1] for p in pts],
-            marker=".",
-            alpha=0.7,
+            marker="o",
+            markersize=4,
+            alpha=0.8,
             label=c if len(clients) <= 12 else None,
         )
     xs, ys = _series(recs, "max_epsilon")
     if xs:
-        # Drawn under the clients' lines (zorder) and dashed: it coincides with the top client.
+        # Drawn under the clients' lines (zorder) and dotted: it coincides with the top client.
         ax.plot(
-            xs,
-            ys,
+            [0, *xs],
+            [0.0, *ys],
             color="black",
             linewidth=3,
             linestyle=":",
