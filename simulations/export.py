@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from privet.common.config import PrivetConfig, load_config
 from privet.common.errors import ModelError, PrivetError
 from privet.common.modeling import MaskedMeanPooler, resolve_model_path, use_mean_pooling
 
-__all__ = ["ExportResult", "export_run", "load_run_model"]
+__all__ = ["ExportError", "ExportResult", "export_run", "load_run_model"]
 
 # Label names of the data sources privet knows; files-based data keeps transformers' LABEL_i.
 _KNOWN_LABELS = {"vader": ["negative", "positive"]}
@@ -71,7 +71,23 @@ def _num_labels(final: Path) -> int:
     )
 
 
-def _label_names(cfg: PrivetConfig, num_labels: int, labels: list[str] | None) -> dict[int, str]:
+def _run_settings(run_dir: Path) -> dict[str, Any]:
+    """The run's ``config.toml`` as plain TOML.
+
+    Only two fields are needed here; reading them raw keeps an export working for a config that
+    the current models would not validate (another privet version, or a field left out as none).
+    """
+    try:
+        return tomllib.loads((Path(run_dir) / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ExportError(
+            f"cannot read {Path(run_dir) / 'config.toml'}: {exc}", fix="give a run directory"
+        ) from None
+
+
+def _label_names(
+    settings: dict[str, Any], num_labels: int, labels: list[str] | None
+) -> dict[int, str]:
     if labels is not None:
         if len(labels) != num_labels:
             raise ExportError(
@@ -79,7 +95,7 @@ def _label_names(cfg: PrivetConfig, num_labels: int, labels: list[str] | None) -
                 fix=f"give {num_labels} comma-separated names, in label order",
             )
         return dict(enumerate(labels))
-    known = _KNOWN_LABELS.get(cfg.data.source)
+    known = _KNOWN_LABELS.get(str((settings.get("data") or {}).get("source", "vader")))
     if known is not None and len(known) == num_labels:
         return dict(enumerate(known))
     return {i: f"LABEL_{i}" for i in range(num_labels)}
@@ -103,12 +119,12 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
 
     final = _final_dir(run_dir)
     info = json.loads((final / "privet.json").read_text(encoding="utf-8"))
-    cfg = load_config(Path(run_dir) / "config.toml")
+    settings = _run_settings(run_dir)
     source = resolve_model_path(str(info["base_model"]))
     overrides: dict[str, Any] = {"num_labels": _num_labels(final)}
     if info.get("num_hidden_layers") is not None:
         overrides["num_hidden_layers"] = int(info["num_hidden_layers"])
-    trust = cfg.model.trust_remote_code
+    trust = bool((settings.get("model") or {}).get("trust_remote_code", False))
     hf_config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
     base = AutoModelForSequenceClassification.from_pretrained(
@@ -219,9 +235,8 @@ def export_run(
                 f"{out} exists and is not empty", fix="choose another --out or pass --force"
             )
         shutil.rmtree(out)
-    cfg = load_config(run_dir / "config.toml")
     model, tokenizer, info = load_run_model(run_dir)
-    id2label = _label_names(cfg, _num_labels(final), labels)
+    id2label = _label_names(_run_settings(run_dir), _num_labels(final), labels)
     out.mkdir(parents=True, exist_ok=True)
     if not merge:
         for item in final.iterdir():

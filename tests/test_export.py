@@ -174,3 +174,19 @@ def test_cli_export_and_labels(mean_run, tmp_path: Path) -> None:
         app, ["export", str(run_dir), "--adapter-only", "--merge", "--out", str(tmp_path / "b")]
     )
     assert res.exit_code != 0
+
+
+def test_export_of_a_fixed_noise_run(tokenizer, tmp_path: Path) -> None:
+    """config.toml of such a run leaves target_epsilon out (TOML has no null); export still works."""
+    from transformers import pipeline
+
+    run_dir, model = make_run(
+        tmp_path / "runs",
+        "sigma",
+        extra=["privacy.target_epsilon=none", "privacy.noise_multiplier=1.1"],
+    )
+    export_run(run_dir, out=tmp_path / "model")
+    clf = pipeline("text-classification", model=str(tmp_path / "model"), trust_remote_code=True)
+    torch.testing.assert_close(
+        _pipeline_probs(clf, TEXTS), _privet_probs(model, tokenizer, TEXTS), atol=1e-5, rtol=1e-4
+    )
