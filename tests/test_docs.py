@@ -14,8 +14,10 @@ like a privet config are validated against the config models.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -93,6 +95,18 @@ def _shrink(code: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _end_group(proc: subprocess.Popen[str]) -> None:
+    """SIGINT the block's process group (privet then stops its Ray workers), SIGKILL what is left."""
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _run(block: Block, workdir: Path) -> None:
     env = {
         **os.environ,
@@ -111,21 +125,30 @@ def _run(block: Block, workdir: Path) -> None:
         script.write_text(_shrink(block.code), encoding="utf-8")
         cmd = ["bash", "-euo", "pipefail", str(script)]
     t0 = time.perf_counter()
-    proc = subprocess.run(
+    # Own session: on a timeout the whole block (privet, its Ray workers) is ended, not just bash.
+    proc = subprocess.Popen(
         cmd,
         cwd=workdir,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=BLOCK_TIMEOUT,
-        check=False,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=BLOCK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _end_group(proc)
+        pytest.fail(f"{block.where}: the block ran past {BLOCK_TIMEOUT} s", pytrace=False)
+    finally:
+        if proc.poll() is None:
+            _end_group(proc)
     print(f"{block.where}: {time.perf_counter() - t0:.1f} s")
     if proc.returncode != 0:
         pytest.fail(
             f"{block.where}: the {block.lang} block exits with {proc.returncode}.\n"
             f"--- block (as run) ---\n{script.read_text()}"
-            f"--- stdout (end) ---\n{proc.stdout[-3000:]}\n--- stderr (end) ---\n{proc.stderr[-3000:]}\n"
+            f"--- stdout (end) ---\n{stdout[-3000:]}\n--- stderr (end) ---\n{stderr[-3000:]}\n"
             "Fix the doc, or put `<!-- not-run: reason -->` on the line before its fence.",
             pytrace=False,
         )
