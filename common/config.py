@@ -30,6 +30,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivetConfig",
     "SimulationConfig",
+    "TrackingConfig",
     "TrainConfig",
     "apply_overrides",
     "config_reference",
@@ -755,6 +756,51 @@ class SimulationConfig(_Section):
     state_dir: Path | None = Field(
         None, description="Where clients keep their ledgers (default: <run dir>/clients)."
     )
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Run on an existing Ray cluster at this address (e.g. '127.0.0.1:6379', 'auto' or "
+            "'ray://head:10001') instead of starting a private one; num_cpus is then the cluster's. "
+            "Every node needs privet installed and must see the run directory (shared filesystem)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _cluster_owns_resources(self) -> SimulationConfig:
+        if self.ray_address is not None and self.num_cpus is not None:
+            raise ValueError(
+                "num_cpus cannot be set with ray_address: an existing Ray "
+                "cluster's CPUs are its own (unset num_cpus)"
+            )
+        return self
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking: the server writes each round to TensorBoard and/or MLflow."""
+
+    tensorboard: bool = Field(
+        False,
+        description=(
+            "Write per-round scalars (loss, accuracy, epsilon per client and the largest, bytes) as "
+            "TensorBoard events under <run dir>/tensorboard (tensorboard --logdir runs)."
+        ),
+    )
+    mlflow: bool = Field(
+        False,
+        description=(
+            "Log the config as params, per-round metrics and the final adapter to MLflow. Needs the "
+            "optional extra: pip install 'privet[mlflow]'."
+        ),
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow tracking URI (default: a local SQLite store, sqlite:///<run dir>/mlflow.db, artifacts in <run dir>/mlartifacts).",
+    )
+    mlflow_experiment: str = Field(
+        "privet", min_length=1, description="MLflow experiment the run is logged under."
+    )
 
 
 class PrivetConfig(_Section):
@@ -769,6 +815,7 @@ class PrivetConfig(_Section):
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PrivetConfig:

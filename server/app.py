@@ -38,6 +38,7 @@ from privet.server.privacy import (
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
 from privet.server.rundir import append_metrics, save_checkpoint, write_json
 from privet.server.strategies import build_strategy
+from privet.server.tracking import Tracking, check_tracking, with_tracking
 from privet.server.validation import make_reply_checks
 
 __all__ = ["make_server_app"]
@@ -49,6 +50,8 @@ def make_server_app(
     cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver | None = None
 ) -> ServerApp:
     """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``."""
+    check_tracking(cfg.tracking)  # a missing tracker package stops here, before any round
+    observer = with_tracking(cfg, run_dir=run_dir, observer=observer)
     app = ServerApp()
 
     @app.main()
@@ -139,6 +142,8 @@ def make_server_app(
         summary["stopped"] = stopped
         summary["federation_epsilon"] = report["client_level"].get("final_epsilon")
         write_json(run_dir / "summary.json", summary)
+        if isinstance(observer, Tracking):
+            observer.close(final_adapter=run_dir / "final_adapter")
 
     return app
 

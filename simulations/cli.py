@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from privet.common.config import PrivetConfig, config_reference, load_config
 from privet.common.errors import PrivetError
+from privet.simulations.commands import export_cmd, report_cmd, runs_cmd
 
 __all__ = ["app", "main"]
 
@@ -52,7 +53,7 @@ ConfigOpt = Annotated[
         "--config",
         "-c",
         help="TOML file with \\[model], \\[adapter], \\[privacy], \\[train], \\[data], "
-        "\\[federation], \\[simulation] sections (every field is optional; `privet config-reference` "
+        "\\[federation], \\[simulation], \\[tracking] sections (every field is optional; `privet config-reference` "
         "lists them all). No file: the demo federation.",
     ),
 ]
@@ -215,10 +216,15 @@ def audit(
         raise typer.Exit(1)
 
 
+app.command("export")(export_cmd)
+app.command("report")(report_cmd)
+app.command("runs")(runs_cmd)
+
+
 @app.command("config-reference")
 def config_reference_cmd() -> None:
     """Print every configuration field with its default and meaning (Markdown)."""
-    console.print(config_reference(), markup=False, highlight=False)
+    console.print(config_reference(), markup=False, highlight=False, soft_wrap=True)
 
 
 def _register_studies() -> None:

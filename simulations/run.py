@@ -22,6 +22,8 @@ from privet.common.data import cached_federated_data
 from privet.common.modeling import check_model_loads
 from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import create_run_dir
+from privet.server.tracking import check_tracking
+from privet.simulations.cluster import check_ray_address, ray_cluster_init_args
 from privet.simulations.faults import FaultPlan
 from privet.simulations.inprocess import run_in_process
 from privet.simulations.plan import check_plan, make_plan
@@ -92,6 +94,9 @@ def simulate(
 
     # Preflight, before any worker starts: bad data or a model that cannot load fail here with one
     # clear error instead of inside a Ray worker.
+    check_tracking(cfg.tracking)
+    if cfg.simulation.ray_address is not None:
+        check_ray_address(cfg.simulation.ray_address)
     fed = cached_federated_data(cfg.data)
     n_clients = len(fed.clients)
     check_model_loads(cfg.model)
@@ -118,6 +123,8 @@ def simulate(
             "log_to_driver": verbose,
         },
     }
+    if sim.ray_address is not None:
+        backend_config["init_args"] = ray_cluster_init_args(sim.ray_address, verbose=verbose)
     _quiet_flower(verbose)
     server_app = make_server_app(cfg, run_dir=run_dir, observer=observer)
     client_app = _client_app(
