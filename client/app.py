@@ -7,6 +7,7 @@ Ray actor serves many rounds); per message it only swaps the adapter weights in.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import traceback
 from dataclasses import dataclass
@@ -53,21 +54,22 @@ _cache: dict[tuple[str, int], _Loaded] = {}
 _lock = threading.Lock()
 
 
-def _load(cfg: PrivetConfig, partition_id: int) -> _Loaded:
-    key = (cfg.model_dump_json(), partition_id)
+def _load(cfg: PrivetConfig, partition_id: int, local: ClientData | None = None) -> _Loaded:
+    key = (cfg.model_dump_json(), partition_id if local is None else f"local:{local.name}")
     with _lock:
         if key not in _cache:
             if cfg.train.num_threads is not None:
                 torch.set_num_threads(cfg.train.num_threads)
-            fed = cached_federated_data(cfg.data)
-            if not 0 <= partition_id < len(fed.clients):
-                raise PrivetError(
-                    f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
-                )
-            data = fed.clients[partition_id]
-            built = build_model(
-                cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
-            )
+            if local is None:
+                fed = cached_federated_data(cfg.data)
+                if not 0 <= partition_id < len(fed.clients):
+                    raise PrivetError(
+                        f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
+                    )
+                data, num_labels = fed.clients[partition_id], fed.num_labels
+            else:  # a deployed client: its own data; the coordinator fixed the label count
+                data, num_labels = local, cfg.data.num_labels or 2
+            built = build_model(cfg.model, cfg.adapter, num_labels=num_labels, seed=cfg.train.seed)
             device = pick_device(cfg.model.device)
             built.model.to(device)
             tok, ml = built.tokenizer, cfg.model.max_length
@@ -95,7 +97,9 @@ def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
     return Message(Error(code=code, reason=f"[{partition}] {reason}"), reply_to=msg)
 
 
-def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
+def make_client_app(
+    cfg: PrivetConfig, *, state_dir: Path, local: ClientData | None = None
+) -> ClientApp:
     """Build the ClientApp for a federation configured by ``cfg``.
 
     Parameters
@@ -104,6 +108,10 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         The federation's configuration (the client uses model, adapter, privacy, train, data).
     state_dir
         Folder for the clients' privacy ledgers; it must outlive the process.
+    local
+        A deployed client's own data (``privet client``): used instead of the ``partition-id``
+        share of ``cfg.data``, and the DP sampling and noise are then seeded from the OS's secure
+        random source, so no one who knows the configuration can predict (and subtract) the noise.
 
     """
     app = ClientApp()
@@ -112,7 +120,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
     def _train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:
-            loaded = _load(cfg, partition)
+            loaded = _load(cfg, partition, local)
             conf = msg.content.config_records["config"]
             expected = str(conf.get("fingerprint", loaded.fingerprint))
             if expected != loaded.fingerprint:
@@ -142,7 +150,9 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 device=loaded.device,
                 mixed_precision=cfg.model.mixed_precision,
                 # A different sampling/noise stream for every client and round.
-                seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round,
+                seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round
+                if local is None
+                else secrets.randbits(62),
             )
             epsilon = record_round(plan, server_round=server_round, result=result)
         except Exception as exc:  # every failure becomes an error reply the server logs
@@ -150,7 +160,8 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         metrics = MetricRecord(
             {
                 "num-examples": result.num_examples,
-                "partition-id": partition,
+                # deployed clients are named by node id on the server, not by a data share
+                **({"partition-id": partition} if local is None else {}),
                 "train-loss": result.train_loss,
                 "steps": result.steps,
                 "examples-seen": result.examples_seen,
@@ -166,7 +177,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
     def _evaluate(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:
-            loaded = _load(cfg, partition)
+            loaded = _load(cfg, partition, local)
             model = loaded.built.model
             load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
             res = evaluate(
@@ -182,7 +193,8 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         metrics = MetricRecord(
             {
                 "num-examples": max(res.num_examples, 1),
-                "partition-id": partition,
+                # deployed clients are named by node id on the server, not by a data share
+                **({"partition-id": partition} if local is None else {}),
                 "accuracy": res.accuracy if res.num_examples else 0.0,
                 "loss": res.loss if res.num_examples else 0.0,
             }

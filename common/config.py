@@ -19,6 +19,7 @@ from privet.common.errors import ConfigError
 __all__ = [
     "AdapterConfig",
     "DataConfig",
+    "DeploymentConfig",
     "FederationConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -415,6 +416,26 @@ class SimulationConfig(_Section):
     )
 
 
+class DeploymentConfig(_Section):
+    """The coordinator's network side when federating across machines (`privet server`)."""
+
+    host: str = Field(
+        "0.0.0.0",
+        min_length=1,
+        description="Interface the coordinator listens on (0.0.0.0: all; 127.0.0.1: this machine only).",
+    )
+    port: int = Field(9092, ge=1, le=65535, description="Port clients connect to (HTTPS).")
+    health_port: int = Field(
+        9098,
+        ge=1,
+        le=65535,
+        description="Local port of the coordinator's gRPC health service (bound to 127.0.0.1).",
+    )
+    startup_timeout: float = Field(
+        120.0, gt=0, le=3600, description="Seconds to wait for the coordinator to become healthy."
+    )
+
+
 class PrivetConfig(_Section):
     """The whole configuration of a privet run."""
 
@@ -425,6 +446,7 @@ class PrivetConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PrivetConfig:

@@ -30,7 +30,14 @@ from privet.common.modeling import (
 )
 from privet.server.loop import run_rounds
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
-from privet.server.rundir import append_metrics, save_checkpoint, write_json
+from privet.server.rundir import (
+    append_metrics,
+    checkpoint_path,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    write_json,
+)
 from privet.server.strategies import build_strategy
 
 __all__ = ["make_server_app"]
@@ -39,9 +46,17 @@ log = logging.getLogger("privet")
 
 
 def make_server_app(
-    cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver | None = None
+    cfg: PrivetConfig,
+    *,
+    run_dir: Path,
+    observer: RoundObserver | None = None,
+    resume: bool = False,
 ) -> ServerApp:
-    """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``."""
+    """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``.
+
+    With ``resume`` it continues a run that stopped: from the round after the last one with both a
+    checkpoint and a metrics line, with that round's global adapter (``server/rundir.py``).
+    """
     app = ServerApp()
 
     @app.main()
@@ -62,8 +77,18 @@ def make_server_app(
         )
 
         history: list[RoundRecord] = []
+        first_round = 1
+        if resume:
+            done, kept = resume_point(run_dir)
+            history = [RoundRecord(**rec) for rec in kept]
+            if done > 0:
+                load_trainable_state(model, load_checkpoint(checkpoint_path(run_dir, done)))
+                first_round = done + 1
+                log.info("resuming after round %d of %d", done, fed_cfg.rounds)
 
         def _round_end(server_round: int, arrays: ArrayRecord) -> None:
+            if server_round == first_round - 1 and first_round > 1:
+                return  # resumed: this round is already evaluated and recorded
             state = arrayrecord_to_state(arrays)
             load_trainable_state(model, state)
             rec = strategy.current if server_round > 0 else RoundRecord(round=0)
@@ -92,7 +117,7 @@ def make_server_app(
             strategy,
             grid,
             arrays=state_to_arrayrecord(trainable_state(model)),
-            first_round=1,
+            first_round=first_round,
             last_round=fed_cfg.rounds,
             timeout=fed_cfg.round_timeout,
             train_config=train_config,

@@ -150,6 +150,13 @@ def config_reference_cmd() -> None:
     console.print(config_reference(), markup=False, highlight=False)
 
 
+from privet.simulations.deploy_cli import certs_app, client, server  # noqa: E402
+
+app.command("server")(server)
+app.command("client")(client)
+app.add_typer(certs_app, name="certs")
+
+
 def main() -> None:
     """Console entry point: one clear line on bad input, never a traceback."""
     try:
