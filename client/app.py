@@ -50,12 +50,15 @@ class _Loaded:
     fingerprint: str
 
 
-_cache: dict[tuple[str, int], _Loaded] = {}
+_cache: dict[tuple[str, int | str], _Loaded] = {}
 _lock = threading.Lock()
 
 
 def _load(cfg: PrivetConfig, partition_id: int, local: ClientData | None = None) -> _Loaded:
-    key = (cfg.model_dump_json(), partition_id if local is None else f"local:{local.name}")
+    key: tuple[str, int | str] = (
+        cfg.model_dump_json(),
+        partition_id if local is None else f"local:{local.name}",
+    )
     with _lock:
         if key not in _cache:
             if cfg.train.num_threads is not None:

@@ -247,7 +247,7 @@ class SiteClient:
         self,
         stop: threading.Event,
         *,
-        on_done: Callable[[Message], None] = lambda _m: None,
+        on_done: Callable[[Message, Message], None] = lambda _m, _r: None,
         on_error: Callable[[BaseException], None] = lambda _e: None,
     ) -> None:
         """Run the federation's rounds in this process until ``stop`` is set or the SuperNode dies."""
@@ -261,3 +261,17 @@ class SiteClient:
             on_done=on_done,
             on_error=on_error,
         )
+
+    def exit_reason(self) -> str:
+        """Why the SuperNode ended, in one line (from its exit status)."""
+        if self.child is None:
+            return "the SuperNode was not started"
+        code = self.child.proc.returncode
+        if (
+            code == 305
+        ):  # Flower: the SuperNode could not connect to / be activated by the SuperLink
+            return (
+                "the coordinator did not admit this node (Flower exit 305): its key is not "
+                "registered there, or the coordinator is not reachable"
+            )
+        return f"the SuperNode exited with status {code}"

@@ -56,7 +56,9 @@ def _runtime_client(address: str, token: str | None) -> object:
     )
 
 
-def _run_task(address: str, token: str, app: ClientApp, on_done: Callable[[Message], None]) -> None:
+def _run_task(
+    address: str, token: str, app: ClientApp, on_done: Callable[[Message, Message], None]
+) -> None:
     """Flower's ``run_clientapp`` minus bundle install and app loading: our app, this process."""
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
@@ -87,7 +89,7 @@ def _run_task(address: str, token: str, app: ClientApp, on_done: Callable[[Messa
                 reply_to=message,
             )
         push_message(client, reply, context)  # type: ignore[arg-type]
-        on_done(reply)
+        on_done(message, reply)
     finally:
         push_task_output(client, context, status, details)  # type: ignore[arg-type]
         if heartbeat.is_running:
@@ -101,7 +103,7 @@ def serve_tasks(
     *,
     stop: threading.Event,
     alive: Callable[[], bool],
-    on_done: Callable[[Message], None] = lambda _msg: None,
+    on_done: Callable[[Message, Message], None] = lambda _msg, _reply: None,
     on_error: Callable[[BaseException], None] = lambda _exc: None,
     poll: float = 0.2,
 ) -> None:
@@ -118,7 +120,7 @@ def serve_tasks(
     alive
         Whether the SuperNode still runs; the loop ends when it does not.
     on_done, on_error
-        Called after each reply is pushed / when a task fails to run.
+        Called with (message, reply) after each reply is pushed / when a task fails to run.
     poll
         Seconds between asking the SuperNode for a task (it holds a message as soon as one arrives).
 

@@ -58,6 +58,8 @@ def flower_executable(name: str) -> str:
 def flower_env(home: Path) -> dict[str, str]:
     """Environment for Flower's executables: their own ``FLWR_HOME``, no telemetry, no installs."""
     env = dict(os.environ)
+    # Flower's processes start each other by name (flower-superexec, flwr-serverapp): find ours.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(home)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # privet is installed on both sides; a per-run `uv sync` would download torch again.

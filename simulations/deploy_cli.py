@@ -182,7 +182,9 @@ def client(
     Runs until Ctrl-C; prints each round this site trains with its cumulative ε.
     """
     from privet.client.deploy import SiteClient, SiteSettings
+    from privet.simulations.cli import _quiet_libraries
 
+    _quiet_libraries(False)
     if insecure:
         err_console.print(INSECURE_WARNING)
     privacy = load_config(config).privacy if config is not None else None
@@ -206,22 +208,25 @@ def client(
         )
         site.serve(threading.Event(), on_done=_report_reply)
         raise DeploymentError(
-            "the SuperNode exited",
-            fix=f"see {settings.state_dir / 'flower' / 'supernode.log'}",
+            site.exit_reason(),
+            fix="ask the operator to register this site's public key (`privet certs node`); see "
+            f"{settings.state_dir / 'flower' / 'supernode.log'}",
         )
     finally:
         site.stop()
 
 
-def _report_reply(reply: Message) -> None:
+def _report_reply(message: Message, reply: Message) -> None:
     if reply.has_error():
         console.print(f"[yellow]{reply.metadata.message_type}: {reply.error.reason}[/yellow]")
         return
     metrics = reply.content.metric_records.get("metrics")
     if metrics is not None and "epsilon" in metrics:
+        server_round = message.content.config_records["config"].get("server-round", "?")
+        eps = float(metrics["epsilon"])  # type: ignore[arg-type]
         console.print(
-            f"round {reply.metadata.group_id or '?'}: trained on {metrics['num-examples']} "
-            f"examples; cumulative ε = {float(metrics['epsilon']):.3f}"  # type: ignore[arg-type]
+            f"round {server_round!s}: trained on {int(metrics['num-examples'])} examples; "  # type: ignore[arg-type]
+            f"cumulative ε = {eps:.3f}"
         )
 
 

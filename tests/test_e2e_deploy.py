@@ -74,6 +74,7 @@ def test_run_completes_and_learns(federation) -> None:
     assert records[2]["server_accuracy"] > records[0]["server_accuracy"]
     out = federation["logs"]["server"]
     assert "round 2:" in out and "final server test accuracy" in out
+    assert "round 2: trained on" in federation["logs"]["client-a"]
     for name in (
         "summary.json",
         "final_adapter/adapter_config.json",
@@ -105,6 +106,8 @@ def test_unregistered_node_and_plain_client_are_refused(federation) -> None:
     for rec in read_metrics(federation["run_dir"])[1:]:
         assert len(rec["clients_trained"]) == 2 and not rec["errors"]
     assert not (federation["root"] / "state-r" / "ledger-site-a.json").exists()
+    rogue = federation["logs"]["rogue"]
+    assert "did not admit this node" in rogue and "Traceback" not in rogue
     assert federation["plain_rc"] == 2
     plain = federation["logs"]["plain"]
     assert "requires TLS" in plain and "Traceback" not in plain
