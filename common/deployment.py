@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from privet.common.errors import DeploymentError
 
@@ -87,8 +87,38 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved once in the parent: between fork and exec the child may only call it, not import.
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when its parent dies.
+
+    A ``privet client`` that is SIGKILLed cannot stop its SuperNode; without this the SuperNode
+    would stay connected and hold the federation's rounds until they time out. (Linux only; a
+    no-op elsewhere.)
+    """
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
 class Child:
-    """A child process in its own process group, logging to a file; :meth:`stop` ends its tree."""
+    """A child process in its own process group, logging to a file; :meth:`stop` ends its tree.
+
+    It is killed when the thread that started it ends (Linux ``PR_SET_PDEATHSIG``), so start it
+    from a thread that lives as long as the child should.
+    """
 
     def __init__(
         self,
@@ -111,6 +141,7 @@ class Child:
             env=env,
             cwd=cwd,
             start_new_session=True,  # own group: Ctrl-C in the terminal reaches us, not it
+            preexec_fn=_die_with_parent,
         )
 
     @property
