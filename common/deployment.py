@@ -103,21 +103,22 @@ _PRCTL = _load_prctl()
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when its parent dies.
+    """In the child, before exec: ask Linux to send it SIGTERM when its parent dies.
 
     A ``privet client`` that is SIGKILLed cannot stop its SuperNode; without this the SuperNode
-    would stay connected and hold the federation's rounds until they time out. (Linux only; a
-    no-op elsewhere.)
+    would stay registered and hold the federation's rounds until they time out. With SIGTERM the
+    SuperNode shuts down cleanly and deactivates itself at the SuperLink, which then answers the
+    node's pending messages with errors at once (Linux only; a no-op elsewhere).
     """
     if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        _PRCTL(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
 class Child:
     """A child process in its own process group, logging to a file; :meth:`stop` ends its tree.
 
-    It is killed when the thread that started it ends (Linux ``PR_SET_PDEATHSIG``), so start it
-    from a thread that lives as long as the child should.
+    It gets SIGTERM when the thread that started it ends (Linux ``PR_SET_PDEATHSIG``), so start
+    it from a thread that lives as long as the child should.
     """
 
     def __init__(

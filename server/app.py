@@ -120,6 +120,7 @@ def make_server_app(
             first_round=first_round,
             last_round=fed_cfg.rounds,
             timeout=fed_cfg.round_timeout,
+            min_nodes=fed_cfg.min_available_clients,
             train_config=train_config,
             on_round_end=_round_end,
         )

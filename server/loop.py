@@ -35,15 +35,22 @@ def run_rounds(
     train_config: ConfigRecord,
     evaluate_config: ConfigRecord | None = None,
     on_round_end: RoundEnd,
+    min_nodes: int = 1,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round`` of ``strategy`` starting from ``arrays``.
 
     Returns the global arrays after the last round. A round in which no update was aggregated keeps
     the previous global arrays (the wrapped strategy returned ``None``).
+
+    Flower's strategies wait without limit until ``min_nodes`` clients are connected, before
+    training and again before evaluating. Here the wait before training is bounded by ``timeout``
+    (then the run stops with an error; ``privet server --resume`` continues it), and client
+    evaluation is skipped for a round in which a client died after training, instead of hanging.
     """
     evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
     on_round_end(first_round - 1, arrays)
     for server_round in range(first_round, last_round + 1):
+        _wait_for_nodes(grid, min_nodes, timeout=timeout, server_round=server_round)
         replies = send_and_receive(
             grid,
             strategy.configure_train(server_round, arrays, train_config, grid),
@@ -56,9 +63,19 @@ def run_rounds(
             log.warning(
                 "round %d: no update was aggregated; the global model is unchanged", server_round
             )
-        eval_messages = list(
-            strategy.configure_evaluate(server_round, arrays, evaluate_config, grid)
-        )
+        connected = len(list(grid.get_node_ids()))
+        if connected < min_nodes:
+            log.warning(
+                "round %d: %d of %d clients connected; client evaluation skipped",
+                server_round,
+                connected,
+                min_nodes,
+            )
+            eval_messages = []
+        else:
+            eval_messages = list(
+                strategy.configure_evaluate(server_round, arrays, evaluate_config, grid)
+            )
         if eval_messages:
             eval_replies = send_and_receive(grid, eval_messages, timeout=timeout)
             strategy.aggregate_evaluate(server_round, eval_replies)
@@ -87,3 +104,15 @@ def send_and_receive(
     if pending:
         log.warning("%d replies did not arrive within %.0f s", len(pending), timeout)
     return replies
+
+
+def _wait_for_nodes(grid: Grid, n: int, *, timeout: float, server_round: int) -> None:
+    """Wait until ``n`` clients are connected, at most ``timeout`` seconds (polled every 1 s)."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"round {server_round}: only {connected} of the {n} clients needed "
+                f"(federation.min_available_clients) connected within {timeout:.0f} s"
+            )
+        time.sleep(1.0)

@@ -39,7 +39,9 @@ def crashed(tmp_path_factory: pytest.TempPathFactory):
     sites = write_site_files(root, rows=300)
     port = free_port()
     cfg = write_config(root, port=port, health_port=free_port(), rounds=3)
-    text = cfg.read_text().replace("round_timeout = 60", "round_timeout = 20")
+    # A killed site's SuperNode deactivates itself (it gets SIGTERM when its parent dies), so the
+    # round does not wait for this timeout; it only bounds a real straggler.
+    text = cfg.read_text().replace("round_timeout = 60", "round_timeout = 120")
     text = text.replace("rounds = 3", "rounds = 3\nmin_train_clients = 1")
     cfg.write_text(text)
     run_dir = root / "runs" / "fed"
@@ -59,6 +61,12 @@ def crashed(tmp_path_factory: pytest.TempPathFactory):
         client("a", sites[0])
         client("b", sites[1])
         _wait_round(run_dir, 1, procs, timeout=240)
+        # Kill site a once it holds its round-2 train message: in the middle of round 2.
+        node_log = root / "state-a" / "flower" / "supernode.log"
+        deadline = time.monotonic() + 120
+        while node_log.read_text().count("Receiving: train message") < 2:
+            assert time.monotonic() < deadline, "site a never received round 2"
+            time.sleep(0.2)
         procs.stop("client-a", sig=signal.SIGKILL)
         out["ledger_a_after_kill"] = json.loads(
             (root / "state-a" / "ledger-site-a.json").read_text()
@@ -73,8 +81,9 @@ def crashed(tmp_path_factory: pytest.TempPathFactory):
         out["orphans_after_server_kill"] = flower_pids(str(run_dir))
         out["checkpoint2"] = load_checkpoint(checkpoint_path(run_dir, 2))
         procs.procs["server-old"] = procs.procs.pop("server")
-        client("a2", sites[0])  # site a comes back (same state folder, same name)
         procs.start("server", "server", "--resume", str(run_dir), "--insecure")
+        procs.wait_for("server", "waiting for", timeout=120)
+        client("a2", sites[0])  # site a comes back (same state folder, same name)
         out["resume_rc"] = procs.procs["server"].wait(timeout=300)
         out["logs"] = {
             n: procs.log(n) for n in procs.procs if (root / "logs" / f"{n}.log").exists()
