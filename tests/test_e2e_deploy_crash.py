@@ -124,10 +124,13 @@ def test_resume_starts_from_the_round_two_adapter(crashed) -> None:
 def test_killed_client_keeps_its_ledger(crashed) -> None:
     before = crashed["ledger_a_after_kill"]
     after = json.loads((crashed["root"] / "state-a" / "ledger-site-a.json").read_text())
-    assert [e["round"] for e in before["entries"]] == [1]
-    assert [e["round"] for e in after["entries"]] == [1, 3]
-    assert after["entries"][0] == before["entries"][0]
-    assert after["entries"][1]["epsilon_after"] > before["entries"][0]["epsilon_after"]
+    # Round 2 is in the ledger if site a finished training before the kill (the ledger is written
+    # before the update leaves): privacy spent on a lost update still counts.
+    rounds_before = [e["round"] for e in before["entries"]]
+    assert rounds_before in ([1], [1, 2])
+    assert [e["round"] for e in after["entries"]] == [*rounds_before, 3]
+    assert after["entries"][: len(rounds_before)] == before["entries"]
+    assert after["entries"][-1]["epsilon_after"] > before["entries"][-1]["epsilon_after"]
     ledger_b = json.loads((crashed["root"] / "state-b" / "ledger-site-b.json").read_text())
     assert [e["round"] for e in ledger_b["entries"]] == [1, 2, 3]
 
