@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from flwr.clientapp import ClientApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privet.common.config import PrivacyConfig, PrivetConfig, format_validation_error
-from privet.common.data import ClientData, load_table, train_test_split
+from privet.common.data import ClientData, Examples, load_table, train_test_split
 from privet.common.deployment import (
     Child,
     flower_env,
@@ -38,7 +39,14 @@ from privet.common.deployment import (
 )
 from privet.common.errors import ConfigError, DataError, DeploymentError, PrivacyError
 
-__all__ = ["SiteClient", "SiteSettings", "client_app", "load_site_data"]
+__all__ = [
+    "SiteClient",
+    "SiteSettings",
+    "client_app",
+    "load_site_data",
+    "make_site_app",
+    "split_site_data",
+]
 
 log = logging.getLogger("privet")
 
@@ -54,7 +62,9 @@ class SiteSettings(BaseModel):
     name: str = Field(
         pattern=r"^[A-Za-z0-9._-]+$", description="The site's name (its ledger's client id)."
     )
-    data_file: Path = Field(description="The site's own CSV/JSONL/Parquet file.")
+    data_file: Path | None = Field(
+        None, description="The site's own CSV/JSONL/Parquet file (None: data given in memory)."
+    )
     text_column: str = Field("text", min_length=1, description="Column holding the text.")
     label_column: str = Field("label", min_length=1, description="Column holding the label.")
     test_fraction: float = Field(
@@ -74,22 +84,36 @@ class SiteSettings(BaseModel):
         return path
 
 
+def split_site_data(
+    examples: Examples, *, name: str, test_fraction: float, where: str
+) -> ClientData:
+    """A site's train/test split of its examples (seeded by the site's name: stable across runs)."""
+    seed = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
+    train, test = train_test_split(np.arange(len(examples)), test_fraction, seed)
+    if train.size == 0:
+        raise DataError(
+            f"{where} has {len(examples)} rows: none left to train on",
+            fix="use more rows or a smaller test fraction",
+        )
+    return ClientData(name=name, train=examples.subset(train), test=examples.subset(test))
+
+
 def load_site_data(settings: SiteSettings, *, num_labels: int | None) -> ClientData:
     """The site's train/test split of its own data file (columns and labels checked)."""
+    if settings.data_file is None:
+        raise DataError("this site names no data file", fix="pass --data FILE")
     examples = load_table(
         settings.data_file,
         text_column=settings.text_column,
         label_column=settings.label_column,
         num_labels=num_labels,
     )
-    seed = int.from_bytes(settings.name.encode()[:8].ljust(8, b"\0"), "little")
-    train, test = train_test_split(np.arange(len(examples)), settings.test_fraction, seed)
-    if train.size == 0:
-        raise DataError(
-            f"{settings.data_file} has {len(examples)} rows: none left to train on",
-            fix="use more rows or a smaller test fraction",
-        )
-    return ClientData(name=settings.name, train=examples.subset(train), test=examples.subset(test))
+    return split_site_data(
+        examples,
+        name=settings.name,
+        test_fraction=settings.test_fraction,
+        where=str(settings.data_file),
+    )
 
 
 def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> PrivetConfig:
@@ -106,42 +130,70 @@ def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> PrivetConfig:
     return server_cfg.model_copy(update=update)
 
 
-_apps: dict[str, ClientApp] = {}
+def make_site_app(site: SiteSettings | None = None, examples: Examples | None = None) -> ClientApp:
+    """The ClientApp a site runs: the coordinator's configuration, the site's privacy and data.
 
+    The coordinator's configuration comes with the run (its run config); the site's own privacy
+    settings replace the coordinator's, and it trains only on its own data.
 
-def _app_for(context: Context) -> ClientApp:
-    """The ClientApp for this run and site, built once per process."""
+    Parameters
+    ----------
+    site
+        The site's settings; ``None``: read ``client.json`` named by the node config (the app
+        Flower loads from the run's bundle when a SuperNode runs ClientApps itself).
+    examples
+        The site's examples in memory (the embedding API); ``None``: ``site.data_file``.
+
+    """
     from privet.client.app import make_client_app
 
-    raw = str(context.run_config[CONFIG_KEY])
-    settings_path = Path(str(context.node_config[SETTINGS_KEY]))
-    key = raw + "\0" + str(settings_path)
-    if key not in _apps:
-        import tomllib
+    built: dict[str, ClientApp] = {}
 
+    def app_for(context: Context) -> ClientApp:
+        raw = str(context.run_config[CONFIG_KEY])
         try:
+            s = site or SiteSettings.model_validate_json(
+                Path(str(context.node_config[SETTINGS_KEY])).read_text(encoding="utf-8")
+            )
+            key = raw + "\0" + s.model_dump_json()
+            if key in built:
+                return built[key]
             server_cfg = PrivetConfig.model_validate(tomllib.loads(raw))
-            site = SiteSettings.model_validate_json(settings_path.read_text(encoding="utf-8"))
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc)) from None
-        cfg = _site_config(server_cfg, site)
-        local = load_site_data(site, num_labels=cfg.data.num_labels)
-        _apps.clear()
-        _apps[key] = make_client_app(cfg, state_dir=site.state_dir, local=local)
-    return _apps[key]
+        cfg = _site_config(server_cfg, s)
+        if examples is None:
+            local = load_site_data(s, num_labels=cfg.data.num_labels)
+        else:
+            n = cfg.data.num_labels or 2
+            if len(examples) and int(examples.labels.max()) >= n:
+                raise DataError(
+                    f"this site's labels go up to {int(examples.labels.max())}; the federation has "
+                    f"{n} classes",
+                    fix=f"labels are class indices 0..{n - 1}",
+                )
+            local = split_site_data(
+                examples, name=s.name, test_fraction=s.test_fraction, where="the site's data"
+            )
+        built.clear()  # one federation at a time: drop the model of an older run
+        built[key] = make_client_app(cfg, state_dir=s.state_dir, local=local)
+        return built[key]
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return app_for(context)(msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return app_for(context)(msg, context)
+
+    return app
 
 
-client_app = ClientApp()
-
-
-@client_app.train()
-def _train(msg: Message, context: Context) -> Message:
-    return _app_for(context)(msg, context)
-
-
-@client_app.evaluate()
-def _evaluate(msg: Message, context: Context) -> Message:
-    return _app_for(context)(msg, context)
+#: What Flower loads from the run's bundle when a SuperNode runs ClientApps in its own processes.
+client_app = make_site_app()
 
 
 class SiteClient:
@@ -170,6 +222,7 @@ class SiteClient:
         ca: Path | None,
         key: Path | None,
         insecure: bool = False,
+        examples: Examples | None = None,
     ) -> None:
         if (ca is None) != insecure:
             raise DeploymentError(
@@ -180,12 +233,15 @@ class SiteClient:
         self.server = server
         self.host, self.port = parse_address(server)
         self.ca, self.key = ca, key
+        self.examples = examples
+        self.app = make_site_app(settings, examples)
         self.child: Child | None = None
         self.health = self.runtime = ""
 
     def preflight(self) -> None:
         """Check the data file and the coordinator before anything starts (one clear error)."""
-        load_site_data(self.settings, num_labels=None)
+        if self.examples is None:
+            load_site_data(self.settings, num_labels=None)
         if self.key is not None and not Path(self.key).is_file():
             raise DeploymentError(
                 f"node key {self.key} does not exist", fix="make it with `privet certs node SITE`"
@@ -255,7 +311,7 @@ class SiteClient:
 
         serve_tasks(
             self.runtime,
-            client_app,
+            self.app,
             stop=stop,
             alive=self.alive,
             on_done=on_done,

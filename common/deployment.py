@@ -33,6 +33,7 @@ __all__ = [
     "free_port",
     "health_status",
     "parse_address",
+    "probe_reachable",
     "probe_server",
     "wait_healthy",
 ]
@@ -218,6 +219,15 @@ def wait_healthy(address: str, *, child: Child | None = None, timeout: float = 6
         time.sleep(0.2)
     where = f"; see {child.log_file}" if child is not None else ""
     raise DeploymentError(f"no healthy service at {address} after {timeout:.0f} s{where}")
+
+
+def probe_reachable(host: str, port: int, *, timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def probe_server(host: str, port: int, *, ca: Path | None, timeout: float = 10.0) -> None:
