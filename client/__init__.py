@@ -6,6 +6,7 @@ Flower. ``make_client_app`` (the only Flower-facing name) is imported lazily, on
 
 from typing import TYPE_CHECKING, Any
 
+from privet.client.participant import DataSource, Participant, ParticipantStatus, to_examples
 from privet.client.privacy import RoundPrivacy, ledger_path, plan_round, record_round
 from privet.client.training import DPSettings, EvalResult, TrainResult, evaluate, plan_steps, train
 
@@ -14,7 +15,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DPSettings",
+    "DataSource",
     "EvalResult",
+    "Participant",
+    "ParticipantStatus",
     "RoundPrivacy",
     "TrainResult",
     "evaluate",
@@ -23,6 +27,7 @@ __all__ = [
     "plan_round",
     "plan_steps",
     "record_round",
+    "to_examples",
     "train",
 ]
 

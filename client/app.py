@@ -7,6 +7,7 @@ Ray actor serves many rounds); per message it only swaps the adapter weights in.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -55,26 +56,38 @@ class _Loaded:
 #: Changes a client's data after it is loaded (the simulation's label-flipping attackers).
 DataHook = Callable[[int, ClientData], ClientData]
 
-_cache: dict[tuple[str, int], _Loaded] = {}
+_cache: dict[tuple[str, int | str], _Loaded] = {}
 # One model per configuration, shared by the partitions this process serves (a Ray worker serves
 # many, one message at a time; every message loads its adapter first).
 _models: dict[str, tuple[BuiltModel, torch.device, str]] = {}
 _lock = threading.Lock()
 
 
-def _load(cfg: PrivetConfig, partition_id: int, data_hook: DataHook | None = None) -> _Loaded:
+def _load(
+    cfg: PrivetConfig,
+    partition_id: int,
+    *,
+    local: ClientData | None = None,
+    data_hook: DataHook | None = None,
+) -> _Loaded:
     cfg_key = cfg.model_dump_json()
-    key = (cfg_key, partition_id)
+    key: tuple[str, int | str] = (
+        cfg_key,
+        partition_id if local is None else f"local:{local.name}",
+    )
     with _lock:
         if key not in _cache:
             if cfg.train.num_threads is not None:
                 torch.set_num_threads(cfg.train.num_threads)
-            fed = cached_federated_data(cfg.data)
-            if not 0 <= partition_id < len(fed.clients):
-                raise PrivetError(
-                    f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
-                )
-            data = fed.clients[partition_id]
+            if local is None:
+                fed = cached_federated_data(cfg.data)
+                if not 0 <= partition_id < len(fed.clients):
+                    raise PrivetError(
+                        f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
+                    )
+                data, num_labels = fed.clients[partition_id], fed.num_labels
+            else:  # a deployed client: its own data; the coordinator fixed the label count
+                data, num_labels = local, cfg.data.num_labels or 2
             if data_hook is not None:
                 data = data_hook(partition_id, data)
             if cfg_key not in _models:
@@ -82,7 +95,7 @@ def _load(cfg: PrivetConfig, partition_id: int, data_hook: DataHook | None = Non
                 _models.clear()
                 _cache.clear()
                 built = build_model(
-                    cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
+                    cfg.model, cfg.adapter, num_labels=num_labels, seed=cfg.train.seed
                 )
                 device = pick_device(cfg.model.device)
                 built.model.to(device)
@@ -116,6 +129,7 @@ def make_client_app(
     cfg: PrivetConfig,
     *,
     state_dir: Path,
+    local: ClientData | None = None,
     train_mods: Sequence[Mod] = (),
     data_hook: DataHook | None = None,
 ) -> ClientApp:
@@ -127,6 +141,10 @@ def make_client_app(
         The federation's configuration (the client uses model, adapter, privacy, train, data).
     state_dir
         Folder for the clients' privacy ledgers; it must outlive the process.
+    local
+        A deployed client's own data (``privet client``): used instead of the ``partition-id``
+        share of ``cfg.data``, and the DP sampling and noise are then seeded from the OS's secure
+        random source, so no one who knows the configuration can predict (and subtract) the noise.
     train_mods
         Flower mods around the train function (the simulation's fault injection).
     data_hook
@@ -139,7 +157,7 @@ def make_client_app(
     def _train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:
-            loaded = _load(cfg, partition, data_hook)
+            loaded = _load(cfg, partition, local=local, data_hook=data_hook)
             conf = msg.content.config_records["config"]
             expected = str(conf.get("fingerprint", loaded.fingerprint))
             if expected != loaded.fingerprint:
@@ -169,7 +187,9 @@ def make_client_app(
                 device=loaded.device,
                 mixed_precision=cfg.model.mixed_precision,
                 # A different sampling/noise stream for every client and round.
-                seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round,
+                seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round
+                if local is None
+                else secrets.randbits(62),
                 # Flower's FedProx sends its mu in the train config; other strategies send none.
                 proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             )
@@ -179,7 +199,8 @@ def make_client_app(
         metrics = MetricRecord(
             {
                 "num-examples": result.num_examples,
-                "partition-id": partition,
+                # deployed clients are named by node id on the server, not by a data share
+                **({"partition-id": partition} if local is None else {}),
                 "train-loss": result.train_loss,
                 "steps": result.steps,
                 "examples-seen": result.examples_seen,
@@ -195,7 +216,7 @@ def make_client_app(
     def _evaluate(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:
-            loaded = _load(cfg, partition, data_hook)
+            loaded = _load(cfg, partition, local=local, data_hook=data_hook)
             model = loaded.built.model
             load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
             res = evaluate(
@@ -211,7 +232,8 @@ def make_client_app(
         metrics = MetricRecord(
             {
                 "num-examples": max(res.num_examples, 1),
-                "partition-id": partition,
+                # deployed clients are named by node id on the server, not by a data share
+                **({"partition-id": partition} if local is None else {}),
                 "accuracy": res.accuracy if res.num_examples else 0.0,
                 "loss": res.loss if res.num_examples else 0.0,
             }

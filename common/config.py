@@ -24,6 +24,7 @@ __all__ = [
     "AggregationConfig",
     "ClientLevelConfig",
     "DataConfig",
+    "DeploymentConfig",
     "FaultsConfig",
     "FederationConfig",
     "ModelConfig",
@@ -803,6 +804,26 @@ class TrackingConfig(_Section):
     )
 
 
+class DeploymentConfig(_Section):
+    """The coordinator's network side when federating across machines (`privet server`)."""
+
+    host: str = Field(
+        "0.0.0.0",
+        min_length=1,
+        description="Interface the coordinator listens on (0.0.0.0: all; 127.0.0.1: this machine only).",
+    )
+    port: int = Field(9092, ge=1, le=65535, description="Port clients connect to (HTTPS).")
+    health_port: int = Field(
+        9098,
+        ge=1,
+        le=65535,
+        description="Local port of the coordinator's gRPC health service (bound to 127.0.0.1).",
+    )
+    startup_timeout: float = Field(
+        120.0, gt=0, le=3600, description="Seconds to wait for the coordinator to become healthy."
+    )
+
+
 class PrivetConfig(_Section):
     """The whole configuration of a privet run."""
 
@@ -816,6 +837,7 @@ class PrivetConfig(_Section):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PrivetConfig:

@@ -10,6 +10,7 @@ __all__ = [
     "BudgetExhaustedError",
     "ConfigError",
     "DataError",
+    "DeploymentError",
     "ModelError",
     "PrivacyError",
     "PrivetError",
@@ -57,3 +58,7 @@ class BudgetExhaustedError(PrivacyError):
 
 class UpdateError(PrivetError):
     """A model update does not match what was sent (keys, shapes, dtypes) or is not finite."""
+
+
+class DeploymentError(PrivetError):
+    """A coordinator or client process cannot start, connect or authenticate."""

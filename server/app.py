@@ -36,7 +36,14 @@ from privet.server.privacy import (
     wrap_client_level_dp,
 )
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
-from privet.server.rundir import append_metrics, save_checkpoint, write_json
+from privet.server.rundir import (
+    append_metrics,
+    checkpoint_path,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    write_json,
+)
 from privet.server.strategies import build_strategy
 from privet.server.tracking import Tracking, check_tracking, with_tracking
 from privet.server.validation import make_reply_checks
@@ -47,9 +54,17 @@ log = logging.getLogger("privet")
 
 
 def make_server_app(
-    cfg: PrivetConfig, *, run_dir: Path, observer: RoundObserver | None = None
+    cfg: PrivetConfig,
+    *,
+    run_dir: Path,
+    observer: RoundObserver | None = None,
+    resume: bool = False,
 ) -> ServerApp:
-    """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``."""
+    """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``.
+
+    With ``resume`` it continues a run that stopped: from the round after the last one with both a
+    checkpoint and a metrics line, with that round's global adapter (``server/rundir.py``).
+    """
     check_tracking(cfg.tracking)  # a missing tracker package stops here, before any round
     observer = with_tracking(cfg, run_dir=run_dir, observer=observer)
     app = ServerApp()
@@ -81,8 +96,19 @@ def make_server_app(
         client_level = client_level_of(inner)
 
         history: list[RoundRecord] = []
+        first_round = 1
+        if resume:
+            done, kept = resume_point(run_dir)
+            known = set(RoundRecord.__dataclass_fields__)
+            history = [RoundRecord(**{k: v for k, v in rec.items() if k in known}) for rec in kept]
+            if done > 0:
+                load_trainable_state(model, load_checkpoint(checkpoint_path(run_dir, done)))
+                first_round = done + 1
+                log.info("resuming after round %d of %d", done, fed_cfg.rounds)
 
         def _round_end(server_round: int, arrays: ArrayRecord) -> None:
+            if server_round == first_round - 1 and first_round > 1:
+                return  # resumed: this round is already evaluated and recorded
             state = arrayrecord_to_state(arrays)
             load_trainable_state(model, state)
             rec = strategy.current if server_round > 0 else RoundRecord(round=0)
@@ -115,7 +141,8 @@ def make_server_app(
                 strategy,
                 grid,
                 arrays=state_to_arrayrecord(trainable_state(model)),
-                first_round=1,
+                first_round=first_round,
+                min_nodes=fed_cfg.min_available_clients,
                 last_round=fed_cfg.rounds,
                 timeout=fed_cfg.round_timeout,
                 train_config=train_config,

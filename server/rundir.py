@@ -25,9 +25,11 @@ from privet.common.config import PrivetConfig, dump_config
 
 __all__ = [
     "append_metrics",
+    "checkpoint_path",
     "create_run_dir",
     "load_checkpoint",
     "read_metrics",
+    "resume_point",
     "save_checkpoint",
     "write_json",
 ]
@@ -94,3 +96,31 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Ten
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint written by :func:`save_checkpoint`."""
     return load_file(str(path))
+
+
+def resume_point(run_dir: Path) -> tuple[int, list[dict[str, Any]]]:
+    """The last round a crashed run completed, and the metrics lines up to it.
+
+    A round is complete when both its checkpoint and its ``metrics.jsonl`` line are on disk (the
+    checkpoint is written first, so a crash between the two redoes that round). Lines of later
+    rounds, and any repeated line, are dropped from ``metrics.jsonl`` so every round appears once.
+    """
+    run_dir = Path(run_dir)
+    by_round: dict[int, dict[str, Any]] = {}
+    for rec in read_metrics(run_dir):
+        by_round.setdefault(int(rec["round"]), rec)
+    done = 0
+    while (done + 1) in by_round and checkpoint_path(run_dir, done + 1).exists():
+        done += 1
+    # Nothing completed: start over, round 0 included (it is evaluated again).
+    kept = [by_round[r] for r in sorted(by_round) if r <= done] if done > 0 else []
+    _atomic_write(
+        run_dir / "metrics.jsonl",
+        "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in kept).encode(),
+    )
+    return done, kept
+
+
+def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    """Where :func:`save_checkpoint` puts the weights after ``server_round``."""
+    return Path(run_dir) / "checkpoints" / f"round-{server_round:04d}.safetensors"

@@ -236,6 +236,13 @@ def _register_studies() -> None:
 _register_studies()
 
 
+from privet.simulations.deploy_cli import certs_app, client, server  # noqa: E402
+
+app.command("server")(server)
+app.command("client")(client)
+app.add_typer(certs_app, name="certs")
+
+
 def main() -> None:
     """Console entry point: one clear line on bad input, never a traceback."""
     try:

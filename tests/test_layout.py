@@ -97,7 +97,10 @@ PUBLIC = {
     ],
     "privet.client": [
         "DPSettings",
+        "DataSource",
         "EvalResult",
+        "Participant",
+        "ParticipantStatus",
         "RoundPrivacy",
         "TrainResult",
         "evaluate",
@@ -106,6 +109,7 @@ PUBLIC = {
         "plan_round",
         "plan_steps",
         "record_round",
+        "to_examples",
         "train",
     ],
     "privet.server": [

@@ -1,0 +1,333 @@
+"""A site's client on Flower's Deployment Engine: ``privet client`` and the deployed ClientApp.
+
+This is privet's only client module that knows how Flower deploys. :class:`SiteClient` checks the
+coordinator (reachable, certificate trusted, TLS as asked), writes the site's own settings
+(``client.json``: data file, columns, privacy budget, state folder) into its state folder, and runs
+``flower-supernode`` as a child with node authentication. The SuperNode runs :data:`client_app`
+for each message; it reads the federation's configuration from the run config the coordinator
+sent, the site's settings from ``client.json``, and trains on the site's own data file only.
+
+Privacy is the site's: its ``[privacy]`` settings (when given) replace the coordinator's, its ledger
+lives in its state folder, and a coordinator that asks for training without DP is refused unless
+the site itself turned DP off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from privet.common.config import PrivacyConfig, PrivetConfig, format_validation_error
+from privet.common.data import ClientData, Examples, load_table, train_test_split
+from privet.common.deployment import (
+    Child,
+    flower_env,
+    flower_executable,
+    free_port,
+    health_status,
+    parse_address,
+    probe_server,
+    wait_healthy,
+)
+from privet.common.errors import ConfigError, DataError, DeploymentError, PrivacyError
+
+__all__ = [
+    "SiteClient",
+    "SiteSettings",
+    "client_app",
+    "load_site_data",
+    "make_site_app",
+    "split_site_data",
+]
+
+log = logging.getLogger("privet")
+
+#: Node-config key naming the site's settings file, and the run-config key of the federation config.
+SETTINGS_KEY, CONFIG_KEY = "privet-client", "privet-config"
+
+
+class SiteSettings(BaseModel):
+    """What a site decides for itself: its data, its privacy budget, where its state lives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9._-]+$", description="The site's name (its ledger's client id)."
+    )
+    data_file: Path | None = Field(
+        None, description="The site's own CSV/JSONL/Parquet file (None: data given in memory)."
+    )
+    text_column: str = Field("text", min_length=1, description="Column holding the text.")
+    label_column: str = Field("label", min_length=1, description="Column holding the label.")
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of the site's rows kept for evaluation."
+    )
+    state_dir: Path = Field(description="Folder of the site's privacy ledger; must persist.")
+    privacy: PrivacyConfig | None = Field(
+        None, description="The site's DP settings; None: the coordinator's."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch threads for training.")
+
+    def save(self) -> Path:
+        """Write the settings as ``client.json`` in the state folder; return its path."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "client.json"
+        path.write_text(self.model_dump_json(indent=2), encoding="utf-8")
+        return path
+
+
+def split_site_data(
+    examples: Examples, *, name: str, test_fraction: float, where: str
+) -> ClientData:
+    """A site's train/test split of its examples (seeded by the site's name: stable across runs)."""
+    seed = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
+    train, test = train_test_split(np.arange(len(examples)), test_fraction, seed)
+    if train.size == 0:
+        raise DataError(
+            f"{where} has {len(examples)} rows: none left to train on",
+            fix="use more rows or a smaller test fraction",
+        )
+    return ClientData(name=name, train=examples.subset(train), test=examples.subset(test))
+
+
+def load_site_data(settings: SiteSettings, *, num_labels: int | None) -> ClientData:
+    """The site's train/test split of its own data file (columns and labels checked)."""
+    if settings.data_file is None:
+        raise DataError("this site names no data file", fix="pass --data FILE")
+    examples = load_table(
+        settings.data_file,
+        text_column=settings.text_column,
+        label_column=settings.label_column,
+        num_labels=num_labels,
+    )
+    return split_site_data(
+        examples,
+        name=settings.name,
+        test_fraction=settings.test_fraction,
+        where=str(settings.data_file),
+    )
+
+
+def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> PrivetConfig:
+    """The coordinator's configuration with the site's own privacy and threads (fail-closed)."""
+    privacy = site.privacy if site.privacy is not None else server_cfg.privacy
+    if not privacy.enabled and (site.privacy is None or site.privacy.enabled):
+        raise PrivacyError(
+            "the coordinator asks for training without differential privacy",
+            fix="this site refuses; set privacy.enabled = false in the site's own settings to allow it",
+        )
+    update: dict[str, object] = {"privacy": privacy}
+    if site.num_threads is not None:
+        update["train"] = server_cfg.train.model_copy(update={"num_threads": site.num_threads})
+    return server_cfg.model_copy(update=update)
+
+
+def make_site_app(site: SiteSettings | None = None, examples: Examples | None = None) -> ClientApp:
+    """The ClientApp a site runs: the coordinator's configuration, the site's privacy and data.
+
+    The coordinator's configuration comes with the run (its run config); the site's own privacy
+    settings replace the coordinator's, and it trains only on its own data.
+
+    Parameters
+    ----------
+    site
+        The site's settings; ``None``: read ``client.json`` named by the node config (the app
+        Flower loads from the run's bundle when a SuperNode runs ClientApps itself).
+    examples
+        The site's examples in memory (the embedding API); ``None``: ``site.data_file``.
+
+    """
+    from privet.client.app import make_client_app
+
+    built: dict[str, ClientApp] = {}
+
+    def app_for(context: Context) -> ClientApp:
+        raw = str(context.run_config[CONFIG_KEY])
+        try:
+            s = site or SiteSettings.model_validate_json(
+                Path(str(context.node_config[SETTINGS_KEY])).read_text(encoding="utf-8")
+            )
+            key = raw + "\0" + s.model_dump_json()
+            if key in built:
+                return built[key]
+            server_cfg = PrivetConfig.model_validate(tomllib.loads(raw))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+        cfg = _site_config(server_cfg, s)
+        if examples is None:
+            local = load_site_data(s, num_labels=cfg.data.num_labels)
+        else:
+            n = cfg.data.num_labels or 2
+            if len(examples) and int(examples.labels.max()) >= n:
+                raise DataError(
+                    f"this site's labels go up to {int(examples.labels.max())}; the federation has "
+                    f"{n} classes",
+                    fix=f"labels are class indices 0..{n - 1}",
+                )
+            local = split_site_data(
+                examples, name=s.name, test_fraction=s.test_fraction, where="the site's data"
+            )
+        built.clear()  # one federation at a time: drop the model of an older run
+        built[key] = make_client_app(cfg, state_dir=s.state_dir, local=local)
+        return built[key]
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return app_for(context)(msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return app_for(context)(msg, context)
+
+    return app
+
+
+#: What Flower loads from the run's bundle when a SuperNode runs ClientApps in its own processes.
+client_app = make_site_app()
+
+
+class SiteClient:
+    """A ``flower-supernode`` child that joins the coordinator at ``server`` for this site.
+
+    Parameters
+    ----------
+    settings
+        The site's settings (data, privacy, state folder).
+    server
+        The coordinator's ``host:port``.
+    ca
+        The federation's CA certificate (TLS); ``None`` with ``insecure``.
+    key
+        The node's private key (``privet certs node``) for node authentication.
+    insecure
+        Connect without TLS (local trials only).
+
+    """
+
+    def __init__(
+        self,
+        settings: SiteSettings,
+        *,
+        server: str,
+        ca: Path | None,
+        key: Path | None,
+        insecure: bool = False,
+        examples: Examples | None = None,
+    ) -> None:
+        if (ca is None) != insecure:
+            raise DeploymentError(
+                "say how to connect: --ca CA.pem (TLS) or --insecure (local trials only)",
+                fix="pass exactly one of --ca and --insecure",
+            )
+        self.settings = settings
+        self.server = server
+        self.host, self.port = parse_address(server)
+        self.ca, self.key = ca, key
+        self.examples = examples
+        self.app = make_site_app(settings, examples)
+        self.child: Child | None = None
+        self.health = self.runtime = ""
+
+    def preflight(self) -> None:
+        """Check the data file and the coordinator before anything starts (one clear error)."""
+        if self.examples is None:
+            load_site_data(self.settings, num_labels=None)
+        if self.key is not None and not Path(self.key).is_file():
+            raise DeploymentError(
+                f"node key {self.key} does not exist", fix="make it with `privet certs node SITE`"
+            )
+        probe_server(self.host, self.port, ca=self.ca)
+
+    def start(self, *, log_file: Path | None = None) -> None:
+        """Start the SuperNode; returns when its health service answers."""
+        settings_path = self.settings.save()
+        runtime_port, health_port = free_port(), free_port()
+        self.health = f"127.0.0.1:{health_port}"
+        self.runtime = f"127.0.0.1:{runtime_port}"
+        argv = [
+            flower_executable("flower-supernode"),
+            "--superlink",
+            self.server,
+            *(["--insecure"] if self.ca is None else ["--root-certificates", str(self.ca)]),
+            *(["--auth-supernode-private-key", str(self.key)] if self.key is not None else []),
+            "--node-config",
+            f'{SETTINGS_KEY}="{settings_path.resolve()}"',
+            # privet runs the ClientApp itself (client/worker.py): model loaded once per process,
+            # and only privet's installed code runs on the site.
+            "--isolation",
+            "process",
+            "--port",
+            str(runtime_port),
+            "--health-server-address",
+            self.health,
+        ]
+        work = self.settings.state_dir / "flower"
+        self.child = Child(
+            "flower-supernode",
+            argv,
+            log_file=log_file or work / "supernode.log",
+            env=flower_env(work / "home"),
+            cwd=work,
+        )
+        wait_healthy(self.health, child=self.child, timeout=60)
+
+    def connected(self) -> bool:
+        """Whether the SuperNode runs and reports SERVING (it registered with the coordinator)."""
+        return (
+            self.child is not None
+            and self.child.alive()
+            and health_status(self.health, timeout=1.0) == "SERVING"
+        )
+
+    def alive(self) -> bool:
+        """Whether the SuperNode process is still running."""
+        return self.child is not None and self.child.alive()
+
+    def stop(self) -> None:
+        """End the SuperNode and every ClientApp process it started."""
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
+
+    def serve(
+        self,
+        stop: threading.Event,
+        *,
+        on_done: Callable[[Message, Message], None] = lambda _m, _r: None,
+        on_error: Callable[[BaseException], None] = lambda _e: None,
+    ) -> None:
+        """Run the federation's rounds in this process until ``stop`` is set or the SuperNode dies."""
+        from privet.client.worker import serve_tasks
+
+        serve_tasks(
+            self.runtime,
+            self.app,
+            stop=stop,
+            alive=self.alive,
+            on_done=on_done,
+            on_error=on_error,
+        )
+
+    def exit_reason(self) -> str:
+        """Why the SuperNode ended, in one line (from its exit status)."""
+        if self.child is None:
+            return "the SuperNode was not started"
+        code = self.child.proc.returncode
+        if (
+            code == 305
+        ):  # Flower: the SuperNode could not connect to / be activated by the SuperLink
+            return (
+                "the coordinator did not admit this node (Flower exit 305): its key is not "
+                "registered there, or the coordinator is not reachable"
+            )
+        return f"the SuperNode exited with status {code}"

@@ -1,0 +1,282 @@
+"""Embed a privet client in an application of your own: :class:`Participant`.
+
+A partner's app keeps control of its process: ``start()`` returns at once (the work runs in a
+background thread and one ``flower-supernode`` child process), ``status()`` is cheap, ``stop()``
+ends everything it started. No signal handler is installed, ``sys.exit`` is never called, and no
+logging configuration is touched. If the coordinator goes away (restart, network), the SuperNode
+reconnects by itself; if the SuperNode gives up, the participant starts a new one, with a bounded
+number of attempts and a growing pause between them.
+
+The data stays in the app: pass rows (mappings with a text and a label), a torch ``Dataset`` of
+``(text, label)`` pairs or mappings, a CSV/JSONL/Parquet path, or any object with an
+``examples()`` method (:class:`DataSource`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from privet.common.config import PrivacyConfig
+from privet.common.data import Examples, load_table
+from privet.common.errors import DataError, DeploymentError, PrivetError
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+
+__all__ = ["DataSource", "Participant", "ParticipantStatus", "to_examples"]
+
+log = logging.getLogger("privet")
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """Anything that can hand over its labelled texts."""
+
+    def examples(self) -> Iterable[tuple[str, int]]:
+        """Yield ``(text, label)`` pairs; labels are class indices ``0..K-1``."""
+        ...
+
+
+def to_examples(data: Any, *, text_key: str = "text", label_key: str = "label") -> Examples:
+    """Turn a partner's data into privet's :class:`~privet.common.data.Examples`, checking every row.
+
+    Accepts a :class:`DataSource`, a path to a CSV/JSONL/Parquet file, or a sequence (a list, a
+    torch ``Dataset``) whose items are ``(text, label)`` pairs or mappings with ``text_key`` and
+    ``label_key``.
+    """
+    if isinstance(data, str | Path):
+        return load_table(Path(data), text_column=text_key, label_column=label_key)
+    if isinstance(data, DataSource):
+        items: Iterable[Any] = data.examples()
+    elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        items = (data[i] for i in range(len(data)))  # a torch Dataset has no __iter__ contract
+    elif isinstance(data, Iterable):
+        items = data
+    else:
+        raise DataError(
+            f"cannot read data of type {type(data).__name__}",
+            fix="pass rows, a torch Dataset, a file path or an object with examples()",
+        )
+    texts: list[str] = []
+    labels: list[int] = []
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            if text_key not in item or label_key not in item:
+                raise DataError(
+                    f"row {i} has no {text_key!r} or no {label_key!r} (keys: {sorted(item)})",
+                    fix="pass text_key= and label_key= naming your fields",
+                )
+            text, label = item[text_key], item[label_key]
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            text, label = item
+        else:
+            raise DataError(f"row {i} is neither a (text, label) pair nor a mapping")
+        if hasattr(label, "item"):  # a 0-d tensor or numpy scalar
+            label = label.item()
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"row {i}: the text is empty or not a string")
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise DataError(
+                f"row {i}: label {label!r} is not a class index", fix="use integers 0..K-1"
+            )
+        texts.append(text)
+        labels.append(label)
+    if not texts:
+        raise DataError("the data has no rows")
+    return Examples(texts=texts, labels=np.asarray(labels, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class ParticipantStatus:
+    """A snapshot of a :class:`Participant`.
+
+    Parameters
+    ----------
+    running
+        ``start()`` was called and ``stop()`` not yet.
+    connected
+        The SuperNode runs, is healthy, and the coordinator answers.
+    current_round
+        The last round this participant trained in (``None``: none yet).
+    epsilon
+        Cumulative epsilon spent, from the ledger (``None``: nothing spent yet).
+    last_error
+        The most recent problem, one line (``None``: none).
+
+    """
+
+    running: bool
+    connected: bool
+    current_round: int | None
+    epsilon: float | None
+    last_error: str | None
+
+
+class Participant:
+    """One site of a federation, embedded in the caller's process.
+
+    Parameters
+    ----------
+    server
+        The coordinator's ``host:port``.
+    data
+        The site's data (see :func:`to_examples`).
+    state_dir
+        Folder for the privacy ledger and Flower's files; keep it across restarts.
+    privacy
+        This site's DP settings and budget; ``None``: the coordinator's (a coordinator that asks
+        for no DP is refused unless ``privacy.enabled`` is explicitly false here).
+    name
+        The site's name (its ledger's client id).
+    ca, key
+        The federation's CA certificate and this node's private key (``privet certs node``).
+    insecure
+        Connect without TLS (local trials only); exactly one of ``ca`` and ``insecure``.
+    text_key, label_key
+        Field names in mapping rows.
+    test_fraction
+        Share of the rows kept for evaluating the global model.
+    num_threads
+        torch threads for training (``None``: torch's default).
+    max_restarts
+        How many times a SuperNode that gave up is replaced before the participant stops trying.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        server: str,
+        data: Any,
+        state_dir: Path | str,
+        privacy: PrivacyConfig | None = None,
+        name: str = "participant",
+        ca: Path | str | None = None,
+        key: Path | str | None = None,
+        insecure: bool = False,
+        text_key: str = "text",
+        label_key: str = "label",
+        test_fraction: float = 0.1,
+        num_threads: int | None = None,
+        max_restarts: int = 20,
+    ) -> None:
+        from privet.client.deploy import SiteClient, SiteSettings
+
+        self._examples = to_examples(data, text_key=text_key, label_key=label_key)
+        self._settings = SiteSettings(
+            name=name,
+            state_dir=Path(state_dir).resolve(),
+            privacy=privacy,
+            test_fraction=test_fraction,
+            num_threads=num_threads,
+        )
+        self._site = SiteClient(
+            self._settings,
+            server=server,
+            ca=Path(ca) if ca is not None else None,
+            key=Path(key) if key is not None else None,
+            insecure=insecure,
+            examples=self._examples,
+        )
+        self._max_restarts = max_restarts
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._round: int | None = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    # -- the public surface -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Join the federation in the background; returns at once (call :meth:`stop` to leave)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="privet-participant", daemon=True)
+        self._thread.start()
+
+    def status(self) -> ParticipantStatus:
+        """Where the participant stands (cheap; safe to call from any thread)."""
+        running = self._thread is not None and self._thread.is_alive()
+        connected = False
+        if running:
+            from privet.common.deployment import probe_reachable
+
+            connected = self._site.connected() and probe_reachable(self._site.host, self._site.port)
+        with self._lock:
+            return ParticipantStatus(
+                running=running,
+                connected=connected,
+                current_round=self._round,
+                epsilon=self._epsilon(),
+                last_error=self._error,
+            )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Leave the federation and end every process this participant started."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._site.stop()
+
+    def __enter__(self) -> Participant:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- inside the background thread -----------------------------------------------------------
+
+    def _epsilon(self) -> float | None:
+        path = self._settings.state_dir / f"ledger-{self._settings.name}.json"
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8")).get("entries", [])
+        except (OSError, ValueError):
+            return None
+        return float(entries[-1]["epsilon_after"]) if entries else None
+
+    def _note(self, message: Message, reply: Message) -> None:
+        conf = message.content.config_records.get("config")
+        with self._lock:
+            if reply.has_error():
+                self._error = reply.error.reason
+            elif conf is not None and "server-round" in conf:
+                self._round = int(str(conf["server-round"]))
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._error = (
+                str(exc) if isinstance(exc, PrivetError) else f"{type(exc).__name__}: {exc}"
+            )
+
+    def _run(self) -> None:
+        """Start a SuperNode, serve rounds, and start a new one (bounded) if it gives up."""
+        pause = 1.0
+        for _attempt in range(self._max_restarts + 1):
+            if self._stop.is_set():
+                break
+            try:
+                self._site.preflight()
+                # Started from this thread: the SuperNode gets SIGTERM if this thread dies.
+                self._site.start()
+                pause = 1.0
+                self._site.serve(self._stop, on_done=self._note, on_error=self._fail)
+                if not self._stop.is_set():
+                    raise DeploymentError(self._site.exit_reason())
+            except Exception as exc:  # every failure is reported through status(), then retried
+                self._fail(exc)
+            finally:
+                self._site.stop()
+            self._stop.wait(pause)
+            pause = min(pause * 2, 30.0)
+        else:
+            self._fail(DeploymentError(f"gave up after {self._max_restarts} restarts"))

@@ -1,0 +1,285 @@
+"""The coordinator on Flower's Deployment Engine: ``privet server``.
+
+This is privet's only server module that knows how Flower deploys; it:
+
+1. makes the run directory and a tiny Flower app folder in it (``flower/app/pyproject.toml``) whose
+   components point at :data:`server_app` and ``privet.client.deploy:client_app`` (installed with
+   privet on both sides, so the app bundle carries no code) and whose run config carries the run
+   directory and the federation's configuration for the clients;
+2. starts ``flower-superlink`` (TLS with the given certificates, node authentication, its database
+   in the run directory) and waits for its gRPC health service to say SERVING;
+3. registers the public keys in ``certs/nodes/`` (``flwr supernode register``);
+4. submits the run with ``flwr run --stream`` (runtime dependency installation off: privet is
+   already installed), and follows ``metrics.jsonl`` so the terminal shows the same per-round
+   table as a simulation;
+5. ends every process it started when the run ends, fails or is interrupted.
+
+Flower's SuperLink runs :data:`server_app` in a ``flwr-serverapp`` process of its own; that process
+reads the configuration from the run directory and runs :func:`privet.server.make_server_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from privet.common.certs import CertPaths, check_certificate, node_public_keys
+from privet.common.config import PrivetConfig, dump_config, load_config
+from privet.common.deployment import Child, flower_env, flower_executable, wait_healthy
+from privet.common.errors import DeploymentError
+from privet.server.recording import RoundObserver, RoundRecord
+from privet.server.rundir import read_metrics
+
+__all__ = ["ServeResult", "serve", "server_app"]
+
+log = logging.getLogger("privet")
+
+#: Run-config keys the coordinator sets for its ServerApp and the clients.
+RUN_DIR_KEY, CONFIG_KEY, RESUME_KEY = "privet-run-dir", "privet-config", "privet-resume"
+CONNECTION = "privet"
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    """Run privet's ServerApp for the run directory named in the run config."""
+    from privet.server.app import make_server_app
+
+    run_dir = Path(str(context.run_config[RUN_DIR_KEY]))
+    cfg = load_config(run_dir / "config.toml")
+    resume = bool(context.run_config.get(RESUME_KEY, False))
+    make_server_app(cfg, run_dir=run_dir, resume=resume)(grid, context)
+
+
+def _write_app(folder: Path, cfg: PrivetConfig, *, run_dir: Path, resume: bool) -> Path:
+    """A Flower app folder that names privet's apps and carries the run's settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": "privet-federation",
+            "version": "1.0.0",
+            "description": "privet federation (the code is the installed privet package)",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
+            "flwr": {
+                "app": {
+                    "publisher": "privet",
+                    "components": {
+                        "serverapp": "privet.server.deploy:server_app",
+                        "clientapp": "privet.client.deploy:client_app",
+                    },
+                    "config": {
+                        RUN_DIR_KEY: str(run_dir.resolve()),
+                        CONFIG_KEY: dump_config(cfg),
+                        RESUME_KEY: resume,
+                    },
+                }
+            },
+        },
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+    return folder
+
+
+def _write_connection(home: Path, *, address: str, certs: CertPaths | None) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    conn: dict[str, object] = {"address": address}
+    if certs is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(certs.ca.resolve())
+    doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+    (home / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+
+
+@dataclass
+class ServeResult:
+    """What :func:`serve` leaves behind."""
+
+    run_dir: Path
+    rounds: int
+
+
+def serve(
+    cfg: PrivetConfig,
+    *,
+    run_dir: Path,
+    certs: CertPaths | None,
+    observer: RoundObserver | None = None,
+    resume: bool = False,
+    run_timeout: float | None = None,
+) -> ServeResult:
+    """Run the federation ``cfg`` as a coordinator until its last round, then stop every process.
+
+    Parameters
+    ----------
+    cfg
+        The validated configuration (``deployment`` gives host and ports).
+    run_dir
+        The run directory (made by the caller, ``config.toml`` written); a resumed run's folder.
+    certs
+        The certificate folder's paths: TLS and node authentication on; ``None``: insecure.
+    observer
+        Receives each finished round (read from ``metrics.jsonl``).
+    resume
+        Continue the run in ``run_dir`` after its last completed round.
+    run_timeout
+        Give up after this many seconds (default: rounds x federation.round_timeout + 10 min).
+
+    """
+    dep = cfg.deployment
+    work = run_dir / "flower"
+    home = work / "home"
+    env = flower_env(home)
+    address = f"{'127.0.0.1' if dep.host in ('0.0.0.0', '::') else dep.host}:{dep.port}"
+    health = f"127.0.0.1:{dep.health_port}"
+    if certs is not None:
+        check_certificate(certs.cert)
+        check_certificate(certs.ca)
+        tls = [
+            "--ssl-ca-certfile",
+            str(certs.ca),
+            "--ssl-certfile",
+            str(certs.cert),
+            "--ssl-keyfile",
+            str(certs.key),
+            "--enable-supernode-auth",
+        ]
+    else:
+        tls = ["--insecure"]
+    app_dir = _write_app(work / "app", cfg, run_dir=run_dir, resume=resume)
+    _write_connection(home, address=address, certs=certs)
+    children: list[Child] = []
+    try:
+        link = Child(
+            "flower-superlink",
+            [
+                flower_executable("flower-superlink"),
+                *tls,
+                "--host",
+                dep.host,
+                "--port",
+                str(dep.port),
+                "--health-server-address",
+                health,
+                "--database",
+                str(work / "superlink.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            log_file=work / "superlink.log",
+            env=env,
+            cwd=work,
+        )
+        children.append(link)
+        wait_healthy(health, child=link, timeout=dep.startup_timeout)
+        if certs is not None:
+            keys = node_public_keys(certs.ca.parent)
+            if not keys:
+                raise DeploymentError(
+                    f"no node keys in {certs.nodes}: with node authentication no client could join",
+                    fix=f"make one per site with `privet certs node SITE --out {certs.ca.parent}`",
+                )
+            for key in keys:
+                _register(key, env=env, cwd=work)
+        runner = Child(
+            "flwr run",
+            [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"],
+            log_file=work / "run.log",
+            env=env,
+            cwd=work,
+        )
+        children.append(runner)
+        return _follow(
+            cfg,
+            run_dir=run_dir,
+            link=link,
+            runner=runner,
+            observer=observer,
+            timeout=run_timeout or cfg.federation.rounds * cfg.federation.round_timeout + 600,
+        )
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def _register(key: Path, *, env: dict[str, str], cwd: Path) -> None:
+    """Register one node public key with the SuperLink (an already registered key is fine)."""
+    res = subprocess.run(
+        [flower_executable("flwr"), "supernode", "register", str(key), CONNECTION],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out = res.stdout + res.stderr
+    if res.returncode != 0 and "already" not in out.lower():
+        raise DeploymentError(f"registering node key {key.name} failed: {out.strip()[-500:]}")
+    log.info("node key %s registered", key.name)
+
+
+def _follow(
+    cfg: PrivetConfig,
+    *,
+    run_dir: Path,
+    link: Child,
+    runner: Child,
+    observer: RoundObserver | None,
+    timeout: float,
+) -> ServeResult:
+    """Report each new ``metrics.jsonl`` line until the run ends; raise if it failed."""
+    seen = 0
+    if observer is not None:
+        observer.run_started(
+            rounds=cfg.federation.rounds,
+            clients=cfg.federation.min_available_clients,
+            run_dir=run_dir,
+        )
+    deadline = time.monotonic() + timeout
+    finished = False
+    while time.monotonic() < deadline:
+        records = read_metrics(run_dir)
+        for rec in records[seen:]:
+            if observer is not None:
+                observer.round_finished(RoundRecord(**rec))
+                if rec["round"] < cfg.federation.rounds:
+                    observer.round_started(int(rec["round"]) + 1)
+        seen = max(seen, len(records))
+        if (run_dir / "summary.json").exists():
+            finished = True
+        if not runner.alive() or not link.alive():
+            break
+        time.sleep(0.5)
+    else:
+        raise DeploymentError(f"the run did not finish within {timeout:.0f} s")
+    records = read_metrics(run_dir)
+    for rec in records[seen:]:
+        if observer is not None:
+            observer.round_finished(RoundRecord(**rec))
+    if not link.alive():
+        raise DeploymentError(
+            f"the SuperLink exited with status {link.proc.returncode}:\n{link.tail()}",
+            fix=f"see {link.log_file}",
+        )
+    if not finished and not (run_dir / "summary.json").exists():
+        raise DeploymentError(
+            f"the run ended before its last round:\n{runner.tail(25)}",
+            fix=f"see {runner.log_file} and {link.log_file}; `privet server --resume {run_dir}` "
+            "continues it",
+        )
+    return ServeResult(
+        run_dir=run_dir, rounds=len([r for r in read_metrics(run_dir) if r["round"]])
+    )

@@ -1,0 +1,270 @@
+"""``privet server``, ``privet client`` and ``privet certs``: a federation across machines.
+
+The commands parse options, print what a person needs, and call the role's deploy module
+(``privet.server.deploy``, ``privet.client.deploy``); they own signal handling and exit codes, which
+the library code never touches.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from privet.common.config import PrivetConfig, load_config
+from privet.common.errors import ConfigError, DeploymentError
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+
+__all__ = ["certs_app", "client", "server"]
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+certs_app = typer.Typer(
+    help="Make the federation's TLS certificates and node keys.", no_args_is_help=True
+)
+
+INSECURE_WARNING = (
+    "[bold red]--insecure:[/bold red] [red]no TLS and no node authentication; anyone who reaches "
+    "this port can read the updates or join. Use it only for local trials.[/red]"
+)
+
+
+def _sigterm_as_interrupt() -> None:
+    """Let SIGTERM unwind like Ctrl-C, so every child process is stopped (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def server(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="The federation's TOML file.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one field, e.g. --set deployment.port=9092."),
+    ] = None,
+    certs: Annotated[
+        Path | None,
+        typer.Option(
+            "--certs",
+            help="Folder made by `privet certs init` (TLS on; only nodes whose keys are in its "
+            "nodes/ folder are admitted).",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication (local trials).")
+    ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", help="Continue the run in this run directory after its last round."
+        ),
+    ] = None,
+) -> None:
+    """Start the coordinator: Flower's SuperLink, privet's ServerApp, and a live per-round table.
+
+    Writes the run directory (config.toml, metrics.jsonl, checkpoints/, final_adapter/,
+    summary.json, plots.png; Flower's logs and database under flower/). Stops every process it
+    started when the run ends, fails, or on Ctrl-C.
+    """
+    from privet.common.certs import cert_paths
+    from privet.common.data import cached_federated_data
+    from privet.common.modeling import check_model_loads
+    from privet.server.deploy import serve
+    from privet.server.rundir import create_run_dir
+    from privet.simulations.cli import _announce_privacy, _quiet_libraries
+    from privet.simulations.report import ConsoleReporter, load_summary, plot_run, round_table
+
+    if (certs is None) == (not insecure):
+        raise DeploymentError(
+            "say how clients connect: --certs DIR (TLS and node authentication) or --insecure",
+            fix="make DIR with `privet certs init --out DIR --host <name>`",
+        )
+    if insecure:
+        err_console.print(INSECURE_WARNING)
+    _quiet_libraries(False)
+    paths = cert_paths(certs) if certs is not None else None
+    if resume is not None:
+        if config is not None:
+            raise ConfigError(
+                "--resume uses the run's own config.toml", fix="drop --config when resuming"
+            )
+        bad = [o for o in overrides or [] if not o.startswith("deployment.")]
+        if bad:
+            raise ConfigError(
+                f"--set {bad[0]!r}: a resumed run keeps its configuration",
+                fix="only deployment.* may change when resuming",
+            )
+        run_dir = resume
+        cfg = load_config(run_dir / "config.toml", overrides or [])
+    else:
+        cfg = load_config(config, overrides or [])
+        fed = cached_federated_data(cfg.data)  # the server test set; fails early on bad data
+        check_model_loads(cfg.model)
+        # Clients build their classification head from this: fix it once, for everyone.
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"num_labels": fed.num_labels})}
+        )
+        run_dir = create_run_dir(cfg)
+    _announce_privacy(cfg)
+    where = f"{cfg.deployment.host}:{cfg.deployment.port}"
+    console.print(
+        f"coordinator on {where} ({'TLS, node authentication' if paths else 'INSECURE'}); "
+        f"run directory {run_dir}; waiting for {cfg.federation.min_available_clients} clients"
+    )
+    _sigterm_as_interrupt()
+    with ConsoleReporter(console, dp=cfg.privacy.enabled) as reporter:
+        serve(cfg, run_dir=run_dir, certs=paths, observer=reporter, resume=resume is not None)
+    console.print(round_table(reporter.records, dp=cfg.privacy.enabled))
+    _print_outcome(cfg, run_dir, load_summary(run_dir), plot_run(run_dir))
+
+
+def _print_outcome(
+    cfg: PrivetConfig, run_dir: Path, summary: dict[str, object], plot: object
+) -> None:
+    final = summary.get("final_server_accuracy")
+    if isinstance(final, float):
+        console.print(f"[bold green]final server test accuracy {final:.2%}[/bold green]")
+    eps = summary.get("max_epsilon")
+    if cfg.privacy.enabled and isinstance(eps, float):
+        console.print(f"[bold]largest cumulative ε among clients: {eps:.3f}[/bold]")
+    console.print(f"run directory: {run_dir}" + (f"; plot: {plot}" if plot else ""))
+
+
+def client(
+    server_address: Annotated[str, typer.Option("--server", help="The coordinator's host:port.")],
+    data: Annotated[Path, typer.Option("--data", help="This site's CSV/JSONL/Parquet file.")],
+    state_dir: Annotated[
+        Path,
+        typer.Option("--state-dir", help="Folder for this site's privacy ledger; keep it."),
+    ],
+    ca: Annotated[Path | None, typer.Option("--ca", help="The federation's ca.pem (TLS).")] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="This site's node key (`privet certs node`)."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS (local trials with an insecure server).")
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="This site's name (default: the data file's stem).")
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="TOML with this site's own \\[privacy] section (its budget); default: the "
+            "coordinator's privacy settings.",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="torch threads for training.")
+    ] = None,
+) -> None:
+    """Join a federation with this site's own data, privacy budget and ledger (a Flower SuperNode).
+
+    Runs until Ctrl-C; prints each round this site trains with its cumulative ε.
+    """
+    from privet.client.deploy import SiteClient, SiteSettings
+    from privet.simulations.cli import _quiet_libraries
+
+    _quiet_libraries(False)
+    if insecure:
+        err_console.print(INSECURE_WARNING)
+    privacy = load_config(config).privacy if config is not None else None
+    settings = SiteSettings(
+        name=name or data.stem,
+        data_file=data.resolve(),
+        text_column=text_column,
+        label_column=label_column,
+        state_dir=state_dir.resolve(),
+        privacy=privacy,
+        num_threads=threads,
+    )
+    site = SiteClient(settings, server=server_address, ca=ca, key=key, insecure=insecure)
+    site.preflight()
+    _sigterm_as_interrupt()
+    try:
+        site.start()
+        console.print(
+            f"site {settings.name} joined {server_address} "
+            f"({'TLS' if ca else 'INSECURE'}); ledger in {settings.state_dir}; Ctrl-C to leave"
+        )
+        site.serve(threading.Event(), on_done=_report_reply)
+        raise DeploymentError(
+            site.exit_reason(),
+            fix="ask the operator to register this site's public key (`privet certs node`); see "
+            f"{settings.state_dir / 'flower' / 'supernode.log'}",
+        )
+    finally:
+        site.stop()
+
+
+def _report_reply(message: Message, reply: Message) -> None:
+    if reply.has_error():
+        console.print(f"[yellow]{reply.metadata.message_type}: {reply.error.reason}[/yellow]")
+        return
+    metrics = reply.content.metric_records.get("metrics")
+    if metrics is not None and "epsilon" in metrics:
+        server_round = message.content.config_records["config"].get("server-round", "?")
+        eps = float(metrics["epsilon"])  # type: ignore[arg-type]
+        console.print(
+            f"round {server_round!s}: trained on {int(metrics['num-examples'])} examples; "  # type: ignore[arg-type]
+            f"cumulative ε = {eps:.3f}"
+        )
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the certificates into.")],
+    host: Annotated[
+        list[str],
+        typer.Option("--host", help="A name or IP clients use to reach the coordinator (repeat)."),
+    ],
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing certificates.")] = False,
+) -> None:
+    """Make a CA and the coordinator's TLS certificate (private keys 0600, never printed)."""
+    from privet.common.certs import init_certs
+
+    paths = init_certs(out, hosts=host, days=days, overwrite=overwrite)
+    console.print(
+        f"CA {paths.ca} (give it to every site), server certificate {paths.cert} for "
+        f"{', '.join(host)}; private keys {paths.ca_key.name}, {paths.key.name} (mode 0600) stay here."
+    )
+
+
+@certs_app.command("node")
+def certs_node(
+    name: Annotated[str, typer.Argument(help="The site's name, e.g. site-a.")],
+    out: Annotated[Path, typer.Option("--out", help="The certificate folder.")] = Path("certs"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing key.")] = False,
+) -> None:
+    """Make a node key pair; the coordinator admits the node once its public key is in nodes/."""
+    from privet.common.certs import make_node_key
+
+    private, public = make_node_key(name, out=out, overwrite=overwrite)
+    console.print(
+        f"node key for {name}: private {private} (mode 0600: hand it to the site over a secure "
+        f"channel, then delete it here), public {public}.\n"
+        f"Registration: `privet server --certs {out}` registers every key in {public.parent} "
+        f"when it starts. The site joins with:\n"
+        f"  privet client --server HOST:PORT --ca {out / 'ca.pem'} --key {private.name} "
+        "--data FILE --state-dir DIR"
+    )
