@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,13 @@ ERROR_CLIENT = 1002
 
 
 @dataclass
+class _Model:
+    built: BuiltModel
+    device: torch.device
+    fingerprint: str
+
+
+@dataclass
 class _Loaded:
     built: BuiltModel
     device: torch.device
@@ -47,40 +56,69 @@ class _Loaded:
     train: TokenizedExamples
     test: TokenizedExamples
     fingerprint: str
+    #: Seconds this message spent loading (model, data, tokenization); 0 when all was cached.
+    load_seconds: float = 0.0
 
 
-_cache: dict[tuple[str, int], _Loaded] = {}
+# One base model per process (a Ray worker serves many clients: only their adapters are swapped in)
+# and each client's tokenized data once. The data cache is bounded so that a worker serving a large
+# population keeps memory flat; a client's data is small and cheap to tokenize again.
+_model_cache: dict[str, _Model] = {}
+_data_cache: OrderedDict[tuple[str, int], tuple[ClientData, TokenizedExamples, TokenizedExamples]] = (
+    OrderedDict()
+)
+_DATA_CACHE_SIZE = 256
 _lock = threading.Lock()
 
 
 def _load(cfg: PrivetConfig, partition_id: int) -> _Loaded:
-    key = (cfg.model_dump_json(), partition_id)
+    start = time.perf_counter()
+    key = cfg.model_dump_json()
     with _lock:
-        if key not in _cache:
+        model = _model_cache.get(key)
+        if model is None:
             if cfg.train.num_threads is not None:
                 torch.set_num_threads(cfg.train.num_threads)
+            fed = cached_federated_data(cfg.data)
+            built = build_model(
+                cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
+            )
+            device = pick_device(cfg.model.device)
+            built.model.to(device)
+            _model_cache.clear()  # one federation per process: drop models of older configs
+            _data_cache.clear()
+            model = _Model(built=built, device=device, fingerprint=frozen_fingerprint(built.model))
+            _model_cache[key] = model
+        data_key = (key, partition_id)
+        cached = _data_cache.get(data_key)
+        if cached is None:
             fed = cached_federated_data(cfg.data)
             if not 0 <= partition_id < len(fed.clients):
                 raise PrivetError(
                     f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
                 )
             data = fed.clients[partition_id]
-            built = build_model(
-                cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
+            tok, ml = model.built.tokenizer, cfg.model.max_length
+            cached = (
+                data,
+                TokenizedExamples(data.train, tok, max_length=ml),
+                TokenizedExamples(data.test, tok, max_length=ml),
             )
-            device = pick_device(cfg.model.device)
-            built.model.to(device)
-            tok, ml = built.tokenizer, cfg.model.max_length
-            _cache.clear()  # one federation per process: drop models of older configs
-            _cache[key] = _Loaded(
-                built=built,
-                device=device,
-                data=data,
-                train=TokenizedExamples(data.train, tok, max_length=ml),
-                test=TokenizedExamples(data.test, tok, max_length=ml),
-                fingerprint=frozen_fingerprint(built.model),
-            )
-        return _cache[key]
+            _data_cache[data_key] = cached
+            while len(_data_cache) > _DATA_CACHE_SIZE:
+                _data_cache.popitem(last=False)
+        else:
+            _data_cache.move_to_end(data_key)
+        data, train_set, test_set = cached
+        return _Loaded(
+            built=model.built,
+            device=model.device,
+            data=data,
+            train=train_set,
+            test=test_set,
+            fingerprint=model.fingerprint,
+            load_seconds=time.perf_counter() - start,
+        )
 
 
 def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
@@ -157,6 +195,9 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 "epsilon": epsilon,
                 "noise-multiplier": plan.dp.noise_multiplier if plan.dp else 0.0,
                 "train-seconds": result.seconds,
+                # Cold start of this worker (model load) or of this client (tokenization), reported
+                # apart so that start-up does not hide in round 1's time.
+                "startup-seconds": loaded.load_seconds,
             }
         )
         arrays = state_to_arrayrecord(result.state)

@@ -12,11 +12,15 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from privet.common.config import TrainConfig
@@ -36,6 +40,11 @@ class DPSettings:
     max_grad_norm: float
     sample_rate: float
     steps: int
+    #: ``flat``: per-sample gradients from Opacus's hooks, clipped and summed. ``ghost``: Opacus's
+    #: ghost clipping: per-sample gradient *norms* in a first backward pass, then a second backward
+    #: of the loss reweighted by the clipping factors; no per-sample gradient is stored, which is
+    #: what makes full fine-tuning affordable. Both release the same clipped sum.
+    clipping: Literal["flat", "ghost"] = "flat"
 
 
 @dataclass
@@ -73,12 +82,12 @@ def _forward_loss(
     device: torch.device,
     mixed_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the micro-batch, and the per-example losses (detached)."""
+    """Mean cross-entropy over the micro-batch, and the per-example losses (still in the graph)."""
     labels = batch.pop("labels")
     with autocast_for(device, mixed_precision):
         logits = model(**batch).logits
     per_example = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    return per_example.mean(), per_example.detach()
+    return per_example.mean(), per_example
 
 
 def _make_optimizer(
@@ -183,18 +192,7 @@ def train(
         steps = dp.steps
         gen = torch.Generator().manual_seed(seed)
         batches = _poisson_batches(n, dp.sample_rate, steps, gen)
-        # Per-sample gradients through Opacus's hooks; only modules with trainable weights get hooks.
-        net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        expected = max(1, round(dp.sample_rate * n))
-        noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
-        dp_opt = DPOptimizer(
-            optimizer,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm if math.isfinite(dp.max_grad_norm) else 1e30,
-            expected_batch_size=expected,
-            loss_reduction="mean",
-            generator=noise_gen,
-        )
+        net, dp_opt = _make_private(model, optimizer, dp, n=n, device=device, seed=seed)
 
     loss_sum, seen, done = 0.0, 0, 0
     # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
@@ -210,14 +208,22 @@ def train(
                 for j, mb in enumerate(micro):
                     batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
                     # No autocast under DP: per-sample norms must be computed in full precision.
-                    loss, per_example = _forward_loss(
+                    loss, per_example_graph = _forward_loss(
                         net, batch, device, "off" if dp_opt else mixed_precision
                     )
+                    per_example = per_example_graph.detach()
                     if dp_opt is None:
                         # Gradient accumulation: weight each micro-batch by its share of the batch.
                         (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]
                     else:
-                        loss.backward()  # type: ignore[no-untyped-call]
+                        if isinstance(net, GradSampleModuleFastGradientClipping):
+                            # Ghost clipping: Opacus's two backward passes (norms, then the
+                            # clipped sum) behind one backward() call.
+                            DPTensorFastGradientClipping(
+                                net, dp_opt, per_example_graph, "mean"
+                            ).backward()
+                        else:
+                            loss.backward()  # type: ignore[no-untyped-call]
                         if j < len(micro) - 1:
                             # Clip and accumulate this micro-batch; noise is added once per batch.
                             dp_opt.signal_skip_step(do_skip=True)
@@ -232,11 +238,11 @@ def train(
                     dp_opt.step()
                     dp_opt.zero_grad(set_to_none=True)
         finally:
-            if isinstance(net, GradSampleModule):
+            if isinstance(net, AbstractGradSampleModule):
                 # Leave the caller's model as it was given: no hooks, no per-sample state.
                 net._close()
                 for p in params:
-                    for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+                    for attr in ("grad_sample", "summed_grad", "_forward_counter", "_norm_sample"):
                         if hasattr(p, attr):
                             delattr(p, attr)
 
@@ -250,6 +256,41 @@ def train(
         examples_seen=seen,
         seconds=time.perf_counter() - start,
     )
+
+
+def _make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dp: DPSettings,
+    *,
+    n: int,
+    device: torch.device,
+    seed: int,
+) -> tuple[torch.nn.Module, DPOptimizer]:
+    """Wrap model and optimizer for DP-SGD with the clipping mode ``dp.clipping`` asks for.
+
+    The pieces are Opacus's own (what ``PrivacyEngine.make_private`` assembles, minus its data
+    loader and accountant: privet samples its own Poisson batches and keeps the accountant history
+    in the client's ledger across rounds).
+    """
+    clip = dp.max_grad_norm if math.isfinite(dp.max_grad_norm) else 1e30
+    expected = max(1, round(dp.sample_rate * n))
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    kwargs = {
+        "noise_multiplier": dp.noise_multiplier,
+        "max_grad_norm": clip,
+        "expected_batch_size": expected,
+        "loss_reduction": "mean",
+        "generator": noise_gen,
+    }
+    if dp.clipping == "ghost":
+        net: torch.nn.Module = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=clip, use_ghost_clipping=True
+        )
+        return net, DPOptimizerFastGradientClipping(optimizer, **kwargs)  # type: ignore[arg-type]
+    # Per-sample gradients through Opacus's hooks; only modules with trainable weights get hooks.
+    net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    return net, DPOptimizer(optimizer, **kwargs)  # type: ignore[arg-type]
 
 
 def _noise_only_step(dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]) -> None:
