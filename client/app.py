@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from privet.client.privacy import plan_round, record_round
 from privet.client.training import evaluate, train
-from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
+from privet.common.arrays import state_to_arrayrecord
 from privet.common.config import PrivetConfig
 from privet.common.data import ClientData, TokenizedExamples, cached_federated_data
 from privet.common.errors import BudgetExhaustedError, PrivetError
@@ -31,6 +31,7 @@ from privet.common.modeling import (
     load_trainable_state,
     pick_device,
 )
+from privet.common.transport import message_encoding, read_arrays, write_arrays
 
 __all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "make_client_app"]
 
@@ -64,9 +65,9 @@ class _Loaded:
 # and each client's tokenized data once. The data cache is bounded so that a worker serving a large
 # population keeps memory flat; a client's data is small and cheap to tokenize again.
 _model_cache: dict[str, _Model] = {}
-_data_cache: OrderedDict[tuple[str, int], tuple[ClientData, TokenizedExamples, TokenizedExamples]] = (
-    OrderedDict()
-)
+_data_cache: OrderedDict[
+    tuple[str, int], tuple[ClientData, TokenizedExamples, TokenizedExamples]
+] = OrderedDict()
 _DATA_CACHE_SIZE = 256
 _lock = threading.Lock()
 
@@ -162,7 +163,10 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
             server_round = int(str(conf["server-round"]))
             total_rounds = int(str(conf.get("total-rounds", cfg.federation.rounds)))
             model = loaded.built.model
-            load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
+            # The weights exactly as this client decoded them: its update is relative to these.
+            received = read_arrays(msg.content)
+            encoding = message_encoding(msg.content)  # the reply travels as the message did
+            load_trainable_state(model, received)
             plan = plan_round(
                 privacy=cfg.privacy,
                 train=cfg.train,
@@ -200,8 +204,12 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 "startup-seconds": loaded.load_seconds,
             }
         )
-        arrays = state_to_arrayrecord(result.state)
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        if encoding == "float32":
+            content = RecordDict({"arrays": state_to_arrayrecord(result.state), "metrics": metrics})
+        else:
+            content = RecordDict({"metrics": metrics})
+            write_arrays(content, result.state, encoding, reference=received)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
@@ -209,7 +217,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         try:
             loaded = _load(cfg, partition)
             model = loaded.built.model
-            load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
+            load_trainable_state(model, read_arrays(msg.content))
             res = evaluate(
                 model,
                 loaded.test,

@@ -285,7 +285,11 @@ def _make_private(
     }
     if dp.clipping == "ghost":
         net: torch.nn.Module = GradSampleModuleFastGradientClipping(
-            model, batch_first=True, loss_reduction="mean", max_grad_norm=clip, use_ghost_clipping=True
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            max_grad_norm=clip,
+            use_ghost_clipping=True,
         )
         return net, DPOptimizerFastGradientClipping(optimizer, **kwargs)  # type: ignore[arg-type]
     # Per-sample gradients through Opacus's hooks; only modules with trainable weights get hooks.

@@ -389,6 +389,14 @@ class FederationConfig(_Section):
     round_timeout: float = Field(
         3600.0, gt=0, description="Seconds to wait for the replies of one round."
     )
+    transport: Literal["float32", "float16", "int8"] = Field(
+        "float32",
+        description=(
+            "Encoding of the weights on the wire: float32 (exact), float16 (half the bytes) or int8 "
+            "(a quarter; one scale per tensor). Replies carry the update, not the weights, so small "
+            "updates survive the rounding."
+        ),
+    )
 
 
 class SimulationConfig(_Section):

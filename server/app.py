@@ -32,6 +32,7 @@ from privet.server.loop import run_rounds
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
 from privet.server.rundir import append_metrics, save_checkpoint, write_json
 from privet.server.strategies import build_strategy
+from privet.server.transport import TransportGrid
 
 __all__ = ["make_server_app"]
 
@@ -62,6 +63,9 @@ def make_server_app(
         )
 
         history: list[RoundRecord] = []
+        wire = TransportGrid(grid, fed_cfg.transport) if fed_cfg.transport != "float32" else None
+        if wire is not None:
+            grid = wire
 
         def _round_end(server_round: int, arrays: ArrayRecord) -> None:
             state = arrayrecord_to_state(arrays)
@@ -77,6 +81,9 @@ def make_server_app(
                     mixed_precision=cfg.model.mixed_precision,
                 )
                 rec.server_accuracy, rec.server_loss = res.accuracy, res.loss
+            if wire is not None and server_round > 0:
+                # What travelled encoded, not the float32 arrays the strategy handled.
+                rec.bytes_sent, rec.bytes_received = wire.take_byte_counts()
             if server_round > 0:
                 save_checkpoint(run_dir, server_round, state)
                 rec.seconds = strategy.seconds_since_round_start()

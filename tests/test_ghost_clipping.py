@@ -31,7 +31,11 @@ def _run(clipping: str, method: str, clip: float) -> tuple[dict[str, torch.Tenso
     )
     # Noise 1e-12: the released update is the clipped sum itself (the mechanism refuses exactly 0).
     dp = DPSettings(
-        noise_multiplier=1e-12, max_grad_norm=clip, sample_rate=1.0, steps=1, clipping=clipping  # type: ignore[arg-type]
+        noise_multiplier=1e-12,
+        max_grad_norm=clip,
+        sample_rate=1.0,
+        steps=1,
+        clipping=clipping,  # type: ignore[arg-type]
     )
     out = train(built.model, data, cfg, dp=dp, pad_token_id=int(built.tokenizer.pad_token_id))
     assert not any(hasattr(p, "_norm_sample") for p in built.model.parameters())
