@@ -20,7 +20,6 @@ from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from privet.common.config import TrainConfig
@@ -175,6 +174,7 @@ def train(
     # Small micro-batches on CPU: each is padded only to its own longest text.
     physical = cfg.physical_batch_size or (128 if device.type == "cuda" else 16)
 
+    ghost: _GhostClipping | None = None
     if dp is None:
         _, steps = plan_steps(n, cfg)
         batches: Iterator[np.ndarray] = _shuffled_batches(
@@ -193,6 +193,8 @@ def train(
         gen = torch.Generator().manual_seed(seed)
         batches = _poisson_batches(n, dp.sample_rate, steps, gen)
         net, dp_opt = _make_private(model, optimizer, dp, n=n, device=device, seed=seed)
+        if isinstance(net, GradSampleModuleFastGradientClipping):
+            ghost = _GhostClipping(net)
 
     loss_sum, seen, done = 0.0, 0, 0
     # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
@@ -207,6 +209,8 @@ def train(
                 micro = length_sorted_microbatches(batch_idx, data.lengths, physical)
                 for j, mb in enumerate(micro):
                     batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
+                    if ghost is not None:
+                        ghost.start_microbatch()
                     # No autocast under DP: per-sample norms must be computed in full precision.
                     loss, per_example_graph = _forward_loss(
                         net, batch, device, "off" if dp_opt else mixed_precision
@@ -216,12 +220,8 @@ def train(
                         # Gradient accumulation: weight each micro-batch by its share of the batch.
                         (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]
                     else:
-                        if isinstance(net, GradSampleModuleFastGradientClipping):
-                            # Ghost clipping: Opacus's two backward passes (norms, then the
-                            # clipped sum) behind one backward() call.
-                            DPTensorFastGradientClipping(
-                                net, dp_opt, per_example_graph, "mean"
-                            ).backward()
+                        if ghost is not None:
+                            ghost.backward(per_example_graph)
                         else:
                             loss.backward()  # type: ignore[no-untyped-call]
                         if j < len(micro) - 1:
@@ -238,6 +238,8 @@ def train(
                     dp_opt.step()
                     dp_opt.zero_grad(set_to_none=True)
         finally:
+            if ghost is not None:
+                ghost.close()
             if isinstance(net, AbstractGradSampleModule):
                 # Leave the caller's model as it was given: no hooks, no per-sample state.
                 net._close()
@@ -295,6 +297,62 @@ def _make_private(
     # Per-sample gradients through Opacus's hooks; only modules with trainable weights get hooks.
     net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     return net, DPOptimizer(optimizer, **kwargs)  # type: ignore[arg-type]
+
+
+class _GhostClipping:
+    """Opacus's ghost clipping with a cheaper first backward pass.
+
+    Opacus (``DPTensorFastGradientClipping.backward``) runs two full backward passes: the first
+    only to let its hooks compute per-sample gradient norms, the second on the loss reweighted by
+    the clipping factors, which gives the clipped sum. The first pass also computes every weight
+    gradient, only to throw it away. Here the first pass asks autograd for the gradients of the
+    trainable modules' *inputs* instead (what the norm hooks need to fire), so the weight-gradient
+    products are skipped; this is our own addition, Opacus has no such option. Modules whose
+    inputs need no gradient (the lowest trainable layer) are reached through their own weights.
+    """
+
+    def __init__(self, net: GradSampleModuleFastGradientClipping) -> None:
+        self.net = net
+        self.targets: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for module in net._module.modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if own:
+                self.handles.append(module.register_forward_pre_hook(self._capture(own)))
+
+    def _capture(self, own: list[torch.nn.Parameter]):  # type: ignore[no-untyped-def]
+        def hook(module: torch.nn.Module, args: tuple[object, ...]) -> None:
+            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            for t in inputs or own:
+                self.targets[id(t)] = t
+
+        return hook
+
+    def start_microbatch(self) -> None:
+        self.targets.clear()
+        # A norm the first pass failed to compute must fail loudly, not reuse the last one.
+        for p in self.net.trainable_parameters:
+            p._norm_sample = None
+
+    def backward(self, per_example: torch.Tensor) -> None:
+        """Clip each example's gradient and leave the clipped sum in ``p.grad``."""
+        # Pass 1: per-sample gradient norms, through Opacus's hooks.
+        torch.autograd.grad(
+            per_example.mean(), list(self.targets.values()), retain_graph=True, allow_unused=True
+        )
+        coeff = self.net.get_clipping_coef().to(per_example.device)
+        # Pass 2: the loss reweighted by the clipping factors gives the clipped sum.
+        self.net.disable_hooks()
+        try:
+            (coeff * per_example).sum().backward()  # type: ignore[no-untyped-call]
+        finally:
+            self.net.enable_hooks()
+        self.targets.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
 
 
 def _noise_only_step(dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]) -> None:

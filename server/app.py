@@ -150,4 +150,7 @@ def _summary(history: list[RoundRecord]) -> dict[str, Any]:
         "max_epsilon": max(eps) if eps else None,
         "errors": {r.round: r.errors for r in history if r.errors},
         "seconds": sum(r.seconds for r in history),
+        # Client cold starts (model loads, tokenization), included in "seconds"; the simulation adds
+        # Ray's own start-up as ray_start_seconds.
+        "startup_seconds": sum(r.startup_seconds for r in history),
     }
