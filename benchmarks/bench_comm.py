@@ -61,6 +61,7 @@ def sizes() -> dict[str, dict[str, int]]:
 def main() -> None:
     p = benchlib.parser(__doc__ or "")
     args = p.parse_args()
+    benchlib.check_device(args)
     size = sizes()
     from privet.simulations import simulate
 

@@ -29,7 +29,11 @@ def main() -> None:
     p = benchlib.parser(__doc__ or "")
     p.add_argument("--batch", type=int, default=64, help="examples per (logical) batch")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument(
+        "--layers", type=int, default=None, help="cut the model to N layers (smoke tests)"
+    )
     args = p.parse_args()
+    benchlib.check_device(args)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     cfg = PrivetConfig()
@@ -44,7 +48,7 @@ def main() -> None:
     ]
     for label, method, clippings, steps, goal in cases:
         built = build_model(
-            cfg.model.model_copy(update={"device": args.device}),
+            cfg.model.model_copy(update={"device": args.device, "num_hidden_layers": args.layers}),
             cfg.adapter.model_copy(update={"method": method}),
             num_labels=fed.num_labels,
             seed=0,

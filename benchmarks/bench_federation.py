@@ -116,6 +116,7 @@ def main() -> None:
     p = benchlib.parser(__doc__ or "")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the centralized run")
     args = p.parse_args()
+    benchlib.check_device(args)
     repeats = args.repeats or 1
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

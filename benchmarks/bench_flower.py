@@ -207,6 +207,7 @@ def run_privet(cfg: PrivetConfig) -> dict[str, Any]:
 def main() -> None:
     p = benchlib.parser(__doc__ or "")
     args = p.parse_args()
+    benchlib.check_device(args)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(args, Path(tmp), "privet")
         fed = cached_federated_data(cfg.data)

@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--small", type=int, default=20)
     p.add_argument("--per-round", type=int, default=10)
     args = p.parse_args()
+    benchlib.check_device(args)
     big_n = 200 if args.quick else args.clients
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

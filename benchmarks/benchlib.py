@@ -88,6 +88,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_device(args: argparse.Namespace) -> None:
+    """Stop with one clear line when ``--device cuda`` is asked for on a machine without a GPU."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda: no CUDA device is visible on this machine; run without --device "
+            "(CPU) or on a GPU machine"
+        )
+
+
 def command_line() -> str:
     """The command that produced a result, as one would type it from the repository root."""
     script = Path(sys.argv[0]).resolve()
