@@ -167,6 +167,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
             received = read_arrays(msg.content)
             encoding = message_encoding(msg.content)  # the reply travels as the message did
             load_trainable_state(model, received)
+            plan_start = time.perf_counter()
             plan = plan_round(
                 privacy=cfg.privacy,
                 train=cfg.train,
@@ -175,6 +176,9 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 state_dir=state_dir,
                 client_id=loaded.data.name,
             )
+            # A client's first round calibrates its noise (seconds with the RDP accountant): a
+            # one-time cost like the model load, reported with it.
+            startup = loaded.load_seconds + (time.perf_counter() - plan_start)
             result = train(
                 model,
                 loaded.train,
@@ -199,9 +203,9 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 "epsilon": epsilon,
                 "noise-multiplier": plan.dp.noise_multiplier if plan.dp else 0.0,
                 "train-seconds": result.seconds,
-                # Cold start of this worker (model load) or of this client (tokenization), reported
-                # apart so that start-up does not hide in round 1's time.
-                "startup-seconds": loaded.load_seconds,
+                # Cold start of this worker (model load) or of this client (tokenization, noise
+                # calibration), reported apart so that start-up does not hide in round 1's time.
+                "startup-seconds": startup,
             }
         )
         if encoding == "float32":
