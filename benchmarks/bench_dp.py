@@ -36,6 +36,7 @@ def main() -> None:
     benchlib.check_device(args)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
+    full_repeats = args.repeats or (2 if args.quick else 3)
     cfg = PrivetConfig()
     fed = build_federated_data(cfg.data.model_copy(update={"num_clients": 1}))
     device = torch.device(args.device)
@@ -43,10 +44,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {"batch": args.batch, "repeats": repeats, "threads": args.threads}
     cases = [
-        ("LoRA", "lora", ["flat"], 2 if args.quick else 6, 1.1),
-        ("full fine-tuning", "full", ["ghost", "flat"], 1 if args.quick else 2, 1.8),
+        ("LoRA", "lora", ["flat"], 2 if args.quick else 6, 1.1, repeats),
+        ("full fine-tuning", "full", ["ghost", "flat"], 1 if args.quick else 2, 1.8, full_repeats),
     ]
-    for label, method, clippings, steps, goal in cases:
+    for label, method, clippings, steps, goal, reps in cases:
         built = build_model(
             cfg.model.model_copy(update={"device": args.device, "num_hidden_layers": args.layers}),
             cfg.adapter.model_copy(update={"method": method}),
@@ -99,7 +100,7 @@ def main() -> None:
         variants = {"no DP": lambda run=run: run(None)}
         for c in clippings:
             variants[f"DP {c}"] = lambda run=run, c=c: run(c)
-        times = benchlib.interleaved(variants, repeats)
+        times = benchlib.interleaved(variants, reps)
         base = benchlib.median(times["no DP"])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         details[label] = {
