@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export FLWR_TELEMETRY_ENABLED ?= 0
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install demo test lint types pytest clean
+.PHONY: install demo test lint types pytest clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ pytest: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test: lint types pytest
+
+# Benchmarks (docs/benchmarks.md): each writes benchmarks/results/<name>.json; the report prints
+# one table and writes it into docs/benchmarks.md. BENCH_ARGS="--device cuda" on a GPU machine.
+BENCHES    ?= bench_dp bench_federation bench_flower bench_comm bench_scale
+BENCH_ARGS ?=
+bench: install
+	@for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
+	$(PY) benchmarks/report.py --write-docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from flwr.clientapp.typing import Mod
 from privet.client.client_level import client_level_mods
 from privet.client.privacy import plan_round, record_round
 from privet.client.training import evaluate, train
-from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
+from privet.common.arrays import state_to_arrayrecord
 from privet.common.config import PrivetConfig
 from privet.common.data import ClientData, TokenizedExamples, cached_federated_data
 from privet.common.errors import BudgetExhaustedError, PrivetError
@@ -33,6 +35,7 @@ from privet.common.modeling import (
     load_trainable_state,
     pick_device,
 )
+from privet.common.transport import message_encoding, read_arrays, write_arrays
 
 __all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "make_client_app"]
 
@@ -44,6 +47,13 @@ ERROR_CLIENT = 1002
 
 
 @dataclass
+class _Model:
+    built: BuiltModel
+    device: torch.device
+    fingerprint: str
+
+
+@dataclass
 class _Loaded:
     built: BuiltModel
     device: torch.device
@@ -51,16 +61,22 @@ class _Loaded:
     train: TokenizedExamples
     test: TokenizedExamples
     fingerprint: str
+    #: Seconds this message spent loading (model, data, tokenization); 0 when all was cached.
+    load_seconds: float = 0.0
 
+
+# One base model per process (a Ray worker serves many clients: only their adapters are swapped in)
+# and each client's tokenized data once. The data cache is bounded so that a worker serving a large
+# population keeps memory flat; a client's data is small and cheap to tokenize again.
+_model_cache: dict[str, _Model] = {}
+_data_cache: OrderedDict[
+    tuple[str, int | str], tuple[ClientData, TokenizedExamples, TokenizedExamples]
+] = OrderedDict()
+_DATA_CACHE_SIZE = 256
+_lock = threading.Lock()
 
 #: Changes a client's data after it is loaded (the simulation's label-flipping attackers).
 DataHook = Callable[[int, ClientData], ClientData]
-
-_cache: dict[tuple[str, int | str], _Loaded] = {}
-# One model per configuration, shared by the partitions this process serves (a Ray worker serves
-# many, one message at a time; every message loads its adapter first).
-_models: dict[str, tuple[BuiltModel, torch.device, str]] = {}
-_lock = threading.Lock()
 
 
 def _load(
@@ -70,47 +86,64 @@ def _load(
     local: ClientData | None = None,
     data_hook: DataHook | None = None,
 ) -> _Loaded:
-    cfg_key = cfg.model_dump_json()
-    key: tuple[str, int | str] = (
-        cfg_key,
-        partition_id if local is None else f"local:{local.name}",
-    )
+    start = time.perf_counter()
+    key = cfg.model_dump_json()
     with _lock:
-        if key not in _cache:
+        model = _model_cache.get(key)
+        if model is None:
             if cfg.train.num_threads is not None:
                 torch.set_num_threads(cfg.train.num_threads)
+            # a deployed client has its own data; the coordinator fixed the label count
+            num_labels = (
+                cached_federated_data(cfg.data).num_labels
+                if local is None
+                else cfg.data.num_labels or 2
+            )
+            built = build_model(cfg.model, cfg.adapter, num_labels=num_labels, seed=cfg.train.seed)
+            device = pick_device(cfg.model.device)
+            built.model.to(device)
+            _model_cache.clear()  # one federation per process: drop models of older configs
+            _data_cache.clear()
+            model = _Model(built=built, device=device, fingerprint=frozen_fingerprint(built.model))
+            _model_cache[key] = model
+        data_key: tuple[str, int | str] = (
+            key,
+            partition_id if local is None else f"local:{local.name}",
+        )
+        cached = _data_cache.get(data_key)
+        if cached is None:
             if local is None:
                 fed = cached_federated_data(cfg.data)
                 if not 0 <= partition_id < len(fed.clients):
                     raise PrivetError(
                         f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
                     )
-                data, num_labels = fed.clients[partition_id], fed.num_labels
-            else:  # a deployed client: its own data; the coordinator fixed the label count
-                data, num_labels = local, cfg.data.num_labels or 2
+                data = fed.clients[partition_id]
+            else:
+                data = local
             if data_hook is not None:
                 data = data_hook(partition_id, data)
-            if cfg_key not in _models:
-                # one federation per process: drop models and data of older configs
-                _models.clear()
-                _cache.clear()
-                built = build_model(
-                    cfg.model, cfg.adapter, num_labels=num_labels, seed=cfg.train.seed
-                )
-                device = pick_device(cfg.model.device)
-                built.model.to(device)
-                _models[cfg_key] = (built, device, frozen_fingerprint(built.model))
-            built, device, fingerprint = _models[cfg_key]
-            tok, ml = built.tokenizer, cfg.model.max_length
-            _cache[key] = _Loaded(
-                built=built,
-                device=device,
-                data=data,
-                train=TokenizedExamples(data.train, tok, max_length=ml),
-                test=TokenizedExamples(data.test, tok, max_length=ml),
-                fingerprint=fingerprint,
+            tok, ml = model.built.tokenizer, cfg.model.max_length
+            cached = (
+                data,
+                TokenizedExamples(data.train, tok, max_length=ml),
+                TokenizedExamples(data.test, tok, max_length=ml),
             )
-        return _cache[key]
+            _data_cache[data_key] = cached
+            while len(_data_cache) > _DATA_CACHE_SIZE:
+                _data_cache.popitem(last=False)
+        else:
+            _data_cache.move_to_end(data_key)
+        data, train_set, test_set = cached
+        return _Loaded(
+            built=model.built,
+            device=model.device,
+            data=data,
+            train=train_set,
+            test=test_set,
+            fingerprint=model.fingerprint,
+            load_seconds=time.perf_counter() - start,
+        )
 
 
 def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
@@ -169,7 +202,11 @@ def make_client_app(
             server_round = int(str(conf["server-round"]))
             total_rounds = int(str(conf.get("total-rounds", cfg.federation.rounds)))
             model = loaded.built.model
-            load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
+            # The weights exactly as this client decoded them: its update is relative to these.
+            received = read_arrays(msg.content)
+            encoding = message_encoding(msg.content)  # the reply travels as the message did
+            load_trainable_state(model, received)
+            plan_start = time.perf_counter()
             plan = plan_round(
                 privacy=cfg.privacy,
                 train=cfg.train,
@@ -178,6 +215,9 @@ def make_client_app(
                 state_dir=state_dir,
                 client_id=loaded.data.name,
             )
+            # A client's first round calibrates its noise (seconds with the RDP accountant): a
+            # one-time cost like the model load, reported with it.
+            startup = loaded.load_seconds + (time.perf_counter() - plan_start)
             result = train(
                 model,
                 loaded.train,
@@ -207,10 +247,17 @@ def make_client_app(
                 "epsilon": epsilon,
                 "noise-multiplier": plan.dp.noise_multiplier if plan.dp else 0.0,
                 "train-seconds": result.seconds,
+                # Cold start of this worker (model load) or of this client (tokenization, noise
+                # calibration), reported apart so that start-up does not hide in round 1's time.
+                "startup-seconds": startup,
             }
         )
-        arrays = state_to_arrayrecord(result.state)
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+        if encoding == "float32":
+            content = RecordDict({"arrays": state_to_arrayrecord(result.state), "metrics": metrics})
+        else:
+            content = RecordDict({"metrics": metrics})
+            write_arrays(content, result.state, encoding, reference=received)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
@@ -218,7 +265,7 @@ def make_client_app(
         try:
             loaded = _load(cfg, partition, local=local, data_hook=data_hook)
             model = loaded.built.model
-            load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
+            load_trainable_state(model, read_arrays(msg.content))
             res = evaluate(
                 model,
                 loaded.test,

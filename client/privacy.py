@@ -103,7 +103,11 @@ def plan_round(
     before = ledger.epsilon()
     ledger.check_round(noise_multiplier=sigma, sample_rate=q, steps=steps)
     dp = DPSettings(
-        noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm, sample_rate=q, steps=steps
+        noise_multiplier=sigma,
+        max_grad_norm=privacy.max_grad_norm,
+        sample_rate=q,
+        steps=steps,
+        clipping=privacy.clipping,
     )
     return RoundPrivacy(ledger=ledger, path=path, dp=dp, epsilon_before=before)
 

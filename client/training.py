@@ -12,11 +12,14 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from privet.common.config import TrainConfig
@@ -44,6 +47,11 @@ class DPSettings:
     max_grad_norm: float
     sample_rate: float
     steps: int
+    #: ``flat``: per-sample gradients from Opacus's hooks, clipped and summed. ``ghost``: Opacus's
+    #: ghost clipping: per-sample gradient *norms* in a first backward pass, then a second backward
+    #: of the loss reweighted by the clipping factors; no per-sample gradient is stored, which is
+    #: what makes full fine-tuning affordable. Both release the same clipped sum.
+    clipping: Literal["flat", "ghost"] = "flat"
 
 
 @dataclass
@@ -81,12 +89,12 @@ def _forward_loss(
     device: torch.device,
     mixed_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the micro-batch, and the per-example losses (detached)."""
+    """Mean cross-entropy over the micro-batch, and the per-example losses (still in the graph)."""
     labels = batch.pop("labels")
     with autocast_for(device, mixed_precision):
         logits = model(**batch).logits
     per_example = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    return per_example.mean(), per_example.detach()
+    return per_example.mean(), per_example
 
 
 def _make_optimizer(
@@ -203,6 +211,7 @@ def train(
     # Small micro-batches on CPU: each is padded only to its own longest text.
     physical = cfg.physical_batch_size or (128 if device.type == "cuda" else 16)
 
+    ghost: _GhostClipping | None = None
     if dp is None:
         _, steps = plan_steps(n, cfg)
         batches: Iterator[np.ndarray] = _shuffled_batches(
@@ -220,18 +229,9 @@ def train(
         steps = dp.steps
         gen = torch.Generator().manual_seed(seed)
         batches = _poisson_batches(n, dp.sample_rate, steps, gen)
-        # Per-sample gradients through Opacus's hooks; only modules with trainable weights get hooks.
-        net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        expected = max(1, round(dp.sample_rate * n))
-        noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
-        dp_opt = DPOptimizer(
-            optimizer,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm if math.isfinite(dp.max_grad_norm) else 1e30,
-            expected_batch_size=expected,
-            loss_reduction="mean",
-            generator=noise_gen,
-        )
+        net, dp_opt = _make_private(model, optimizer, dp, n=n, device=device, seed=seed)
+        if isinstance(net, GradSampleModuleFastGradientClipping):
+            ghost = _GhostClipping(net)
 
     loss_sum, seen, done = 0.0, 0, 0
     # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
@@ -246,15 +246,21 @@ def train(
                 micro = length_sorted_microbatches(batch_idx, data.lengths, physical)
                 for j, mb in enumerate(micro):
                     batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
+                    if ghost is not None:
+                        ghost.start_microbatch()
                     # No autocast under DP: per-sample norms must be computed in full precision.
-                    loss, per_example = _forward_loss(
+                    loss, per_example_graph = _forward_loss(
                         net, batch, device, "off" if dp_opt else mixed_precision
                     )
+                    per_example = per_example_graph.detach()
                     if dp_opt is None:
                         # Gradient accumulation: weight each micro-batch by its share of the batch.
                         (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]
                     else:
-                        loss.backward()  # type: ignore[no-untyped-call]
+                        if ghost is not None:
+                            ghost.backward(per_example_graph)
+                        else:
+                            loss.backward()  # type: ignore[no-untyped-call]
                         if j < len(micro) - 1:
                             # Clip and accumulate this micro-batch; noise is added once per batch.
                             dp_opt.signal_skip_step(do_skip=True)
@@ -273,11 +279,13 @@ def train(
                         dp_opt.original_optimizer.step()
                     dp_opt.zero_grad(set_to_none=True)
         finally:
-            if isinstance(net, GradSampleModule):
+            if ghost is not None:
+                ghost.close()
+            if isinstance(net, AbstractGradSampleModule):
                 # Leave the caller's model as it was given: no hooks, no per-sample state.
                 net._close()
                 for p in params:
-                    for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+                    for attr in ("grad_sample", "summed_grad", "_forward_counter", "_norm_sample"):
                         if hasattr(p, attr):
                             delattr(p, attr)
 
@@ -291,6 +299,101 @@ def train(
         examples_seen=seen,
         seconds=time.perf_counter() - start,
     )
+
+
+def _make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dp: DPSettings,
+    *,
+    n: int,
+    device: torch.device,
+    seed: int,
+) -> tuple[torch.nn.Module, DPOptimizer]:
+    """Wrap model and optimizer for DP-SGD with the clipping mode ``dp.clipping`` asks for.
+
+    The pieces are Opacus's own (what ``PrivacyEngine.make_private`` assembles, minus its data
+    loader and accountant: privet samples its own Poisson batches and keeps the accountant history
+    in the client's ledger across rounds).
+    """
+    clip = dp.max_grad_norm if math.isfinite(dp.max_grad_norm) else 1e30
+    expected = max(1, round(dp.sample_rate * n))
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    kwargs = {
+        "noise_multiplier": dp.noise_multiplier,
+        "max_grad_norm": clip,
+        "expected_batch_size": expected,
+        "loss_reduction": "mean",
+        "generator": noise_gen,
+    }
+    if dp.clipping == "ghost":
+        net: torch.nn.Module = GradSampleModuleFastGradientClipping(
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            max_grad_norm=clip,
+            use_ghost_clipping=True,
+        )
+        return net, DPOptimizerFastGradientClipping(optimizer, **kwargs)  # type: ignore[arg-type]
+    # Per-sample gradients through Opacus's hooks; only modules with trainable weights get hooks.
+    net = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    return net, DPOptimizer(optimizer, **kwargs)  # type: ignore[arg-type]
+
+
+class _GhostClipping:
+    """Opacus's ghost clipping with a cheaper first backward pass.
+
+    Opacus (``DPTensorFastGradientClipping.backward``) runs two full backward passes: the first
+    only to let its hooks compute per-sample gradient norms, the second on the loss reweighted by
+    the clipping factors, which gives the clipped sum. The first pass also computes every weight
+    gradient, only to throw it away. Here the first pass asks autograd for the gradients of the
+    trainable modules' *inputs* instead (what the norm hooks need to fire), so the weight-gradient
+    products are skipped; this is our own addition, Opacus has no such option. Modules whose
+    inputs need no gradient (the lowest trainable layer) are reached through their own weights.
+    """
+
+    def __init__(self, net: GradSampleModuleFastGradientClipping) -> None:
+        self.net = net
+        self.targets: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for module in net._module.modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if own:
+                self.handles.append(module.register_forward_pre_hook(self._capture(own)))
+
+    def _capture(self, own: list[torch.nn.Parameter]):  # type: ignore[no-untyped-def]
+        def hook(module: torch.nn.Module, args: tuple[object, ...]) -> None:
+            inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            for t in inputs or own:
+                self.targets[id(t)] = t
+
+        return hook
+
+    def start_microbatch(self) -> None:
+        self.targets.clear()
+        # A norm the first pass failed to compute must fail loudly, not reuse the last one.
+        for p in self.net.trainable_parameters:
+            p._norm_sample = None
+
+    def backward(self, per_example: torch.Tensor) -> None:
+        """Clip each example's gradient and leave the clipped sum in ``p.grad``."""
+        # Pass 1: per-sample gradient norms, through Opacus's hooks.
+        torch.autograd.grad(
+            per_example.mean(), list(self.targets.values()), retain_graph=True, allow_unused=True
+        )
+        coeff = self.net.get_clipping_coef().to(per_example.device)
+        # Pass 2: the loss reweighted by the clipping factors gives the clipped sum.
+        self.net.disable_hooks()
+        try:
+            (coeff * per_example).sum().backward()  # type: ignore[no-untyped-call]
+        finally:
+            self.net.enable_hooks()
+        self.targets.clear()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
 
 
 def _noise_only_step(

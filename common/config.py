@@ -589,6 +589,15 @@ class FederationConfig(_Section):
         ),
     )
 
+    transport: Literal["float32", "float16", "int8"] = Field(
+        "float32",
+        description=(
+            "Encoding of the weights on the wire: float32 (exact), float16 (half the bytes) or int8 "
+            "(a quarter; one scale per tensor). Replies carry the update, not the weights, so small "
+            "updates survive the rounding."
+        ),
+    )
+
 
 class AggregationConfig(_Section):
     """Parameters of the strategy chosen by federation.strategy, and how LoRA pairs are aggregated.
@@ -860,6 +869,22 @@ class PrivetConfig(_Section):
                     f"data.num_clients ({self.data.num_clients}); the run would wait forever"
                 )
         check_aggregation(self)
+        if self.federation.transport != "float32":
+            # The client encodes its reply inside the train function, so Flower mods around it see
+            # an encoded update, not weights: the client-side clipping mod and the simulated
+            # attackers would act on the wrong numbers.
+            if self.privacy.client_level.enabled and self.privacy.client_level.side == "client":
+                raise ValueError(
+                    f"federation.transport = {self.federation.transport!r} cannot be combined with "
+                    "privacy.client_level.side = 'client': Flower's clipping mod would clip the "
+                    "encoded update instead of the weights; use side = 'server' or transport = 'float32'"
+                )
+            if self.faults.active:
+                raise ValueError(
+                    f"federation.transport = {self.federation.transport!r} cannot be combined with "
+                    "[faults]: the simulated attackers rewrite weights, and the reply carries an "
+                    "encoded update; use transport = 'float32' for robustness studies"
+                )
         if self.privacy.client_level.enabled:
             require_plain_averaging(
                 self,

@@ -46,6 +46,7 @@ from privet.server.rundir import (
 )
 from privet.server.strategies import build_strategy
 from privet.server.tracking import Tracking, check_tracking, with_tracking
+from privet.server.transport import TransportGrid
 from privet.server.validation import make_reply_checks
 
 __all__ = ["make_server_app"]
@@ -105,6 +106,9 @@ def make_server_app(
                 load_trainable_state(model, load_checkpoint(checkpoint_path(run_dir, done)))
                 first_round = done + 1
                 log.info("resuming after round %d of %d", done, fed_cfg.rounds)
+        wire = TransportGrid(grid, fed_cfg.transport) if fed_cfg.transport != "float32" else None
+        if wire is not None:
+            grid = wire
 
         def _round_end(server_round: int, arrays: ArrayRecord) -> None:
             if server_round == first_round - 1 and first_round > 1:
@@ -122,6 +126,9 @@ def make_server_app(
                     mixed_precision=cfg.model.mixed_precision,
                 )
                 rec.server_accuracy, rec.server_loss = res.accuracy, res.loss
+            if wire is not None and server_round > 0:
+                # What travelled encoded, not the float32 arrays the strategy handled.
+                rec.bytes_sent, rec.bytes_received = wire.take_byte_counts()
             if server_round > 0:
                 save_checkpoint(run_dir, server_round, state)
                 rec.seconds = strategy.seconds_since_round_start()
@@ -213,4 +220,7 @@ def _summary(history: list[RoundRecord]) -> dict[str, Any]:
         "max_epsilon": max(eps) if eps else None,
         "errors": {r.round: r.errors for r in history if r.errors},
         "seconds": sum(r.seconds for r in history),
+        # Client cold starts (model loads, tokenization), included in "seconds"; the simulation adds
+        # Ray's own start-up as ray_start_seconds.
+        "startup_seconds": sum(r.startup_seconds for r in history),
     }

@@ -104,6 +104,12 @@ def simulate(
             f"[bold]largest cumulative ε among clients: {eps if eps is None else round(eps, 3)} "
             f"(budget {budget}, δ = {cfg.privacy.delta}, {cfg.privacy.accountant.upper()} accountant)[/bold]"
         )
+    ray_s, loads_s = summary.get("ray_start_seconds"), summary.get("startup_seconds")
+    if ray_s is not None and loads_s is not None:
+        console.print(
+            f"start-up: Ray {ray_s:.1f} s before round 1; cold model/data loads on the workers "
+            f"{loads_s:.1f} s (counted in the round times above)"
+        )
     from privet.simulations.privacy_report import load_privacy_report, plot_privacy, privacy_lines
 
     for line in privacy_lines(load_privacy_report(run_dir)):

@@ -8,6 +8,7 @@ on success, on error and on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from privet.common.config import PrivetConfig
 from privet.common.data import cached_federated_data
 from privet.common.modeling import check_model_loads
 from privet.server import RoundObserver, make_server_app
-from privet.server.rundir import create_run_dir
+from privet.server.rundir import create_run_dir, write_json
 from privet.server.tracking import check_tracking
 from privet.simulations.cluster import check_ray_address, ray_cluster_init_args
 from privet.simulations.faults import FaultPlan
@@ -114,14 +115,15 @@ def simulate(
         cfg = cfg.model_copy(
             update={"train": cfg.train.model_copy(update={"num_threads": threads})}
         )
+    init_args: dict[str, Any] = {
+        "num_cpus": total_cpus,
+        "include_dashboard": False,
+        "logging_level": "INFO" if verbose else "ERROR",
+        "log_to_driver": verbose,
+    }
     backend_config = {
         "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
-        "init_args": {
-            "num_cpus": total_cpus,
-            "include_dashboard": False,
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-        },
+        "init_args": init_args,
     }
     if sim.ray_address is not None:
         backend_config["init_args"] = ray_cluster_init_args(sim.ray_address, verbose=verbose)
@@ -135,6 +137,8 @@ def simulate(
         return run_dir
     previous = _install_interrupt_handler()
     try:
+        # Ray is started here, timed, rather than inside round 1 (Flower reuses a running Ray).
+        ray_seconds = _start_ray(backend_config["init_args"])  # type: ignore[arg-type]
         run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -146,6 +150,7 @@ def simulate(
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         _ray_shutdown()
+    _add_to_summary(run_dir, ray_start_seconds=ray_seconds)
     return run_dir
 
 
@@ -169,6 +174,27 @@ def _client_app(cfg: PrivetConfig, *, state_dir: Path, num_clients: int, num_lab
     return make_client_app(
         cfg, state_dir=state_dir, train_mods=[plan.mod()], data_hook=plan.flip_labels
     )
+
+
+def _start_ray(init_args: dict[str, Any]) -> float:
+    """Start Ray with Flower's init arguments; return the seconds it took."""
+    import time
+
+    import ray
+
+    start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(**init_args)
+    return time.perf_counter() - start
+
+
+def _add_to_summary(run_dir: Path, **values: float) -> None:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    summary.update({k: round(v, 3) for k, v in values.items()})
+    write_json(path, summary)
 
 
 def _kill_descendants(timeout: float = 5.0) -> None:

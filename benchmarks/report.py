@@ -1,0 +1,106 @@
+"""Print every benchmark result as one table; with --write-docs, put it into docs/benchmarks.md.
+
+    python benchmarks/report.py [--results benchmarks/results] [--write-docs]
+
+The docs section sits between the markers ``<!-- bench:begin -->`` and ``<!-- bench:end -->``
+(added at the end of the file the first time) and holds, per benchmark, the command, the machine
+and the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import benchlib
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+ORDER = ["dp_overhead", "federation_overhead", "vs_flower_examples", "communication", "scale"]
+
+
+def load(folder: Path) -> list[dict[str, Any]]:
+    docs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return sorted(docs, key=lambda d: ORDER.index(d["name"]) if d["name"] in ORDER else 99)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return (
+        f"{m.get('nproc')} CPUs ({m.get('cpu')}){gpu}, {m.get('memory_gib')} GiB RAM, "
+        f"torch {m.get('torch')}, flwr {m.get('flwr')}, opacus {m.get('opacus')}, "
+        f"ray {m.get('ray')}"
+    )
+
+
+def markdown(docs: list[dict[str, Any]]) -> str:
+    out = [
+        BEGIN,
+        "",
+        "## `make bench` results",
+        "",
+        "Written by `python benchmarks/report.py --write-docs` from `benchmarks/results/*.json`; "
+        "each ratio is measured side by side in one run.",
+        "",
+    ]
+    for d in docs:
+        met = {True: "yes", False: "**no**", None: ""}
+        out += [
+            f"### {d['name']}",
+            "",
+            f"Command: `{d['command']}` ({d['when']}). Machine: {machine_line(d['machine'])}.",
+            "",
+            "| metric | value | goal | met |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in d["rows"]:
+            value = f"{benchlib.fmt(r['value'])} {r['unit']}".strip()
+            out.append(f"| {r['metric']} | {value} | {r['goal']} | {met[r['met']]} |")
+        out.append("")
+    out.append(END)
+    return "\n".join(out) + "\n"
+
+
+def write_docs(docs: list[dict[str, Any]], path: Path) -> None:
+    text = path.read_text() if path.is_file() else ""
+    block = markdown(docs)
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", type=Path, default=benchlib.RESULTS)
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--docs", type=Path, default=benchlib.ROOT / "docs" / "benchmarks.md")
+    args = p.parse_args()
+    docs = load(args.results)
+    if not docs:
+        raise SystemExit(f"no results in {args.results}; run `make bench` first")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="privet benchmarks")
+    for col in ("benchmark", "metric", "value", "goal", "met"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for d in docs:
+        for r in d["rows"]:
+            met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[r["met"]]
+            value = f"{benchlib.fmt(r['value'])} {r['unit']}".strip()
+            table.add_row(d["name"], r["metric"], value, r["goal"], met)
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"machine: {machine_line(docs[0]['machine'])}")
+    if args.write_docs:
+        write_docs(docs, args.docs)
+        console.print(f"wrote {args.docs}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Encode what the server sends and decode what comes back (``federation.transport``).
+
+A thin :class:`~flwr.serverapp.Grid` wrapper: the strategy, the reply checks and the aggregation
+all see float32 weights, only the wire carries float16 or int8 (see :mod:`privet.common.transport`).
+Flower has no such hook on the server side, hence our own wrapper; it also counts the bytes that
+actually travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from privet.common.arrays import arrayrecord_to_state
+from privet.common.errors import UpdateError
+from privet.common.transport import (
+    TRANSPORT_RECORD,
+    Encoding,
+    decode_state,
+    encode_state,
+    read_arrays,
+    write_arrays,
+)
+
+__all__ = ["TransportGrid"]
+
+
+class TransportGrid(Grid):
+    """Wrap ``inner`` so that arrays travel in ``encoding`` both ways.
+
+    Parameters
+    ----------
+    inner
+        The grid Flower gave the ServerApp.
+    encoding
+        ``float16`` or ``int8`` (``float32`` needs no wrapper).
+
+    Attributes
+    ----------
+    bytes_sent, bytes_received
+        Bytes of the encoded train arrays since the last :meth:`take_byte_counts`.
+
+    """
+
+    def __init__(self, inner: Grid, encoding: Encoding) -> None:
+        self.inner = inner
+        self.encoding = encoding
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def take_byte_counts(self) -> tuple[int, int]:
+        """Bytes sent and received (train messages) since the last call; resets the counters."""
+        out = (self.bytes_sent, self.bytes_received)
+        self.bytes_sent = self.bytes_received = 0
+        return out
+
+    # -- what changes: encode on the way out, decode on the way back ------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Encode the arrays of ``messages``, send them, and decode the replies' arrays."""
+        sent: dict[int, dict[str, torch.Tensor]] = {}
+        out = []
+        for msg in messages:
+            if "arrays" in msg.content.array_records:
+                state = arrayrecord_to_state(msg.content.array_records["arrays"])
+                write_arrays(msg.content, state, self.encoding)
+                encoded = msg.content.array_records["arrays"]
+                # What the client will decode: its update is relative to exactly this.
+                sent[msg.metadata.dst_node_id] = decode_state(encoded, self.encoding)
+                if msg.metadata.message_type == "train":
+                    self.bytes_sent += encoded.count_bytes()
+            out.append(msg)
+        replies = list(self.inner.send_and_receive(out, timeout=timeout))
+        for reply in replies:
+            if reply.has_error() or "arrays" not in reply.content.array_records:
+                continue
+            self.bytes_received += reply.content.array_records["arrays"].count_bytes()
+            try:
+                state = read_arrays(reply.content, reference=sent.get(reply.metadata.src_node_id))
+            except UpdateError:
+                # Leave the reply as it came: the reply checks (or the strategy) reject it.
+                continue
+            reply.content["arrays"] = encode_state(state, "float32")
+            del reply.content[TRANSPORT_RECORD]
+        return replies
+
+    # -- everything else is the wrapped grid's ------------------------------------------------
+    def set_run(self, run: Run) -> None:  # noqa: D102
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:  # noqa: D102
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]  # noqa: D102
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self.inner.pull_messages(message_ids)
