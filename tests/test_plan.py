@@ -107,3 +107,28 @@ def test_simulate_refuses_before_any_worker_starts(tmp_path) -> None:
     with pytest.raises(PrivacyError, match="the plan cannot hold"):
         simulate(cfg)
     assert not any(tmp_path.iterdir())  # refused before the run directory was made
+
+
+def test_rendered_plan_names_the_problem() -> None:
+    from rich.console import Console
+
+    from privet.simulations.plan import render_plan
+
+    cfg = load_config(
+        None,
+        [
+            *BASE,
+            "privacy.target_epsilon=none",
+            "privacy.noise_multiplier=0.7",
+            "privacy.budget_epsilon=3",
+            "privacy.client_level.enabled=true",
+            "privacy.client_level.noise_multiplier=2.0",
+            "privacy.client_level.delta=0.1",
+        ],
+    )
+    plan = make_plan(cfg, with_model=False)
+    console = Console(record=True, width=200)
+    console.print(render_plan(plan, cfg))
+    text = console.export_text()
+    assert "REFUSED" in text and "budget ends after round" in text
+    assert "client-level DP (DP-FedAvg)" in text and "federation ε" in text
