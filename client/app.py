@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
+from privet.client.client_level import client_level_mods
 from privet.client.privacy import plan_round, record_round
 from privet.client.training import evaluate, train
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
@@ -49,12 +52,19 @@ class _Loaded:
     fingerprint: str
 
 
+#: Changes a client's data after it is loaded (the simulation's label-flipping attackers).
+DataHook = Callable[[int, ClientData], ClientData]
+
 _cache: dict[tuple[str, int], _Loaded] = {}
+# One model per configuration, shared by the partitions this process serves (a Ray worker serves
+# many, one message at a time; every message loads its adapter first).
+_models: dict[str, tuple[BuiltModel, torch.device, str]] = {}
 _lock = threading.Lock()
 
 
-def _load(cfg: PrivetConfig, partition_id: int) -> _Loaded:
-    key = (cfg.model_dump_json(), partition_id)
+def _load(cfg: PrivetConfig, partition_id: int, data_hook: DataHook | None = None) -> _Loaded:
+    cfg_key = cfg.model_dump_json()
+    key = (cfg_key, partition_id)
     with _lock:
         if key not in _cache:
             if cfg.train.num_threads is not None:
@@ -65,20 +75,27 @@ def _load(cfg: PrivetConfig, partition_id: int) -> _Loaded:
                     f"this node has partition-id {partition_id}, the data has {len(fed.clients)} clients"
                 )
             data = fed.clients[partition_id]
-            built = build_model(
-                cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
-            )
-            device = pick_device(cfg.model.device)
-            built.model.to(device)
+            if data_hook is not None:
+                data = data_hook(partition_id, data)
+            if cfg_key not in _models:
+                # one federation per process: drop models and data of older configs
+                _models.clear()
+                _cache.clear()
+                built = build_model(
+                    cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
+                )
+                device = pick_device(cfg.model.device)
+                built.model.to(device)
+                _models[cfg_key] = (built, device, frozen_fingerprint(built.model))
+            built, device, fingerprint = _models[cfg_key]
             tok, ml = built.tokenizer, cfg.model.max_length
-            _cache.clear()  # one federation per process: drop models of older configs
             _cache[key] = _Loaded(
                 built=built,
                 device=device,
                 data=data,
                 train=TokenizedExamples(data.train, tok, max_length=ml),
                 test=TokenizedExamples(data.test, tok, max_length=ml),
-                fingerprint=frozen_fingerprint(built.model),
+                fingerprint=fingerprint,
             )
         return _cache[key]
 
@@ -95,7 +112,13 @@ def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
     return Message(Error(code=code, reason=f"[{partition}] {reason}"), reply_to=msg)
 
 
-def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
+def make_client_app(
+    cfg: PrivetConfig,
+    *,
+    state_dir: Path,
+    train_mods: Sequence[Mod] = (),
+    data_hook: DataHook | None = None,
+) -> ClientApp:
     """Build the ClientApp for a federation configured by ``cfg``.
 
     Parameters
@@ -104,15 +127,19 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
         The federation's configuration (the client uses model, adapter, privacy, train, data).
     state_dir
         Folder for the clients' privacy ledgers; it must outlive the process.
+    train_mods
+        Flower mods around the train function (the simulation's fault injection).
+    data_hook
+        Changes a client's data once, after loading (the simulation's label flipping).
 
     """
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[*train_mods, *client_level_mods(cfg)])
     def _train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:
-            loaded = _load(cfg, partition)
+            loaded = _load(cfg, partition, data_hook)
             conf = msg.content.config_records["config"]
             expected = str(conf.get("fingerprint", loaded.fingerprint))
             if expected != loaded.fingerprint:
@@ -143,6 +170,8 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
                 mixed_precision=cfg.model.mixed_precision,
                 # A different sampling/noise stream for every client and round.
                 seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round,
+                # Flower's FedProx sends its mu in the train config; other strategies send none.
+                proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             )
             epsilon = record_round(plan, server_round=server_round, result=result)
         except Exception as exc:  # every failure becomes an error reply the server logs
@@ -166,7 +195,7 @@ def make_client_app(cfg: PrivetConfig, *, state_dir: Path) -> ClientApp:
     def _evaluate(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:
-            loaded = _load(cfg, partition)
+            loaded = _load(cfg, partition, data_hook)
             model = loaded.built.model
             load_trainable_state(model, arrayrecord_to_state(msg.content.array_records["arrays"]))
             res = evaluate(

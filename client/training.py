@@ -25,7 +25,15 @@ from privet.common.errors import PrivacyError
 from privet.common.evaluation import EvalResult, autocast_for, evaluate
 from privet.common.modeling import trainable_state
 
-__all__ = ["DPSettings", "EvalResult", "TrainResult", "evaluate", "plan_steps", "train"]
+__all__ = [
+    "DPSettings",
+    "EvalResult",
+    "TrainResult",
+    "add_proximal_gradient",
+    "evaluate",
+    "plan_steps",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,27 @@ def _shuffled_batches(
         pos += batch_size
 
 
+def add_proximal_gradient(
+    params: Sequence[torch.nn.Parameter], anchors: Sequence[torch.Tensor], mu: float
+) -> None:
+    """Add the gradient of FedProx's term ``(mu/2) * ||w - w_global||^2``, ``mu * (w - w_global)``.
+
+    Called on the final (under DP: clipped, noised and averaged) gradient just before the optimizer
+    updates the weights. The term depends only on the weights, not on any example, so it is neither
+    clipped nor noised: adding it after the DP mechanism is post-processing and costs no privacy.
+    Parameters without a gradient get one.
+    """
+    if mu == 0:
+        return
+    with torch.no_grad():
+        for p, anchor in zip(params, anchors, strict=True):
+            prox = mu * (p.detach() - anchor)
+            if p.grad is None:
+                p.grad = prox.clone()
+            else:
+                p.grad.add_(prox)
+
+
 def train(
     model: torch.nn.Module,
     data: TokenizedExamples,
@@ -127,6 +156,7 @@ def train(
     device: torch.device | None = None,
     mixed_precision: str = "auto",
     seed: int | None = None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train the model's trainable weights on ``data`` for one round; return the new weights.
 
@@ -148,6 +178,9 @@ def train(
         Autocast on GPU (``auto``/``bf16``/``fp16``/``off``); ignored on CPU.
     seed
         Seed of sampling and noise for this round (default: ``cfg.seed``).
+    proximal_mu
+        FedProx: add ``(mu/2) * ||w - w_start||^2`` to the loss, where ``w_start`` are the trainable
+        weights the round starts from (the global model the server sent); 0 turns it off.
 
     Returns
     -------
@@ -162,6 +195,10 @@ def train(
     model.train()
     seed = cfg.seed if seed is None else seed
     params = [p for p in model.parameters() if p.requires_grad]
+    if proximal_mu < 0 or not math.isfinite(proximal_mu):
+        raise ValueError(f"proximal_mu must be a finite number >= 0, got {proximal_mu}")
+    # FedProx's anchor: the global weights this round starts from.
+    anchors = [p.detach().clone() for p in params] if proximal_mu else []
     optimizer = _make_optimizer(params, cfg)
     # Small micro-batches on CPU: each is padded only to its own longest text.
     physical = cfg.physical_batch_size or (128 if device.type == "cuda" else 16)
@@ -204,7 +241,7 @@ def train(
             for batch_idx in batches:
                 done += 1
                 if dp_opt is not None and len(batch_idx) == 0:
-                    _noise_only_step(dp_opt, params)
+                    _noise_only_step(dp_opt, params, anchors, proximal_mu)
                     continue
                 micro = length_sorted_microbatches(batch_idx, data.lengths, physical)
                 for j, mb in enumerate(micro):
@@ -226,10 +263,14 @@ def train(
                     loss_sum += float(per_example.sum())
                     seen += len(mb)
                 if dp_opt is None:
+                    add_proximal_gradient(params, anchors, proximal_mu)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 else:
-                    dp_opt.step()
+                    # DPOptimizer.step() written out, so the proximal gradient joins after the noise.
+                    if dp_opt.pre_step():
+                        add_proximal_gradient(params, anchors, proximal_mu)
+                        dp_opt.original_optimizer.step()
                     dp_opt.zero_grad(set_to_none=True)
         finally:
             if isinstance(net, GradSampleModule):
@@ -252,7 +293,12 @@ def train(
     )
 
 
-def _noise_only_step(dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]) -> None:
+def _noise_only_step(
+    dp_opt: DPOptimizer,
+    params: Sequence[torch.nn.Parameter],
+    anchors: Sequence[torch.Tensor],
+    proximal_mu: float,
+) -> None:
     # An empty Poisson batch still releases a noisy step: skipping it would reveal that the
     # batch was empty, which the privacy analysis does not allow for.
     for p in params:
@@ -261,5 +307,6 @@ def _noise_only_step(dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]) 
     for p in params:
         # what DPOptimizer.scale_grad does for a mean loss (it cannot count an empty batch)
         p.grad = p.grad / dp_opt.expected_batch_size  # type: ignore[operator]
+    add_proximal_gradient(params, anchors, proximal_mu)
     dp_opt.original_optimizer.step()
     dp_opt.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ description that doubles as the config reference (``privet config-reference`` pr
 
 from __future__ import annotations
 
+import inspect
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -17,8 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from privet.common.errors import ConfigError
 
 __all__ = [
+    "ROBUST_STRATEGIES",
+    "STRATEGIES",
     "AdapterConfig",
+    "AggregationConfig",
+    "ClientLevelConfig",
     "DataConfig",
+    "FaultsConfig",
     "FederationConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -31,6 +37,8 @@ __all__ = [
     "dump_config",
     "format_validation_error",
     "load_config",
+    "require_plain_averaging",
+    "sampled_per_round",
 ]
 
 DEFAULT_MODEL = "embedded:all-MiniLM-L6-v2"
@@ -153,6 +161,129 @@ class AdapterConfig(_Section):
         return self
 
 
+class ClientLevelConfig(_Section):
+    """Client-level (user-level) DP of the federation: DP-FedAvg on Flower's DP strategy wrappers.
+
+    Each client's update (new weights minus the global weights) is clipped to an L2 norm, the
+    server averages the clipped updates with a fixed denominator (the number of clients asked) and
+    adds Gaussian noise to the average, so the released global model hides whether any one
+    client took part.  The federation's epsilon is accounted every round.
+    """
+
+    enabled: bool = Field(
+        False, description="Clip every client's update and noise the aggregate (DP-FedAvg)."
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=(
+            "Federation epsilon after all planned rounds; the noise multiplier is calibrated to it. "
+            "Give this or noise_multiplier."
+        ),
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Fixed noise multiplier z: the noise std on the sum of clipped updates is z times the "
+            "clipping norm (instead of target_epsilon)."
+        ),
+    )
+    delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Client-level delta; must be below 1 / number of clients. Default: 1 / (10 x number of "
+            "clients)."
+        ),
+    )
+    clipping: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description=(
+            "'fixed': clip every update to clipping_norm. 'adaptive': the clip follows a noised "
+            "quantile of the update norms (Andrew et al. 2021); part of the noise budget goes to the "
+            "quantile estimate."
+        ),
+    )
+    side: Literal["server", "client"] = Field(
+        "server",
+        description=(
+            "'server': the server clips the updates it receives (it sees them unclipped). 'client': "
+            "each client clips its own update before sending (Flower's clipping mods), so the server "
+            "never sees an unclipped update; the server still checks the norm."
+        ),
+    )
+    clipping_norm: float = Field(
+        0.5,
+        gt=0,
+        description="L2 clipping norm of a client's update (the initial norm with adaptive clipping).",
+    )
+    target_quantile: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Adaptive clipping: share of updates that should be left unclipped.",
+    )
+    clip_learning_rate: float = Field(
+        0.2, gt=0, le=10, description="Adaptive clipping: geometric step of the clip per round."
+    )
+    clipped_count_stddev: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Adaptive clipping: noise std of the count of unclipped updates. Must exceed "
+            "noise_multiplier / 2. Default: the number of clients per round / 20 (Flower's), raised "
+            "to noise_multiplier when that is too small."
+        ),
+    )
+    budget_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Hard cap on the federation's epsilon (default: target_epsilon). The run stops before a "
+            "round that would pass it."
+        ),
+    )
+    sampling_amplification: bool = Field(
+        False,
+        description=(
+            "Account with sampling rate q = clients per round / population (privacy amplification "
+            "by subsampling, the DP-FedAvg paper's analysis). Flower samples a fixed number of "
+            "clients without replacement, for which this Poisson-sampling bound is an approximation, "
+            "not a proof; off: q = 1, valid whatever the sampling."
+        ),
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant for the federation's epsilon."
+    )
+
+    @model_validator(mode="after")
+    def _noise_or_target(self) -> ClientLevelConfig:
+        if not self.enabled:
+            return self
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "privacy.client_level: give exactly one of target_epsilon and noise_multiplier "
+                "when privacy.client_level.enabled = true"
+            )
+        budget = self.effective_budget
+        if budget is not None and self.target_epsilon is not None and self.target_epsilon > budget:
+            raise ValueError(
+                f"privacy.client_level.target_epsilon ({self.target_epsilon}) is above "
+                f"privacy.client_level.budget_epsilon ({budget}): the planned rounds could never finish"
+            )
+        return self
+
+    @property
+    def effective_budget(self) -> float | None:
+        """The federation epsilon the run will not exceed (``None``: off or unbounded)."""
+        if not self.enabled:
+            return None
+        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+
+
 class PrivacyConfig(_Section):
     """Sample-level differential privacy with Opacus DP-SGD, per client."""
 
@@ -192,9 +323,26 @@ class PrivacyConfig(_Section):
         "flat",
         description="Opacus clipping mode: 'flat' (per-sample hooks) or 'ghost' (less memory for full fine-tuning).",
     )
+    client_level: ClientLevelConfig = Field(
+        default_factory=ClientLevelConfig,
+        description="Client-level DP of the federation (DP-FedAvg), on top of the sample-level DP above.",
+    )
+    secure_aggregation: bool = Field(
+        False,
+        description=(
+            "SecAgg+ (the server sees only the sum of updates). Not available yet: Flower implements "
+            "it only in its legacy API, which privet's Message-API strategies cannot use; true is refused."
+        ),
+    )
 
     @model_validator(mode="after")
     def _noise_or_target(self) -> PrivacyConfig:
+        if self.secure_aggregation:
+            raise ValueError(
+                "privacy.secure_aggregation = true is not supported yet: Flower 1.41 offers SecAgg+ "
+                "only in its legacy API (SecAggPlusWorkflow), which cannot drive privet's Message-API "
+                "strategies; set it to false (client-level DP still protects each client's update)"
+            )
         if not self.enabled:
             return self
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -362,12 +510,52 @@ class DataConfig(_Section):
         return self
 
 
+StrategyName = Literal[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+]
+#: Every value of ``federation.strategy``.
+STRATEGIES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-defined]
+#: Strategies whose aggregate is not a (weighted) mean of the replies: an accountant or a proof
+#: that assumes averaging (client-level DP, exact LoRA means) does not hold for them.
+ROBUST_STRATEGIES = frozenset({"fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"})
+
+# Which strategies read each [aggregation] parameter; setting one for another strategy is refused.
+_PARAM_USERS: dict[str, frozenset[str]] = {
+    "proximal_mu": frozenset({"fedprox"}),
+    "server_learning_rate": frozenset({"fedavgm"}),
+    "server_momentum": frozenset({"fedavgm"}),
+    "eta": frozenset({"fedadam", "fedyogi", "fedadagrad"}),
+    "tau": frozenset({"fedadam", "fedyogi", "fedadagrad"}),
+    "beta_1": frozenset({"fedadam", "fedyogi"}),
+    "beta_2": frozenset({"fedadam", "fedyogi"}),
+    "trim_beta": frozenset({"fedtrimmedavg"}),
+    "num_malicious": frozenset({"krum", "multikrum", "bulyan"}),
+    "num_selected": frozenset({"multikrum"}),
+}
+
+
 class FederationConfig(_Section):
     """Rounds, sampling and evaluation of the federation."""
 
     rounds: int = Field(3, ge=1, le=100_000, description="Federated rounds.")
-    strategy: Literal["fedavg"] = Field(
-        "fedavg", description="Aggregation strategy (Flower's Message-API FedAvg)."
+    strategy: StrategyName = Field(
+        "fedavg",
+        description=(
+            "Aggregation strategy, Flower's Message-API class of the same name: 'fedavg', 'fedprox' "
+            "(clients add (mu/2)||w - w_global||^2 to their loss), 'fedavgm' (server momentum), "
+            "'fedadam' / 'fedyogi' / 'fedadagrad' (server optimizers), and the Byzantine-robust "
+            "'fedmedian', 'fedtrimmedavg', 'krum', 'multikrum', 'bulyan'. Parameters: [aggregation]."
+        ),
     )
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="Share of connected clients sampled to train per round."
@@ -390,11 +578,165 @@ class FederationConfig(_Section):
     round_timeout: float = Field(
         3600.0, gt=0, description="Seconds to wait for the replies of one round."
     )
+    max_update_norm: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Reject a train reply whose update (reply minus the global weights sent) has an L2 norm "
+            "above this, over all trainable arrays (none: no bound). Replies are always checked for "
+            "keys, shapes, dtypes, finite values and a plausible num-examples."
+        ),
+    )
+
+
+class AggregationConfig(_Section):
+    """Parameters of the strategy chosen by federation.strategy, and how LoRA pairs are aggregated.
+
+    A parameter set explicitly for a strategy that does not use it is refused (it would be ignored).
+    """
+
+    proximal_mu: float = Field(
+        0.01,
+        ge=0,
+        le=1e4,
+        description="fedprox: weight mu of the proximal term (mu/2)||w - w_global||^2 each client adds to its loss.",
+    )
+    server_learning_rate: float = Field(
+        1.0, gt=0, le=100, description="fedavgm: server learning rate."
+    )
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: server momentum.")
+    eta: float = Field(
+        1e-2,
+        gt=0,
+        le=10,
+        description=(
+            "fedadam / fedyogi / fedadagrad: server step size, about the largest change of one weight "
+            "per round. Flower's default (0.1) is for training from scratch; LoRA weights are small."
+        ),
+    )
+    beta_1: float | None = Field(
+        None, ge=0, lt=1, description="fedadam / fedyogi: first-moment decay (none: Flower's 0.9)."
+    )
+    beta_2: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="fedadam / fedyogi: second-moment decay (none: Flower's 0.99).",
+    )
+    tau: float = Field(
+        1e-3,
+        gt=0,
+        le=1,
+        description="fedadam / fedyogi / fedadagrad: adaptivity epsilon added to sqrt(v).",
+    )
+    trim_beta: float = Field(
+        0.2,
+        gt=0,
+        lt=0.5,
+        description="fedtrimmedavg: fraction of the replies cut from each end, per coordinate.",
+    )
+    num_malicious: int = Field(
+        1,
+        ge=0,
+        le=100_000,
+        description=(
+            "krum / multikrum / bulyan: number f of Byzantine clients per round the rule must "
+            "tolerate. Needs n >= 2f+3 (krum, multikrum) or n >= 4f+3 (bulyan) replies per round."
+        ),
+    )
+    num_selected: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="multikrum: how many of the best-scored replies are averaged (none: n - f).",
+    )
+    lora: Literal["mean", "svd"] = Field(
+        "mean",
+        description=(
+            "How LoRA pairs (A, B) are combined. 'mean': the strategy's rule on each array; exact "
+            "for FFA-LoRA (adapter.freeze_a = true, the default). 'svd' (trainable A, fedavg/fedprox "
+            "only): the weighted mean of the products B_i A_i is formed exactly and re-factorized by a "
+            "truncated SVD into rank r, the best rank-r approximation (exact when the mean product has "
+            "rank <= r); the relative truncation error is logged each round."
+        ),
+    )
+    require_exact_lora: bool = Field(
+        False,
+        description=(
+            "Refuse configurations whose LoRA aggregation is not exactly the mean of the clients' "
+            "products (trainable A with 'mean' or 'svd'); FFA-LoRA passes."
+        ),
+    )
+
+
+class FaultsConfig(_Section):
+    """Simulated misbehaviour (privet simulate only; ignored by a deployed federation). Seeded."""
+
+    seed: int = Field(0, ge=0, description="Seed choosing attackers, dropouts and delays.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Probability that a sampled client does not reply in a round (each client and round drawn independently).",
+    )
+    straggler_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of clients that are slow (fixed by seed)."
+    )
+    straggler_delay: Literal["fixed", "uniform", "exponential"] = Field(
+        "exponential",
+        description=(
+            "Distribution of a straggler's extra delay per round: 'fixed' = mean, 'uniform' on "
+            "[0, 2 * mean], 'exponential' with that mean. A delay above federation.round_timeout "
+            "means the reply misses the round (the server never sees it)."
+        ),
+    )
+    straggler_delay_mean: float = Field(
+        0.0, ge=0, le=1e6, description="Mean extra delay of a straggler, seconds."
+    )
+    sleep: bool = Field(
+        False,
+        description=(
+            "Really wait a straggler's delay when it is within the round timeout (slow, realistic "
+            "wall time); off: only the late ones are dropped."
+        ),
+    )
+    byzantine_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of clients that attack every round they are sampled (fixed by seed).",
+    )
+    attack: Literal["sign_flip", "scale", "gaussian", "nan", "wrong_shape", "label_flip"] = Field(
+        "sign_flip",
+        description=(
+            "What attackers do: 'sign_flip' sends w - s*(w_local - w), 'scale' sends w + s*(w_local - w) "
+            "(s = attack_scale), 'gaussian' sends w + N(0, noise_std^2), 'nan' NaN weights, "
+            "'wrong_shape' a truncated array, 'label_flip' trains honestly on flipped labels."
+        ),
+    )
+    attack_scale: float = Field(4.0, gt=0, le=1e6, description="s of 'sign_flip' and 'scale'.")
+    noise_std: float = Field(1.0, gt=0, le=1e6, description="Standard deviation of 'gaussian'.")
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault is configured."""
+        return bool(
+            self.dropout
+            or (self.straggler_fraction and self.straggler_delay_mean)
+            or self.byzantine_fraction
+        )
 
 
 class SimulationConfig(_Section):
     """The single-machine simulation harness (Flower's Simulation Engine on Ray)."""
 
+    engine: Literal["ray", "inprocess"] = Field(
+        "ray",
+        description=(
+            "'ray': Flower's Simulation Engine, clients in parallel Ray workers. 'inprocess': the same "
+            "apps in this one process, clients one after another (no Ray start-up; small studies and tests)."
+        ),
+    )
     cpus_per_client: float = Field(
         1.0,
         gt=0,
@@ -431,6 +773,8 @@ class SimulationConfig(_Section):
                 "num_cpus cannot be set with ray_address: an existing Ray "
                 "cluster's CPUs are its own (unset num_cpus)"
             )
+        if self.ray_address is not None and self.engine != "ray":
+            raise ValueError(f"ray_address needs engine = 'ray' (got {self.engine!r})")
         return self
 
 
@@ -472,6 +816,8 @@ class PrivetConfig(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PrivetConfig:
@@ -493,6 +839,20 @@ class PrivetConfig(_Section):
                     f"federation.min_available_clients ({self.federation.min_available_clients}) exceeds "
                     f"data.num_clients ({self.data.num_clients}); the run would wait forever"
                 )
+        check_aggregation(self)
+        if self.privacy.client_level.enabled:
+            require_plain_averaging(
+                self,
+                feature="privacy.client_level",
+                why="its accountant bounds the sensitivity of an average of clipped updates, and a "
+                "median or a Krum selection has no such bound, so the printed epsilon would be false",
+            )
+            if self.aggregation.lora == "svd":
+                raise ValueError(
+                    "aggregation.lora = 'svd' cannot be combined with privacy.client_level: the noise "
+                    "is calibrated to a mean of clipped updates, not to an SVD re-factorization of "
+                    "their products; use adapter.freeze_a = true (FFA-LoRA) with aggregation.lora = 'mean'"
+                )
         if (
             self.adapter.method == "full"
             and self.privacy.enabled
@@ -501,6 +861,115 @@ class PrivetConfig(_Section):
             # Allowed, but memory heavy; nothing to refuse.
             pass
         return self
+
+
+def sampled_per_round(cfg: PrivetConfig) -> int | None:
+    """How many clients Flower samples to train each round, or ``None`` when the count is unknown.
+
+    Flower's rule: ``max(int(available * fraction_train), min_train_nodes)``, with the minimum capped
+    at the number of clients (as ``build_strategy`` does). Unknown for a natural partition of your own
+    files (the clients are only known once the data is read).
+    """
+    d = cfg.data
+    if d.partition in ("iid", "dirichlet"):
+        total = d.num_clients
+    elif d.source == "vader" and d.natural_key == "domain":
+        total = len(set(d.vader_domains))
+    else:
+        return None
+    fed = cfg.federation
+    return min(total, max(int(total * fed.fraction_train), min(fed.min_train_clients, total)))
+
+
+def require_plain_averaging(cfg: PrivetConfig, *, feature: str, why: str) -> None:
+    """Refuse a robust aggregator when ``feature`` needs the aggregate to be a mean of the replies.
+
+    For example client-level DP: its accountant bounds the sensitivity of an average of clipped
+    updates; a median or Krum's selection is a different function with no such bound. Call it from a
+    model validator.
+
+    Parameters
+    ----------
+    cfg
+        The configuration being validated.
+    feature
+        The setting that needs averaging, e.g. ``"privacy.client_level"``.
+    why
+        Why it needs it, shown to the user.
+
+    Raises
+    ------
+    ValueError
+        When ``federation.strategy`` is one of :data:`ROBUST_STRATEGIES`.
+
+    """
+    strategy = cfg.federation.strategy
+    if strategy in ROBUST_STRATEGIES:
+        raise ValueError(
+            f"federation.strategy = {strategy!r} cannot be combined with {feature}: {why}; "
+            "use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad"
+        )
+
+
+def check_aggregation(cfg: PrivetConfig) -> None:
+    """Refuse strategy settings that cannot hold, each with the reason (a model validator calls it)."""
+    strategy = cfg.federation.strategy
+    agg = cfg.aggregation
+    defaults = AggregationConfig()
+    for name, users in _PARAM_USERS.items():
+        value = getattr(agg, name)
+        # Differs from the default: the user set it (a dumped-and-reloaded config passes).
+        if value != getattr(defaults, name) and strategy not in users:
+            raise ValueError(
+                f"aggregation.{name} = {value!r} is only used by {', '.join(sorted(users))}, and "
+                f"federation.strategy is {strategy!r}; remove it or change the strategy"
+            )
+    n = sampled_per_round(cfg)
+    f = agg.num_malicious
+    if n is not None:
+        if strategy in ROBUST_STRATEGIES and n < 3:
+            raise ValueError(
+                f"federation.strategy = {strategy!r} with {n} clients per round: a robust rule needs "
+                "at least 3 replies to outvote one bad one; add clients or use fedavg"
+            )
+        need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(strategy)
+        if need is not None and n < need:
+            rule = "4f+3" if strategy == "bulyan" else "2f+3"
+            raise ValueError(
+                f"federation.strategy = {strategy!r} tolerates f = aggregation.num_malicious = {f} "
+                f"attackers only with n >= {rule} = {need} replies per round, and {n} clients are "
+                "sampled; lower aggregation.num_malicious or sample more clients"
+            )
+        if strategy == "multikrum" and agg.num_selected is not None and agg.num_selected > n - f:
+            raise ValueError(
+                f"aggregation.num_selected = {agg.num_selected} exceeds n - f = {n - f} (n = {n} "
+                f"clients per round, f = {f}): multikrum would have to average suspected attackers"
+            )
+        if strategy == "fedtrimmedavg" and int(agg.trim_beta * n) < 1:
+            raise ValueError(
+                f"aggregation.trim_beta = {agg.trim_beta} with {n} clients per round trims "
+                f"int({agg.trim_beta} * {n}) = 0 replies from each end, which is plain averaging; "
+                f"raise it to at least {1 / n:.3g} or sample more clients"
+            )
+    lora_trainable_a = cfg.adapter.method == "lora" and not cfg.adapter.freeze_a
+    if agg.lora == "svd":
+        if cfg.adapter.method != "lora" or cfg.adapter.freeze_a:
+            raise ValueError(
+                "aggregation.lora = 'svd' re-factorizes trainable A and B; with "
+                f"adapter.method = {cfg.adapter.method!r} and adapter.freeze_a = {cfg.adapter.freeze_a} "
+                "there is nothing to re-factorize (FFA-LoRA's mean is already exact); use 'mean'"
+            )
+        if strategy not in ("fedavg", "fedprox"):
+            raise ValueError(
+                f"aggregation.lora = 'svd' forms the weighted mean of the clients' products, so it "
+                f"replaces the aggregation of federation.strategy = {strategy!r}; use fedavg or fedprox"
+            )
+    if agg.require_exact_lora and lora_trainable_a:
+        raise ValueError(
+            "aggregation.require_exact_lora = true, but with trainable A (adapter.freeze_a = false) "
+            "the mean of A times the mean of B is not the mean of the products B_i A_i, and 'svd' is "
+            "exact only when that mean has rank <= r; set adapter.freeze_a = true (FFA-LoRA, exact)"
+        )
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -653,17 +1122,27 @@ def dump_config(config: PrivetConfig) -> str:
 def config_reference() -> str:
     """Markdown reference of every section and field with its default and help text."""
     out = ["# privet configuration reference", ""]
+    sections: list[tuple[str, BaseModel]] = []
     for section, field in PrivetConfig.model_fields.items():
         model = field.default_factory() if field.default_factory else None  # type: ignore[call-arg]
         assert isinstance(model, BaseModel)
+        sections.append((section, model))
+    while sections:
+        section, model = sections.pop(0)
         out.append(f"## [{section}]")
         out.append("")
-        out.append((type(model).__doc__ or "").strip())
+        out.append(inspect.cleandoc(type(model).__doc__ or ""))
         out.append("")
         out.append("| field | default | meaning |")
         out.append("| --- | --- | --- |")
+        nested: list[tuple[str, BaseModel]] = []
         for name, f in type(model).model_fields.items():
             default = getattr(model, name)
+            if isinstance(default, BaseModel):
+                # A sub-section (e.g. [privacy.client_level]) gets its own table after this one.
+                nested.append((f"{section}.{name}", default))
+                out.append(f"| `{name}` | see [{section}.{name}] | {f.description or ''} |")
+                continue
             shown = (
                 "none"
                 if default is None
@@ -671,4 +1150,5 @@ def config_reference() -> str:
             )
             out.append(f"| `{name}` | `{shown}` | {f.description or ''} |")
         out.append("")
+        sections[:0] = nested
     return "\n".join(out)

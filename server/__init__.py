@@ -5,6 +5,7 @@ from privet.server.loop import run_rounds
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
 from privet.server.rundir import create_run_dir, load_checkpoint, read_metrics, save_checkpoint
 from privet.server.strategies import build_strategy
+from privet.server.validation import make_reply_checks
 
 __all__ = [
     "RecordingStrategy",
@@ -13,6 +14,7 @@ __all__ = [
     "build_strategy",
     "create_run_dir",
     "load_checkpoint",
+    "make_reply_checks",
     "make_server_app",
     "read_metrics",
     "run_rounds",

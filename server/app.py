@@ -29,10 +29,17 @@ from privet.common.modeling import (
     trainable_state,
 )
 from privet.server.loop import run_rounds
+from privet.server.privacy import (
+    FederationBudgetExhausted,
+    client_level_of,
+    privacy_report,
+    wrap_client_level_dp,
+)
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
 from privet.server.rundir import append_metrics, save_checkpoint, write_json
 from privet.server.strategies import build_strategy
 from privet.server.tracking import Tracking, check_tracking, with_tracking
+from privet.server.validation import make_reply_checks
 
 __all__ = ["make_server_app"]
 
@@ -60,9 +67,18 @@ def make_server_app(
             observer.run_started(rounds=cfg.federation.rounds, clients=len(names), run_dir=run_dir)
 
         fed_cfg = cfg.federation
+        inner = build_strategy(fed_cfg, num_clients=len(names), aggregation=cfg.aggregation)
+        inner = wrap_client_level_dp(inner, cfg, num_clients=len(names), run_dir=run_dir)
         strategy = RecordingStrategy(
-            build_strategy(fed_cfg, num_clients=len(names)), client_names=names, observer=observer
+            inner,
+            client_names=names,
+            observer=observer,
+            checks=make_reply_checks(
+                max_update_norm=fed_cfg.max_update_norm,
+                max_examples={i: len(c.train) for i, c in enumerate(fed.clients)},
+            ),
         )
+        client_level = client_level_of(inner)
 
         history: list[RoundRecord] = []
 
@@ -83,6 +99,8 @@ def make_server_app(
             if server_round > 0:
                 save_checkpoint(run_dir, server_round, state)
                 rec.seconds = strategy.seconds_since_round_start()
+                if client_level is not None:
+                    rec.federation_epsilon = client_level.epsilon()
             append_metrics(run_dir, rec.as_json())
             history.append(rec)
             if observer is not None:
@@ -91,19 +109,39 @@ def make_server_app(
         train_config = ConfigRecord(
             {"total-rounds": fed_cfg.rounds, "fingerprint": frozen_fingerprint(model)}
         )
-        final = run_rounds(
-            strategy,
-            grid,
-            arrays=state_to_arrayrecord(trainable_state(model)),
-            first_round=1,
-            last_round=fed_cfg.rounds,
-            timeout=fed_cfg.round_timeout,
-            train_config=train_config,
-            on_round_end=_round_end,
-        )
+        stopped: str | None = None
+        try:
+            final = run_rounds(
+                strategy,
+                grid,
+                arrays=state_to_arrayrecord(trainable_state(model)),
+                first_round=1,
+                last_round=fed_cfg.rounds,
+                timeout=fed_cfg.round_timeout,
+                train_config=train_config,
+                on_round_end=_round_end,
+            )
+        except FederationBudgetExhausted as exc:
+            # Refused before any client was asked: the model after the last round is the result.
+            stopped = str(exc)
+            log.warning("stopping: %s", stopped)
+            final = state_to_arrayrecord(trainable_state(model))
+            append_metrics(run_dir, {"round": strategy.current.round, "stopped": stopped})
         load_trainable_state(model, arrayrecord_to_state(final))
         _save_final(model, run_dir / "final_adapter", cfg)
-        write_json(run_dir / "summary.json", _summary(history))
+        report = privacy_report(
+            cfg,
+            history=history,
+            client_names=names,
+            examples_per_client={c.name: len(c.train) for c in fed.clients},
+            client_level=client_level,
+            stopped=stopped,
+        )
+        write_json(run_dir / "privacy.json", report)
+        summary = _summary(history)
+        summary["stopped"] = stopped
+        summary["federation_epsilon"] = report["client_level"].get("final_epsilon")
+        write_json(run_dir / "summary.json", summary)
         if isinstance(observer, Tracking):
             observer.close(final_adapter=run_dir / "final_adapter")
 

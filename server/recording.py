@@ -43,9 +43,14 @@ class RoundRecord:
     server_loss: float | None = None
     errors: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    #: False when the round kept the previous global model (too few valid replies, or the
+    #: strategy declined to aggregate, e.g. Krum with fewer than 2f+3 replies).
+    aggregated: bool = True
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    federation_epsilon: float | None = None
+    stopped: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The record as a JSON-ready dictionary."""
@@ -79,6 +84,9 @@ class RecordingStrategy(Strategy):
     checks
         Reply checks run on every successful train reply before aggregation; a reply any check
         rejects is dropped, logged and recorded in ``RoundRecord.rejected``.
+    min_replies
+        Fewest valid replies a round aggregates; with fewer the global model stays as it was and
+        ``RoundRecord.aggregated`` is False.
 
     """
 
@@ -89,8 +97,10 @@ class RecordingStrategy(Strategy):
         client_names: list[str],
         observer: RoundObserver | None = None,
         checks: Iterable[ReplyCheck] = (),
+        min_replies: int = 1,
     ) -> None:
         self.inner = inner
+        self.min_replies = min_replies
         self.client_names = client_names
         self.observer = observer
         self.checks = list(checks)
@@ -150,7 +160,7 @@ class RecordingStrategy(Strategy):
             name = self.name_of(metrics, msg.metadata.src_node_id)
             if "arrays" in msg.content.array_records:
                 rec.bytes_received += msg.content.array_records["arrays"].count_bytes()
-            rejection = next((r for r in (c(msg, self._sent) for c in self.checks) if r), None)
+            rejection = self._first_rejection(msg)
             if rejection is not None:
                 rec.rejected[name] = rejection
                 log.warning(
@@ -170,7 +180,30 @@ class RecordingStrategy(Strategy):
             rec.train_loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
         if rec.epsilon_per_client:
             rec.max_epsilon = max(rec.epsilon_per_client.values())
-        return self.inner.aggregate_train(server_round, kept)
+        valid = sum(1 for m in kept if not m.has_error())
+        if valid < self.min_replies:
+            rec.aggregated = False
+            log.warning(
+                "round %d: %d valid replies, fewer than the %d needed; the global model stays",
+                server_round,
+                valid,
+                self.min_replies,
+            )
+            return None, None
+        result = self.inner.aggregate_train(server_round, kept)
+        rec.aggregated = result[0] is not None
+        return result
+
+    def _first_rejection(self, msg: Message) -> str | None:
+        """The first check's reason to reject ``msg``; a check that fails counts as a rejection."""
+        for check in self.checks:
+            try:
+                reason = check(msg, self._sent)
+            except Exception as exc:  # a malformed reply must not end the round
+                reason = f"the reply could not be checked ({type(exc).__name__}: {exc})"
+            if reason:
+                return reason
+        return None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -104,7 +104,16 @@ def simulate(
             f"[bold]largest cumulative ε among clients: {eps if eps is None else round(eps, 3)} "
             f"(budget {budget}, δ = {cfg.privacy.delta}, {cfg.privacy.accountant.upper()} accountant)[/bold]"
         )
-    console.print(f"run directory: {run_dir}" + (f"; plot: {plot}" if plot else ""))
+    from privet.simulations.privacy_report import load_privacy_report, plot_privacy, privacy_lines
+
+    for line in privacy_lines(load_privacy_report(run_dir)):
+        console.print(escape(line), highlight=False)
+    privacy_plot = plot_privacy(run_dir)
+    console.print(
+        f"run directory: {run_dir}"
+        + (f"; plot: {plot}" if plot else "")
+        + (f"; privacy report: {run_dir / 'privacy.json'}, {privacy_plot}" if privacy_plot else "")
+    )
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -145,6 +154,68 @@ def _announce_privacy(cfg: PrivetConfig) -> None:
         )
 
 
+@app.command()
+def plan(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Preflight: noise, projected epsilon per client and for the federation, payload and memory.
+
+    Exits with status 2 when a budget cannot hold for the planned rounds, naming the setting to change.
+    """
+    from privet.simulations.plan import check_plan, make_plan, render_plan
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries(False)
+    run_plan = make_plan(cfg)
+    console.print(render_plan(run_plan, cfg))
+    check_plan(run_plan)
+
+
+@app.command()
+def audit(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    canaries: Annotated[
+        int, typer.Option(help="Planted canaries (the largest bound shown grows like log of this).")
+    ] = 100_000,
+    beta: Annotated[float, typer.Option(help="Significance of the lower bound.")] = 0.05,
+    broken: Annotated[
+        bool,
+        typer.Option(
+            "--broken",
+            help="Self-test: train WITHOUT noise or clipping while claiming the configured epsilon; "
+            "the audit must flag it.",
+        ),
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Empirical privacy audit: planted canaries give a lower bound on epsilon beside the accounted one.
+
+    Exits with status 1 when the lower bound exceeds the accounted epsilon (the claim is wrong).
+    """
+    import json
+
+    from privet.simulations.audit import run_audit
+
+    cfg = load_config(config, overrides or [])
+    _quiet_libraries(False)
+    with console.status(f"training with {canaries:,} planted canaries ..."):
+        result = run_audit(cfg, canaries=canaries, beta=beta, broken=broken)
+    console.print(
+        f"accounted ε = {result.accounted_epsilon:.3f} (δ = {result.delta:g}, σ = "
+        f"{result.noise_multiplier:.4f}, C = {result.max_grad_norm:g}, q = {result.sample_rate:.4g}, "
+        f"{result.steps} steps{'; BROKEN on purpose: no noise, no clipping' if broken else ''})\n"
+        f"empirical lower bound ε ≥ {result.empirical_epsilon_lower_bound:.3f} "
+        f"({result.correct} of {result.guesses} membership guesses right, {result.canaries:,} "
+        f"canaries, β = {beta:g})",
+        highlight=False,
+    )
+    style = "bold red" if result.flagged else "bold green"
+    console.print(f"[{style}]{escape(result.verdict)}[/{style}]")
+    if out is not None:
+        out.write_text(json.dumps(result.as_json(), indent=2) + "\n", encoding="utf-8")
+    if result.flagged:
+        raise typer.Exit(1)
+
+
 app.command("export")(export_cmd)
 app.command("report")(report_cmd)
 app.command("runs")(runs_cmd)
@@ -154,6 +225,15 @@ app.command("runs")(runs_cmd)
 def config_reference_cmd() -> None:
     """Print every configuration field with its default and meaning (Markdown)."""
     console.print(config_reference(), markup=False, highlight=False, soft_wrap=True)
+
+
+def _register_studies() -> None:
+    from privet.simulations.studies import study_app
+
+    app.add_typer(study_app, name="study")
+
+
+_register_studies()
 
 
 def main() -> None:

@@ -71,6 +71,8 @@ def round_line(r: dict[str, Any], *, dp: bool) -> str:
         return f"round 0 (untrained): server acc {_fmt(r.get('server_accuracy'), '.2%')}"
     names = ", ".join(r.get("clients_trained") or []) or "none"
     eps = f"max ε {_fmt(r.get('max_epsilon'), '.3f')}" if dp else "DP off"
+    if r.get("federation_epsilon") is not None:
+        eps += f" | federation ε {r['federation_epsilon']:.3f}"
     return (
         f"round {r['round']}: trained {names} | loss {_fmt(r.get('train_loss'))} | "
         f"server acc {_fmt(r.get('server_accuracy'), '.2%')} | client acc "

@@ -24,6 +24,9 @@ from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import create_run_dir
 from privet.server.tracking import check_tracking
 from privet.simulations.cluster import check_ray_address, ray_cluster_init_args
+from privet.simulations.faults import FaultPlan
+from privet.simulations.inprocess import run_in_process
+from privet.simulations.plan import check_plan, make_plan
 
 __all__ = ["simulate"]
 
@@ -51,7 +54,11 @@ def _ray_shutdown() -> None:
 
 
 def simulate(
-    cfg: PrivetConfig, *, observer: RoundObserver | None = None, verbose: bool = False
+    cfg: PrivetConfig,
+    *,
+    observer: RoundObserver | None = None,
+    verbose: bool = False,
+    preflight: bool = True,
 ) -> Path:
     """Run the federation described by ``cfg``; return its run directory.
 
@@ -63,6 +70,9 @@ def simulate(
         Receives progress events (the CLI's live table); ``None`` for silence.
     verbose
         Show Flower's and Ray's own log lines.
+    preflight
+        Refuse a run whose privacy plan cannot hold (``privet plan``); budgets are enforced at
+        run time either way.
 
     Returns
     -------
@@ -90,6 +100,8 @@ def simulate(
     fed = cached_federated_data(cfg.data)
     n_clients = len(fed.clients)
     check_model_loads(cfg.model)
+    if preflight:
+        check_plan(make_plan(cfg, with_model=False))
     run_dir = create_run_dir(cfg)
     state_dir = cfg.simulation.state_dir or (run_dir / "clients")
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +127,12 @@ def simulate(
         backend_config["init_args"] = ray_cluster_init_args(sim.ray_address, verbose=verbose)
     _quiet_flower(verbose)
     server_app = make_server_app(cfg, run_dir=run_dir, observer=observer)
-    client_app = make_client_app(cfg, state_dir=state_dir)
+    client_app = _client_app(
+        cfg, state_dir=state_dir, num_clients=n_clients, num_labels=fed.num_labels
+    )
+    if sim.engine == "inprocess":
+        run_in_process(server_app, client_app, num_nodes=n_clients)
+        return run_dir
     previous = _install_interrupt_handler()
     try:
         run_simulation(
@@ -130,6 +147,28 @@ def simulate(
             signal.signal(signal.SIGINT, previous)
         _ray_shutdown()
     return run_dir
+
+
+def _client_app(cfg: PrivetConfig, *, state_dir: Path, num_clients: int, num_labels: int) -> Any:
+    """The ClientApp, with the fault plan of ``[faults]`` around its train function when one is set."""
+    if not cfg.faults.active:
+        return make_client_app(cfg, state_dir=state_dir)
+    plan = FaultPlan(
+        cfg.faults,
+        num_clients=num_clients,
+        round_timeout=cfg.federation.round_timeout,
+        num_labels=num_labels,
+    )
+    log.warning(
+        "simulated faults: attackers %s (%s), stragglers %s, dropout %.2f",
+        sorted(plan.byzantine),
+        cfg.faults.attack,
+        sorted(plan.stragglers),
+        cfg.faults.dropout,
+    )
+    return make_client_app(
+        cfg, state_dir=state_dir, train_mods=[plan.mod()], data_hook=plan.flip_labels
+    )
 
 
 def _kill_descendants(timeout: float = 5.0) -> None:

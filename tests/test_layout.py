@@ -115,6 +115,7 @@ PUBLIC = {
         "build_strategy",
         "create_run_dir",
         "load_checkpoint",
+        "make_reply_checks",
         "make_server_app",
         "read_metrics",
         "run_rounds",

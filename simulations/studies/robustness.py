@@ -1,0 +1,312 @@
+"""The robustness study: robust aggregators under attack, and FedAvg / FedProx / FedAdam under skew.
+
+Part A runs FedAvg and every robust strategy with 0% and 20% sign-flipping attackers; part B runs
+FedAvg, FedProx and FedAdam on Dirichlet label skew with alpha 100, 1 and 0.1. Every run is a real
+privet federation (the same ServerApp and ClientApp) on the in-process engine, small enough for a
+CPU. Writes ``results.json``, ``robustness.md`` (tables) and ``robustness.png`` into ``--out``.
+
+Run: ``privet study robustness --out docs/robustness`` (or ``python -m privet.simulations.studies.robustness``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from privet.common.config import load_config
+from privet.server.rundir import read_metrics
+
+__all__ = ["BASE", "StudyRun", "run_robustness_study", "study_app"]
+
+log = logging.getLogger("privet")
+
+#: The small federation every run shares (CPU-sized: a one-layer MiniLM cut, 800 examples, 3 rounds).
+BASE = [
+    "model.num_hidden_layers=1",
+    "model.max_length=32",
+    "data.max_examples=800",
+    "data.server_test_fraction=0.2",
+    "federation.rounds=3",
+    "federation.fraction_evaluate=0",
+    # DP off: the study isolates what aggregation does; DP noise would blur the comparison.
+    "privacy.enabled=false",
+    "train.local_epochs=2",
+    "train.batch_size=16",
+    "train.lr=0.02",
+    "train.num_threads=1",
+    "simulation.engine='inprocess'",
+]
+ROBUST = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+SKEW = ["fedavg", "fedprox", "fedadam"]
+ALPHAS = [100.0, 1.0, 0.1]
+
+
+@dataclass
+class StudyRun:
+    """One federation of the study and its outcome."""
+
+    part: str
+    strategy: str
+    setting: str
+    overrides: list[str]
+    accuracy: list[float] = field(default_factory=list)
+    rejected: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> float:
+        """Server test accuracy after the last round."""
+        return self.accuracy[-1] if self.accuracy else float("nan")
+
+
+def plan_runs(
+    *, clients_a: int = 11, clients_b: int = 10, attack: str = "sign_flip"
+) -> list[StudyRun]:
+    """The runs of both parts. Part A: 11 clients, so 20% = 2 attackers and Bulyan (n >= 4f+3) fits f = 2."""
+    runs = []
+    f = round(0.2 * clients_a)
+    for strategy in ROBUST:
+        params = {
+            "krum": [f"aggregation.num_malicious={f}"],
+            "multikrum": [f"aggregation.num_malicious={f}"],
+            "bulyan": [f"aggregation.num_malicious={f}"],
+        }.get(strategy, [])
+        for frac in (0.0, 0.2):
+            sets = [
+                f"data.num_clients={clients_a}",
+                f"federation.strategy='{strategy}'",
+                *params,
+            ]
+            if frac:
+                sets += [f"faults.byzantine_fraction={frac}", f"faults.attack='{attack}'"]
+            runs.append(StudyRun("A", strategy, f"{frac:.0%} {attack}", sets))
+    for alpha in ALPHAS:
+        for strategy in SKEW:
+            sets = [
+                f"data.num_clients={clients_b}",
+                "data.partition='dirichlet'",
+                f"data.alpha={alpha}",
+                f"federation.strategy='{strategy}'",
+            ]
+            if strategy == "fedprox":
+                sets.append("aggregation.proximal_mu=0.1")
+            runs.append(StudyRun("B", strategy, f"alpha={alpha:g}", sets))
+    return runs
+
+
+def run_robustness_study(
+    *,
+    out: Path,
+    seed: int = 0,
+    extra: list[str] | None = None,
+    parts: str = "AB",
+    console: Console | None = None,
+) -> list[StudyRun]:
+    """Run every federation of the study and write results, tables and the plot into ``out``.
+
+    Parameters
+    ----------
+    out
+        Output folder (created).
+    seed
+        ``train.seed``, ``data.seed`` and ``faults.seed`` of every run.
+    extra
+        Overrides applied to every run after the study's own (e.g. a smaller ``data.max_examples``).
+    parts
+        Which parts to run: ``"A"`` (attackers), ``"B"`` (label skew) or ``"AB"``.
+    console
+        Where the progress bar goes.
+
+    Returns
+    -------
+    list
+        The runs with their per-round server accuracy.
+
+    """
+    from privet.simulations.run import simulate
+
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in plan_runs() if r.part in parts]
+    # Every client of every run would announce that DP is off (the study says so once, here) and
+    # every attacked run would list its attackers: the progress bar is what a reader follows.
+    log.warning("robustness study: %d runs, DP off in all of them (aggregation only)", len(runs))
+    level = log.level
+    log.setLevel(logging.ERROR)
+    seeds = [f"train.seed={seed}", f"data.seed={seed}", f"faults.seed={seed}"]
+    with (
+        tempfile.TemporaryDirectory(prefix="privet-study-") as tmp,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console or Console(stderr=True),
+        ) as progress,
+    ):
+        task = progress.add_task("robustness study", total=len(runs))
+        for i, run in enumerate(runs):
+            progress.update(task, description=f"{run.part} {run.strategy:<13} {run.setting:<16}")
+            cfg = load_config(
+                None,
+                [
+                    *BASE,
+                    *run.overrides,
+                    *seeds,
+                    *(extra or []),
+                    f"simulation.output_dir='{tmp}'",
+                    f"simulation.run_name='run{i:02d}'",
+                ],
+            )
+            start = time.perf_counter()
+            run_dir = simulate(cfg)
+            run.seconds = time.perf_counter() - start
+            records = read_metrics(run_dir)
+            run.accuracy = [float(r["server_accuracy"]) for r in records]
+            run.rejected = sum(len(r.get("rejected", {})) for r in records)
+            progress.advance(task)
+    log.setLevel(level)
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "base": BASE,
+                "seed": seed,
+                "extra": extra or [],
+                "runs": [asdict(r) | {"final": r.final} for r in runs],
+            },
+            indent=2,
+        )
+    )
+    if parts == "AB":
+        (out / "robustness.md").write_text(tables(runs))
+        plot(runs, out / "robustness.png")
+    return runs
+
+
+def tables(runs: list[StudyRun]) -> str:
+    """The two result tables (Markdown): final server test accuracy per strategy and setting."""
+    lines = ["| strategy | clean | 20% attackers | change |", "| --- | --- | --- | --- |"]
+    for strategy in ROBUST:
+        clean = next(
+            r
+            for r in runs
+            if r.part == "A" and r.strategy == strategy and r.setting.startswith("0%")
+        )
+        hit = next(
+            r
+            for r in runs
+            if r.part == "A" and r.strategy == strategy and not r.setting.startswith("0%")
+        )
+        lines.append(
+            f"| {strategy} | {clean.final:.1%} | {hit.final:.1%} | {100 * (hit.final - clean.final):+.1f} pts |"
+        )
+    lines += [
+        "",
+        "| strategy | " + " | ".join(f"alpha = {a:g}" for a in ALPHAS) + " |",
+        "| --- | " + " | ".join("---" for _ in ALPHAS) + " |",
+    ]
+    for strategy in SKEW:
+        cells = [
+            next(
+                r
+                for r in runs
+                if r.part == "B" and r.strategy == strategy and r.setting == f"alpha={a:g}"
+            ).final
+            for a in ALPHAS
+        ]
+        lines.append(f"| {strategy} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[StudyRun], path: Path) -> None:
+    """Two panels: final accuracy clean vs attacked per strategy; final accuracy per alpha."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = np.arange(len(ROBUST))
+    for j, (label, clean) in enumerate((("clean", True), ("20% attackers", False))):
+        vals = [
+            next(
+                r
+                for r in runs
+                if r.part == "A" and r.strategy == s and r.setting.startswith("0%") == clean
+            ).final
+            for s in ROBUST
+        ]
+        ax_a.bar(x + (j - 0.5) * 0.38, vals, width=0.38, label=label)
+    ax_a.set_xticks(x, ROBUST, rotation=20)
+    ax_a.set_ylabel("server test accuracy after the last round")
+    ax_a.set_ylim(0.4, 1.0)
+    ax_a.set_title("A: sign-flipping attackers")
+    ax_a.legend()
+    x = np.arange(len(ALPHAS))
+    for j, s in enumerate(SKEW):
+        vals = [
+            next(
+                r for r in runs if r.part == "B" and r.strategy == s and r.setting == f"alpha={a:g}"
+            ).final
+            for a in ALPHAS
+        ]
+        ax_b.bar(x + (j - 1) * 0.27, vals, width=0.27, label=s)
+    ax_b.set_xticks(x, [f"alpha = {a:g}" for a in ALPHAS])
+    ax_b.set_ylim(0.4, 1.0)
+    ax_b.set_title("B: Dirichlet label skew (smaller alpha = more skew)")
+    ax_b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+study_app = typer.Typer(
+    help="Studies: many small federations summarised as a table and a plot.", no_args_is_help=True
+)
+
+
+@study_app.command("robustness")
+def robustness_cmd(
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Folder for results.json, robustness.md and robustness.png."
+        ),
+    ] = Path("robustness-study"),
+    seed: Annotated[int, typer.Option(help="Seed of data, training and attackers.")] = 0,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-s", help="Override a field of every run, e.g. --set data.max_examples=600."
+        ),
+    ] = None,
+    part: Annotated[
+        str,
+        typer.Option(
+            help="Run part A (attackers), B (label skew) or AB (both, with table and plot)."
+        ),
+    ] = "AB",
+) -> None:
+    """FedAvg vs robust strategies with 0% and 20% attackers; FedAvg vs FedProx vs FedAdam under label skew."""
+    console = Console()
+    if part not in ("A", "B", "AB"):
+        raise typer.BadParameter("--part must be A, B or AB")
+    runs = run_robustness_study(
+        out=out, seed=seed, extra=overrides or [], parts=part, console=console
+    )
+    if part == "AB":
+        console.print(tables(runs), markup=False, highlight=False)
+    console.print(f"written: {out}/results.json, {out}/robustness.md, {out}/robustness.png")
+
+
+if __name__ == "__main__":
+    study_app()

@@ -1,0 +1,110 @@
+"""Every train reply is checked before aggregation; bad ones are dropped and counted, the round goes on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import FedAvg
+
+from privet.server import RecordingStrategy, make_reply_checks
+from privet.server.validation import update_norm
+
+from .flower_fakes import NodesGrid, arrays, reply, run_identity
+
+NAMES = [f"client-{i}" for i in range(6)]
+SENT = {"a": [0.0, 0.0], "b": [[0.0], [0.0]]}
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    with run_identity():
+        yield
+
+
+def _strategy(**kw):
+    from flwr.app import ConfigRecord
+
+    checks = make_reply_checks(
+        max_update_norm=kw.pop("max_update_norm", 10.0), max_examples={i: 100 for i in range(6)}
+    )
+    s = RecordingStrategy(
+        FedAvg(min_train_nodes=1, min_available_nodes=1),
+        client_names=NAMES,
+        checks=checks,
+        **kw,
+    )
+    list(s.configure_train(1, arrays(SENT), ConfigRecord({}), NodesGrid(range(1, 7))))
+    return s
+
+
+def _good(node: int, value: float, n: int = 10):
+    return reply(node, {"a": [value, value], "b": [[value], [value]]}, n=n, partition=node - 1)
+
+
+def test_nan_wrong_shape_oversized_and_lying_replies_are_dropped_and_the_round_completes() -> None:
+    s = _strategy()
+    replies = [
+        _good(1, 1.0),
+        _good(2, 3.0),
+        reply(3, {"a": [np.nan, 0.0], "b": [[0.0], [0.0]]}, n=10, partition=2),
+        reply(4, {"a": [0.0, 0.0, 0.0], "b": [[0.0], [0.0]]}, n=10, partition=3),
+        reply(5, {"a": [100.0, 0.0], "b": [[0.0], [0.0]]}, n=10, partition=4),
+        reply(6, {"a": [0.0, 0.0], "b": [[0.0], [0.0]]}, n=5000, partition=5),
+    ]
+    out, _ = s.aggregate_train(1, replies)
+    assert out is not None
+    # the mean of the two good replies only
+    assert out["a"].numpy().tolist() == [2.0, 2.0]
+    assert out["b"].numpy().tolist() == [[2.0], [2.0]]
+    rec = s.current
+    assert rec.aggregated
+    assert rec.clients_trained == ["client-0", "client-1"]
+    assert set(rec.rejected) == {"client-2", "client-3", "client-4", "client-5"}
+    assert "NaN" in rec.rejected["client-2"]
+    assert "shape (3,), expected (2,)" in rec.rejected["client-3"]
+    assert "update norm 100 exceeds federation.max_update_norm = 10" in rec.rejected["client-4"]
+    assert "num-examples = 5000 exceeds the client's 100" in rec.rejected["client-5"]
+    assert rec.as_json()["rejected"] == rec.rejected  # goes to metrics.jsonl
+
+
+@pytest.mark.parametrize(
+    ("values", "n", "needle"),
+    [
+        ({"a": [0.0, 0.0]}, 10, "missing ['b']"),
+        ({"a": [0.0, 0.0], "b": [[0.0], [0.0]], "c": [1.0]}, 10, "extra ['c']"),
+        ({"a": [0.0, np.inf], "b": [[0.0], [0.0]]}, 10, "NaN or infinite"),
+        ({"a": [0.0, 0.0], "b": [[0.0], [0.0]]}, 0, "not a positive whole number"),
+        ({"a": [0.0, 0.0], "b": [[0.0], [0.0]]}, 2.5, "not a positive whole number"),
+    ],
+)
+def test_each_kind_of_bad_reply_names_its_reason(values, n, needle: str) -> None:
+    s = _strategy()
+    s.aggregate_train(1, [_good(1, 1.0), reply(2, values, n=n, partition=1)])  # type: ignore[arg-type]
+    assert needle in s.current.rejected["client-1"]
+
+
+def test_a_wrong_dtype_is_rejected() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    s = _strategy()
+    bad = ArrayRecord(
+        {"a": Array(np.zeros(2, dtype=np.float64)), "b": Array(np.zeros((2, 1), dtype=np.float32))}
+    )
+    s.aggregate_train(1, [_good(1, 1.0), reply(2, bad, n=10, partition=1)])
+    assert "dtype torch.float64, expected torch.float32" in s.current.rejected["client-1"]
+
+
+def test_too_few_valid_replies_keep_the_global_model() -> None:
+    s = _strategy(min_replies=2)
+    out, _ = s.aggregate_train(
+        1, [_good(1, 1.0), reply(2, {"a": [np.nan, 0.0], "b": [[0.0], [0.0]]}, n=10, partition=1)]
+    )
+    assert out is None
+    assert not s.current.aggregated
+    assert list(s.current.rejected) == ["client-1"]
+
+
+def test_no_norm_bound_by_default() -> None:
+    checks = make_reply_checks()
+    assert len(checks) == 2
+    assert update_norm(arrays({"a": [3.0, 4.0]}), arrays({"a": [0.0, 0.0]})) == 5.0
