@@ -783,6 +783,8 @@ class SimulationConfig(_Section):
                 "num_cpus cannot be set with ray_address: an existing Ray "
                 "cluster's CPUs are its own (unset num_cpus)"
             )
+        if self.ray_address is not None and self.engine != "ray":
+            raise ValueError(f"ray_address needs engine = 'ray' (got {self.engine!r})")
         return self
 
 

@@ -63,7 +63,12 @@ def _load(run_dir: Path) -> _Run:
     text = config_path.read_text(encoding="utf-8")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    return _Run(run_dir, read_metrics(run_dir), text, tomllib.loads(text), summary)
+    # A run stopped by the federation's budget ends with a line {"round": n, "stopped": why}.
+    raw = read_metrics(run_dir)
+    if summary.get("stopped") is None:
+        summary["stopped"] = next((r["stopped"] for r in raw if "stopped" in r), None)
+    records = [r for r in raw if "stopped" not in r]
+    return _Run(run_dir, records, text, tomllib.loads(text), summary)
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -226,6 +231,14 @@ def _ledgers(run: _Run) -> dict[str, tuple[int, float | None, str]]:
 
 
 def _privacy_section(run: _Run) -> str:
+    stopped = run.summary.get("stopped")
+    note = (
+        f'<p class="warn">The run stopped early: {html.escape(str(stopped))}</p>' if stopped else ""
+    )
+    return note + _privacy_body(run)
+
+
+def _privacy_body(run: _Run) -> str:
     p = run.config.get("privacy") or {}
     if not p.get("enabled", True):
         return '<p class="off">Differential privacy was OFF: the clients\' updates carry no privacy guarantee.</p>'
@@ -344,6 +357,8 @@ def write_report(run_dir: Path, *, out: Path | None = None) -> Path:
         if (run_dir / "final_adapter").is_dir()
         else f"unfinished ({done} of {planned} rounds)"
     )
+    if run.summary.get("stopped"):
+        status = f"stopped after round {done}"
     cards = [
         ("rounds", f"{done} / {planned}"),
         ("server accuracy", _fmt(last.get("server_accuracy"), ".2%")),

@@ -53,7 +53,11 @@ def _read_run(path: Path) -> RunInfo:
             summary = {}
     planned = (config.get("federation") or {}).get("rounds")
     done = max((int(r.get("round", 0)) for r in records), default=0)
-    if summary:
+    # A budget stop appends {"round": n, "stopped": why} to metrics.jsonl and sets summary["stopped"].
+    records = [r for r in records if "stopped" not in r]
+    if summary.get("stopped"):
+        status = "stopped early"
+    elif summary:
         status = "finished"
     elif not records:
         status = "no rounds"

@@ -38,7 +38,7 @@ PYTHON = {"python", "py", "python3"}
 MARKER = re.compile(r"^<!--\s*not-run:\s*(?P<reason>.*?)\s*-->$")
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 # Appended to every `privet simulate` line: a small, quick federation of the same kind.
-TINY_SIMULATE = (
+TINY_SIMULATE = (  # each item is " --set key=value"
     " --set model.num_hidden_layers=1 --set model.max_length=32 --set data.max_examples=400"
     " --set data.num_clients=2"
     " --set federation.rounds=1 --set train.local_epochs=0.5 --set train.batch_size=32"
@@ -86,11 +86,19 @@ def parse_blocks(path: Path) -> list[Block]:
 
 
 def _shrink(code: str) -> str:
+    """Append the small-federation overrides to each `privet simulate`, except keys it sets itself."""
+    code = re.sub(r"\\\n\s*", " ", code)  # join continued lines first
     out = []
     for line in code.splitlines():
         command, sep, comment = line.partition("  #")
         if re.search(r"\bprivet simulate\b", command) and "--help" not in command:
-            line = command.rstrip() + TINY_SIMULATE + (f"  #{comment}" if sep else "")
+            given = set(re.findall(r"--set\s+([\w.]+)=", command))
+            extra = "".join(
+                f" --set {item}"
+                for item in TINY_SIMULATE.split(" --set ")[1:]
+                if item.split("=")[0] not in given
+            )
+            line = command.rstrip() + extra + (f"  #{comment}" if sep else "")
         out.append(line)
     return "\n".join(out) + "\n"
 
@@ -197,3 +205,9 @@ def test_parser_and_markers(tmp_path: Path) -> None:
         f".venv/bin/privet simulate --set a.b=1{TINY_SIMULATE}  # the demo\n"
     )
     assert _shrink("privet simulate --help\n") == "privet simulate --help\n"
+    # a key the doc sets keeps the doc's value; continued lines are joined
+    shrunk = _shrink("privet simulate --set data.num_clients=5 \\\n  --set federation.rounds=3\n")
+    assert shrunk.count("\n") == 1
+    assert "data.num_clients=5" in shrunk and "data.num_clients=2" not in shrunk
+    assert "federation.rounds=3" in shrunk and "federation.rounds=1" not in shrunk
+    assert "model.num_hidden_layers=1" in shrunk

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,6 +94,7 @@ def ray_cluster() -> Iterator[tuple[str, Path, list[psutil.Process]]]:
         yield f"127.0.0.1:{port}", temp, [psutil.Process(proc.pid)]
     finally:
         _stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_simulation_runs_on_an_existing_cluster(ray_cluster, tmp_path: Path) -> None:

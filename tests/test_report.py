@@ -130,3 +130,13 @@ def test_renders_in_headless_chromium(report, tmp_path: Path) -> None:
     assert blue.sum() > 200, "the plots did not render"
     # and the page is not blank: most pixels white, a fair share not
     assert 0.02 < (pixels.sum(axis=-1) < 700).mean() < 0.9
+
+
+def test_a_run_stopped_by_the_federation_budget(tmp_path: Path) -> None:
+    run_dir, _ = make_run(tmp_path, "stopped", finished=False)
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 2, "stopped": "the federation budget would be passed"}\n')
+    page = write_report(run_dir).read_text()
+    assert "stopped after round 2" in page
+    assert "The run stopped early: the federation budget would be passed" in page
+    assert page.count('<td class="">untrained</td>') == 1
