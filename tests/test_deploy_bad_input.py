@@ -67,7 +67,9 @@ def test_right_ca_passes(tls_server) -> None:
 def test_wrong_ca_is_refused(tls_server, tmp_path: Path) -> None:
     port, _ = tls_server
     other = init_certs(tmp_path / "other", hosts=["127.0.0.1"])
-    with pytest.raises(DeploymentError, match="not trusted: self-signed certificate in certificate chain"):
+    with pytest.raises(
+        DeploymentError, match="not trusted: self-signed certificate in certificate chain"
+    ):
         probe_server("127.0.0.1", port, ca=other.ca)
 
 
