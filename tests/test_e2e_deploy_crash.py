@@ -81,10 +81,10 @@ def crashed(tmp_path_factory: pytest.TempPathFactory):
         out["orphans_after_server_kill"] = flower_pids(str(run_dir))
         out["checkpoint2"] = load_checkpoint(checkpoint_path(run_dir, 2))
         procs.procs["server-old"] = procs.procs.pop("server")
-        procs.start("server", "server", "--resume", str(run_dir), "--insecure")
-        procs.wait_for("server", "waiting for", timeout=120)
+        procs.start("server2", "server", "--resume", str(run_dir), "--insecure")
+        procs.wait_for("server2", "waiting for", timeout=120)
         client("client-a2", "a", sites[0])  # site a comes back: same name, same state folder
-        out["resume_rc"] = procs.procs["server"].wait(timeout=300)
+        out["resume_rc"] = procs.procs["server2"].wait(timeout=300)
         out["logs"] = {
             n: procs.log(n) for n in procs.procs if (root / "logs" / f"{n}.log").exists()
         }
@@ -94,7 +94,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_resumed_run_has_every_round_once(crashed) -> None:
-    assert crashed["resume_rc"] == 0, crashed["logs"]["server"][-3000:]
+    assert crashed["resume_rc"] == 0, crashed["logs"]["server2"][-3000:]
     records = read_metrics(crashed["run_dir"])
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     summary = json.loads((crashed["run_dir"] / "summary.json").read_text())
