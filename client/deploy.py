@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("privet")
+
+#: Seconds a just-handed-over reply gets to leave the SuperNode before it is stopped.
+DRAIN_SECONDS = 3.0
 
 #: Node-config key naming the site's settings file, and the run-config key of the federation config.
 SETTINGS_KEY, CONFIG_KEY = "privet-client", "privet-config"
@@ -237,6 +241,7 @@ class SiteClient:
         self.app = make_site_app(settings, examples)
         self.child: Child | None = None
         self.health = self.runtime = ""
+        self._last_reply = float("-inf")
 
     def preflight(self) -> None:
         """Check the data file and the coordinator before anything starts (one clear error)."""
@@ -294,8 +299,15 @@ class SiteClient:
         return self.child is not None and self.child.alive()
 
     def stop(self) -> None:
-        """End the SuperNode and every ClientApp process it started."""
+        """End the SuperNode and every ClientApp process it started.
+
+        The SuperNode forwards a reply to the coordinator asynchronously (it polls every 0.5 s);
+        a reply handed over less than ``DRAIN_SECONDS`` ago gets that long to leave first.
+        """
         if self.child is not None:
+            wait = self._last_reply + DRAIN_SECONDS - time.monotonic()
+            if wait > 0 and self.child.alive():
+                time.sleep(wait)
             self.child.stop()
             self.child = None
 
@@ -309,12 +321,16 @@ class SiteClient:
         """Run the federation's rounds in this process until ``stop`` is set or the SuperNode dies."""
         from privet.client.worker import serve_tasks
 
+        def done(message: Message, reply: Message) -> None:
+            self._last_reply = time.monotonic()
+            on_done(message, reply)
+
         serve_tasks(
             self.runtime,
             self.app,
             stop=stop,
             alive=self.alive,
-            on_done=on_done,
+            on_done=done,
             on_error=on_error,
         )
 
@@ -323,9 +339,9 @@ class SiteClient:
         if self.child is None:
             return "the SuperNode was not started"
         code = self.child.proc.returncode
-        if (
-            code == 305
-        ):  # Flower: the SuperNode could not connect to / be activated by the SuperLink
+        # Flower's exit code 305: the SuperNode could not connect to / be activated by the
+        # SuperLink (it logs the code; the process itself may exit with status 1).
+        if code == 305 or "Exit Code: 305" in self.child.tail(40):
             return (
                 "the coordinator did not admit this node (Flower exit 305): its key is not "
                 "registered there, or the coordinator is not reachable"

@@ -105,7 +105,9 @@ class ParticipantStatus:
     connected
         The SuperNode runs, is healthy, and the coordinator answers.
     current_round
-        The last round this participant trained in (``None``: none yet).
+        The round of the last message this participant answered (``None``: none yet).
+    phase
+        What that message asked: ``"train"`` or ``"evaluate"`` (``None``: none yet).
     epsilon
         Cumulative epsilon spent, from the ledger (``None``: nothing spent yet).
     last_error
@@ -116,6 +118,7 @@ class ParticipantStatus:
     running: bool
     connected: bool
     current_round: int | None
+    phase: str | None
     epsilon: float | None
     last_error: str | None
 
@@ -190,6 +193,7 @@ class Participant:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._round: int | None = None
+        self._phase: str | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
 
@@ -216,6 +220,7 @@ class Participant:
                 running=running,
                 connected=connected,
                 current_round=self._round,
+                phase=self._phase,
                 epsilon=self._epsilon(),
                 last_error=self._error,
             )
@@ -251,6 +256,7 @@ class Participant:
                 self._error = reply.error.reason
             elif conf is not None and "server-round" in conf:
                 self._round = int(str(conf["server-round"]))
+                self._phase = message.metadata.message_type.split(".")[0]
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:

@@ -95,11 +95,18 @@ class Procs:
         logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, argv: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``privet ARGS`` (or ``argv``) with its output in ``logs/NAME.log``."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (owned by the process)
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (owned by the process)
         proc = subprocess.Popen(
-            [PRIVET, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            argv or [PRIVET, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         self.procs[name] = proc
         return proc

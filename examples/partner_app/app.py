@@ -66,11 +66,16 @@ def main() -> int:
         while time.monotonic() < deadline:
             s = participant.status()
             print(
-                f"status: connected={s.connected} round={s.current_round} "
+                f"status: connected={s.connected} round={s.current_round} phase={s.phase} "
                 f"epsilon={s.epsilon} last_error={s.last_error}",
                 flush=True,
             )
-            if s.current_round is not None and s.current_round >= args.rounds:
+            # Leave once the last round's evaluation is answered, so no reply is left pending.
+            if (
+                s.current_round is not None
+                and s.current_round >= args.rounds
+                and s.phase == "evaluate"
+            ):
                 print(f"done: trained {s.current_round} round(s), ε = {s.epsilon:.3f}", flush=True)
                 return 0
             time.sleep(2.0)
