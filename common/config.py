@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,23 @@ class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, not a silently ignored setting.
     # validate_assignment: the Python API validates as strictly as the TOML loader.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_word(cls, data: Any) -> Any:
+        # TOML has no null: a field that may be None is written "none" in a file (dump_config does
+        # so when None is not the default), so a saved config reads back to the same object.
+        if isinstance(data, dict):
+            for name, value in list(data.items()):
+                f = cls.model_fields.get(name)
+                if (
+                    f is not None
+                    and isinstance(value, str)
+                    and value.lower() == "none"
+                    and type(None) in typing.get_args(f.annotation)
+                ):
+                    data[name] = None
+        return data
 
 
 class ModelConfig(_Section):
@@ -1159,11 +1177,22 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
 def dump_config(config: PrivetConfig) -> str:
     """Render a configuration as TOML that :func:`load_config` reads back to an equal object.
 
-    Fields that are ``None`` are left out (TOML has no null); they take their default, ``None``, when
-    read back.
+    Fields that are ``None`` are left out (TOML has no null) when ``None`` is their default, and
+    written as ``"none"`` otherwise (read back as ``None``).
     """
-    data = _drop_none(config.model_dump(mode="json"))
-    return tomli_w.dumps(data)
+    data = _none_words(config, config.model_dump(mode="json"))
+    return tomli_w.dumps(_drop_none(data))
+
+
+def _none_words(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """Write ``"none"`` for fields that are None where the default is not (else they would revert)."""
+    for name, f in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            data[name] = _none_words(value, data[name])
+        elif value is None and f.get_default(call_default_factory=True) is not None:
+            data[name] = "none"
+    return data
 
 
 def config_reference() -> str:

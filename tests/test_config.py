@@ -157,3 +157,19 @@ def test_docs_config_reference_is_current() -> None:
         'docs/config.md is stale: python -c "from privet.common.config import config_reference; '
         "open('docs/config.md','w').write(config_reference()+'\\n')\""
     )
+
+
+def test_dump_round_trips_a_field_unset_against_its_default(tmp_path: Path) -> None:
+    # target_epsilon and top_layers default to numbers; a run that unset them must read back the
+    # same, or a fixed-noise run's saved config.toml would not validate (both noise settings given).
+    cfg = load_config(
+        None,
+        ["privacy.target_epsilon=none", "privacy.noise_multiplier=1.1", "adapter.top_layers=none"],
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(dump_config(cfg))
+    back = load_config(path)
+    assert back == cfg
+    assert back.privacy.target_epsilon is None
+    assert back.adapter.top_layers is None
+    assert back.privacy.noise_multiplier == 1.1
