@@ -142,38 +142,42 @@ def run_robustness_study(
     level = log.level
     log.setLevel(logging.ERROR)
     seeds = [f"train.seed={seed}", f"data.seed={seed}", f"faults.seed={seed}"]
-    with (
-        tempfile.TemporaryDirectory(prefix="privet-study-") as tmp,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=console or Console(stderr=True),
-        ) as progress,
-    ):
-        task = progress.add_task("robustness study", total=len(runs))
-        for i, run in enumerate(runs):
-            progress.update(task, description=f"{run.part} {run.strategy:<13} {run.setting:<16}")
-            cfg = load_config(
-                None,
-                [
-                    *BASE,
-                    *run.overrides,
-                    *seeds,
-                    *(extra or []),
-                    f"simulation.output_dir='{tmp}'",
-                    f"simulation.run_name='run{i:02d}'",
-                ],
-            )
-            start = time.perf_counter()
-            run_dir = simulate(cfg)
-            run.seconds = time.perf_counter() - start
-            records = read_metrics(run_dir)
-            run.accuracy = [float(r["server_accuracy"]) for r in records]
-            run.rejected = sum(len(r.get("rejected", {})) for r in records)
-            progress.advance(task)
-    log.setLevel(level)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="privet-study-") as tmp,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console or Console(stderr=True),
+            ) as progress,
+        ):
+            task = progress.add_task("robustness study", total=len(runs))
+            for i, run in enumerate(runs):
+                progress.update(
+                    task, description=f"{run.part} {run.strategy:<13} {run.setting:<16}"
+                )
+                cfg = load_config(
+                    None,
+                    [
+                        *BASE,
+                        *run.overrides,
+                        *seeds,
+                        *(extra or []),
+                        f"simulation.output_dir='{tmp}'",
+                        f"simulation.run_name='run{i:02d}'",
+                    ],
+                )
+                start = time.perf_counter()
+                run_dir = simulate(cfg)
+                run.seconds = time.perf_counter() - start
+                records = read_metrics(run_dir)
+                run.accuracy = [float(r["server_accuracy"]) for r in records]
+                run.rejected = sum(len(r.get("rejected", {})) for r in records)
+                progress.advance(task)
+    finally:
+        log.setLevel(level)
     (out / "results.json").write_text(
         json.dumps(
             {
