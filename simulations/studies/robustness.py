@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from privet.common.config import load_config
 from privet.server.rundir import read_metrics
 
-__all__ = ["BASE", "StudyRun", "run_robustness_study", "study_app"]
+__all__ = ["BASE", "StudyRun", "plan_runs", "run_robustness_study", "study_app", "write_outputs"]
 
 log = logging.getLogger("privet")
 
@@ -178,12 +178,19 @@ def run_robustness_study(
                 progress.advance(task)
     finally:
         log.setLevel(level)
+    write_outputs(runs, out=out, seed=seed, extra=extra or [])
+    return runs
+
+
+def write_outputs(runs: list[StudyRun], *, out: Path, seed: int, extra: list[str]) -> None:
+    """Write ``results.json``, ``robustness.md`` and ``robustness.png`` of ``runs`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
         json.dumps(
             {
                 "base": BASE,
                 "seed": seed,
-                "extra": extra or [],
+                "extra": extra,
                 "runs": [asdict(r) | {"final": r.final} for r in runs],
             },
             indent=2,
@@ -191,7 +198,6 @@ def run_robustness_study(
     )
     (out / "robustness.md").write_text(tables(runs))
     plot(runs, out / "robustness.png")
-    return runs
 
 
 def _find(runs: list[StudyRun], part: str, strategy: str, setting: str) -> StudyRun | None:
