@@ -62,7 +62,9 @@ def build_strategy(
         "min_available_nodes": min(fed.min_available_clients, num_clients),
     }
     # Adam/Yogi moment decays: None keeps Flower's defaults.
-    betas: dict[str, Any] = {k: v for k, v in (("beta_1", agg.beta_1), ("beta_2", agg.beta_2)) if v is not None}
+    betas: dict[str, Any] = {
+        k: v for k, v in (("beta_1", agg.beta_1), ("beta_2", agg.beta_2)) if v is not None
+    }
     name = fed.strategy
     if name in ("fedavg", "fedprox"):
         mean: Strategy = (
