@@ -6,7 +6,9 @@ Imports neither ``privet.client`` nor ``privet.server``. The Flower bridge lives
 
 from privet.common.config import (
     AdapterConfig,
+    AggregationConfig,
     DataConfig,
+    FaultsConfig,
     FederationConfig,
     ModelConfig,
     PrivacyConfig,
@@ -30,11 +32,13 @@ from privet.common.modeling import BuiltModel, build_model, load_trainable_state
 
 __all__ = [
     "AdapterConfig",
+    "AggregationConfig",
     "BudgetExhaustedError",
     "BuiltModel",
     "ConfigError",
     "DataConfig",
     "DataError",
+    "FaultsConfig",
     "FederationConfig",
     "ModelConfig",
     "ModelError",

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -195,9 +196,9 @@ class RecordingStrategy(Strategy):
                 self.min_replies,
             )
             return None, None
-        result = self.inner.aggregate_train(server_round, kept)
-        rec.aggregated = result[0] is not None
-        return result
+        arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        rec.aggregated = arrays is not None
+        return _same_dtypes(arrays, self._sent), metrics
 
     def _first_rejection(self, msg: Message) -> str | None:
         """The first check's reason to reject ``msg``; a check that fails counts as a rejection."""
@@ -239,3 +240,22 @@ class RecordingStrategy(Strategy):
         if total > 0:
             rec.client_accuracy = correct / total
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _same_dtypes(arrays: ArrayRecord | None, sent: ArrayRecord) -> ArrayRecord | None:
+    """Cast aggregated arrays back to the dtypes that were sent.
+
+    Flower's server optimizers (FedAdam, FedYogi, FedAdagrad) multiply float32 arrays by NumPy
+    float64 scalars, which NumPy 2 promotes to float64; the next round would then send float64 and
+    every client's float32 reply would fail the dtype check.
+    """
+    if arrays is None:
+        return None
+    out = ArrayRecord()
+    for key, array in arrays.items():
+        ref = sent.get(key)
+        value = array.numpy()
+        if ref is not None and value.dtype != ref.numpy().dtype:
+            array = Array(np.ascontiguousarray(value.astype(ref.numpy().dtype)))
+        out[key] = array
+    return out

@@ -73,11 +73,13 @@ def test_every_subpackage_is_installed() -> None:
 PUBLIC = {
     "privet.common": [
         "AdapterConfig",
+        "AggregationConfig",
         "BudgetExhaustedError",
         "BuiltModel",
         "ConfigError",
         "DataConfig",
         "DataError",
+        "FaultsConfig",
         "FederationConfig",
         "ModelConfig",
         "ModelError",
@@ -126,6 +128,7 @@ PUBLIC = {
         "save_checkpoint",
     ],
     "privet.simulations": ["simulate"],
+    "privet.simulations.studies": ["run_robustness_study", "study_app"],
 }
 
 

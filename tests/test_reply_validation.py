@@ -108,3 +108,23 @@ def test_no_norm_bound_by_default() -> None:
     checks = make_reply_checks()
     assert len(checks) == 2
     assert update_norm(arrays({"a": [3.0, 4.0]}), arrays({"a": [0.0, 0.0]})) == 5.0
+
+
+def test_server_optimizer_output_keeps_the_sent_dtype() -> None:
+    """FedAdam computes in float64 (NumPy 2 promotion); the next round must still send float32."""
+    from flwr.app import ConfigRecord
+    from flwr.serverapp.strategy import FedAdam
+
+    s = RecordingStrategy(
+        FedAdam(min_train_nodes=1, min_available_nodes=1),
+        client_names=NAMES,
+        checks=make_reply_checks(),
+    )
+    list(s.configure_train(1, arrays(SENT), ConfigRecord({}), NodesGrid([1, 2])))
+    out, _ = s.aggregate_train(1, [_good(1, 1.0), _good(2, 3.0)])
+    assert out is not None
+    assert {v.numpy().dtype for v in out.values()} == {np.dtype(np.float32)}
+    # round 2 from FedAdam's output: the honest float32 replies pass every check
+    list(s.configure_train(2, out, ConfigRecord({}), NodesGrid([1, 2])))
+    s.aggregate_train(2, [_good(1, 1.0), _good(2, 3.0)])
+    assert s.current.rejected == {}

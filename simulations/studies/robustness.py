@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from privet.common.config import load_config
 from privet.server.rundir import read_metrics
 
-__all__ = ["BASE", "StudyRun", "run_robustness_study", "study_app"]
+__all__ = ["BASE", "StudyRun", "plan_runs", "run_robustness_study", "study_app", "write_outputs"]
 
 log = logging.getLogger("privet")
 
@@ -142,128 +142,149 @@ def run_robustness_study(
     level = log.level
     log.setLevel(logging.ERROR)
     seeds = [f"train.seed={seed}", f"data.seed={seed}", f"faults.seed={seed}"]
-    with (
-        tempfile.TemporaryDirectory(prefix="privet-study-") as tmp,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=console or Console(stderr=True),
-        ) as progress,
-    ):
-        task = progress.add_task("robustness study", total=len(runs))
-        for i, run in enumerate(runs):
-            progress.update(task, description=f"{run.part} {run.strategy:<13} {run.setting:<16}")
-            cfg = load_config(
-                None,
-                [
-                    *BASE,
-                    *run.overrides,
-                    *seeds,
-                    *(extra or []),
-                    f"simulation.output_dir='{tmp}'",
-                    f"simulation.run_name='run{i:02d}'",
-                ],
-            )
-            start = time.perf_counter()
-            run_dir = simulate(cfg)
-            run.seconds = time.perf_counter() - start
-            records = read_metrics(run_dir)
-            run.accuracy = [float(r["server_accuracy"]) for r in records]
-            run.rejected = sum(len(r.get("rejected", {})) for r in records)
-            progress.advance(task)
-    log.setLevel(level)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="privet-study-") as tmp,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console or Console(stderr=True),
+            ) as progress,
+        ):
+            task = progress.add_task("robustness study", total=len(runs))
+            for i, run in enumerate(runs):
+                progress.update(
+                    task, description=f"{run.part} {run.strategy:<13} {run.setting:<16}"
+                )
+                cfg = load_config(
+                    None,
+                    [
+                        *BASE,
+                        *run.overrides,
+                        *seeds,
+                        *(extra or []),
+                        f"simulation.output_dir='{tmp}'",
+                        f"simulation.run_name='run{i:02d}'",
+                    ],
+                )
+                start = time.perf_counter()
+                run_dir = simulate(cfg)
+                run.seconds = time.perf_counter() - start
+                records = read_metrics(run_dir)
+                run.accuracy = [float(r["server_accuracy"]) for r in records]
+                run.rejected = sum(len(r.get("rejected", {})) for r in records)
+                progress.advance(task)
+    finally:
+        log.setLevel(level)
+    write_outputs(runs, out=out, seed=seed, extra=extra or [])
+    return runs
+
+
+def write_outputs(runs: list[StudyRun], *, out: Path, seed: int, extra: list[str]) -> None:
+    """Write ``results.json``, ``robustness.md`` and ``robustness.png`` of ``runs`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
         json.dumps(
             {
                 "base": BASE,
                 "seed": seed,
-                "extra": extra or [],
+                "extra": extra,
                 "runs": [asdict(r) | {"final": r.final} for r in runs],
             },
             indent=2,
         )
     )
-    if parts == "AB":
-        (out / "robustness.md").write_text(tables(runs))
-        plot(runs, out / "robustness.png")
-    return runs
+    (out / "robustness.md").write_text(tables(runs))
+    plot(runs, out / "robustness.png")
+
+
+def _find(runs: list[StudyRun], part: str, strategy: str, setting: str) -> StudyRun | None:
+    return next(
+        (r for r in runs if r.part == part and r.strategy == strategy and r.setting == setting),
+        None,
+    )
+
+
+def _fmt(run: StudyRun | None) -> str:
+    return "-" if run is None else f"{run.final:.1%}"
 
 
 def tables(runs: list[StudyRun]) -> str:
-    """The two result tables (Markdown): final server test accuracy per strategy and setting."""
-    lines = ["| strategy | clean | 20% attackers | change |", "| --- | --- | --- | --- |"]
-    for strategy in ROBUST:
-        clean = next(
-            r
-            for r in runs
-            if r.part == "A" and r.strategy == strategy and r.setting.startswith("0%")
-        )
-        hit = next(
-            r
-            for r in runs
-            if r.part == "A" and r.strategy == strategy and not r.setting.startswith("0%")
-        )
-        lines.append(
-            f"| {strategy} | {clean.final:.1%} | {hit.final:.1%} | {100 * (hit.final - clean.final):+.1f} pts |"
-        )
-    lines += [
-        "",
-        "| strategy | " + " | ".join(f"alpha = {a:g}" for a in ALPHAS) + " |",
-        "| --- | " + " | ".join("---" for _ in ALPHAS) + " |",
-    ]
-    for strategy in SKEW:
-        cells = [
-            next(
-                r
-                for r in runs
-                if r.part == "B" and r.strategy == strategy and r.setting == f"alpha={a:g}"
-            ).final
-            for a in ALPHAS
+    """The result tables (Markdown) of the parts present: final server test accuracy."""
+    lines: list[str] = []
+    attacked = next(
+        (r.setting for r in runs if r.part == "A" and not r.setting.startswith("0%")), ""
+    )
+    if any(r.part == "A" for r in runs):
+        lines += [f"| strategy | clean | {attacked} | change |", "| --- | --- | --- | --- |"]
+        for strategy in ROBUST:
+            clean = next(
+                (
+                    r
+                    for r in runs
+                    if r.part == "A" and r.strategy == strategy and r.setting.startswith("0%")
+                ),
+                None,
+            )
+            hit = _find(runs, "A", strategy, attacked)
+            change = (
+                "-"
+                if clean is None or hit is None
+                else f"{100 * (hit.final - clean.final):+.1f} pts"
+            )
+            lines.append(f"| {strategy} | {_fmt(clean)} | {_fmt(hit)} | {change} |")
+        lines.append("")
+    if any(r.part == "B" for r in runs):
+        lines += [
+            "| strategy | " + " | ".join(f"alpha = {a:g}" for a in ALPHAS) + " |",
+            "| --- | " + " | ".join("---" for _ in ALPHAS) + " |",
         ]
-        lines.append(f"| {strategy} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        for strategy in SKEW:
+            cells = [_fmt(_find(runs, "B", strategy, f"alpha={a:g}")) for a in ALPHAS]
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(runs: list[StudyRun], path: Path) -> None:
-    """Two panels: final accuracy clean vs attacked per strategy; final accuracy per alpha."""
+    """One panel per part present: accuracy after each round, per strategy and setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(12, 4.2))
-    x = np.arange(len(ROBUST))
-    for j, (label, clean) in enumerate((("clean", True), ("20% attackers", False))):
-        vals = [
-            next(
-                r
-                for r in runs
-                if r.part == "A" and r.strategy == s and r.setting.startswith("0%") == clean
-            ).final
-            for s in ROBUST
-        ]
-        ax_a.bar(x + (j - 0.5) * 0.38, vals, width=0.38, label=label)
-    ax_a.set_xticks(x, ROBUST, rotation=20)
-    ax_a.set_ylabel("server test accuracy after the last round")
-    ax_a.set_ylim(0.4, 1.0)
-    ax_a.set_title("A: sign-flipping attackers")
-    ax_a.legend()
-    x = np.arange(len(ALPHAS))
-    for j, s in enumerate(SKEW):
-        vals = [
-            next(
-                r for r in runs if r.part == "B" and r.strategy == s and r.setting == f"alpha={a:g}"
-            ).final
-            for a in ALPHAS
-        ]
-        ax_b.bar(x + (j - 1) * 0.27, vals, width=0.27, label=s)
-    ax_b.set_xticks(x, [f"alpha = {a:g}" for a in ALPHAS])
-    ax_b.set_ylim(0.4, 1.0)
-    ax_b.set_title("B: Dirichlet label skew (smaller alpha = more skew)")
-    ax_b.legend()
+    parts = [p for p in ("A", "B") if any(r.part == p for r in runs)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.4), squeeze=False)
+    for ax, part in zip(axes[0], parts, strict=True):
+        names = ROBUST if part == "A" else SKEW
+        colors = {s: f"C{i}" for i, s in enumerate(names)}
+        for r in (r for r in runs if r.part == part):
+            if part == "A":
+                style = "-" if r.setting.startswith("0%") else "--"
+            else:
+                style = {"alpha=100": "-", "alpha=1": "--"}.get(r.setting, ":")
+            ax.plot(
+                range(len(r.accuracy)),
+                r.accuracy,
+                style,
+                color=colors[r.strategy],
+                marker="o",
+                ms=3,
+                label=f"{r.strategy}, {r.setting}",
+            )
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("server test accuracy")
+        ax.set_title(
+            "A: attackers (solid: clean, dashed: attacked)"
+            if part == "A"
+            else "B: label skew (solid 100, dashed 1, dotted 0.1)"
+        )
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -291,9 +312,7 @@ def robustness_cmd(
     ] = None,
     part: Annotated[
         str,
-        typer.Option(
-            help="Run part A (attackers), B (label skew) or AB (both, with table and plot)."
-        ),
+        typer.Option(help="Run part A (attackers), B (label skew) or AB (both)."),
     ] = "AB",
 ) -> None:
     """FedAvg vs robust strategies with 0% and 20% attackers; FedAvg vs FedProx vs FedAdam under label skew."""
@@ -303,8 +322,7 @@ def robustness_cmd(
     runs = run_robustness_study(
         out=out, seed=seed, extra=overrides or [], parts=part, console=console
     )
-    if part == "AB":
-        console.print(tables(runs), markup=False, highlight=False)
+    console.print(tables(runs), markup=False, highlight=False)
     console.print(f"written: {out}/results.json, {out}/robustness.md, {out}/robustness.png")
 
 
