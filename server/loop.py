@@ -91,7 +91,13 @@ def send_and_receive(
     The deployed grid (``HttpGrid``) sleeps 3 s between pulls, which adds up to 3 s to every train
     and every evaluate step; pulling every ``poll`` seconds costs one small local request instead.
     Returns the replies that arrived within ``timeout`` seconds (stragglers are left out).
+
+    A grid that changes messages on their way (``TransportGrid``) or delivers them itself
+    (the in-process engine) says so with ``owns_delivery = True``; its own ``send_and_receive``
+    is used then.
     """
+    if getattr(grid, "owns_delivery", False):
+        return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
     end = time.monotonic() + timeout

@@ -25,6 +25,7 @@ from privet.common.transport import (
     read_arrays,
     write_arrays,
 )
+from privet.server.loop import send_and_receive
 
 __all__ = ["TransportGrid"]
 
@@ -45,6 +46,9 @@ class TransportGrid(Grid):
         Bytes of the encoded train arrays since the last :meth:`take_byte_counts`.
 
     """
+
+    #: server/loop.py calls this grid's send_and_receive, which encodes and decodes.
+    owns_delivery = True
 
     def __init__(self, inner: Grid, encoding: Encoding) -> None:
         self.inner = inner
@@ -75,7 +79,8 @@ class TransportGrid(Grid):
                 if msg.metadata.message_type == "train":
                     self.bytes_sent += encoded.count_bytes()
             out.append(msg)
-        replies = list(self.inner.send_and_receive(out, timeout=timeout))
+        # privet's short-poll delivery on the wrapped grid (server/loop.py)
+        replies = send_and_receive(self.inner, out, timeout=timeout or 3600.0)
         for reply in replies:
             if reply.has_error() or "arrays" not in reply.content.array_records:
                 continue

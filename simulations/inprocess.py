@@ -60,6 +60,9 @@ class InProcessGrid(Grid):
         """The node ids, ``1..num_nodes``."""
         return list(self.contexts)
 
+    #: server/loop.py calls send_and_receive: this grid delivers by calling the ClientApp.
+    owns_delivery = True
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:  # type: ignore[override]

@@ -80,6 +80,8 @@ def _seen(msg: Message) -> tuple[set[str], bool, int]:
 class _LoopbackGrid:
     """Delivers each message to a ClientApp in this process (no Flower engine)."""
 
+    owns_delivery = True
+
     def __init__(self, client_app, wire: list[tuple[set[str], bool, int]]) -> None:
         self.client_app = client_app
         self.wire = wire
@@ -162,3 +164,20 @@ def test_client_app_round_trip_through_the_transport_grid(
     check_update(state, start, who="client")
     assert any(not torch.allclose(state[k], start[k]) for k in start)
     assert "transport" not in reply.content.config_records
+
+
+def test_the_round_loop_lets_an_encoding_grid_deliver_its_own_messages() -> None:
+    # TransportGrid encodes in its own send_and_receive; the loop's push/pull path would bypass it.
+    from privet.server.loop import send_and_receive
+
+    class _Delivering:
+        owns_delivery = True
+
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            return [f"reply to {m}" for m in messages]
+
+        def push_messages(self, messages):  # type: ignore[no-untyped-def]
+            raise AssertionError("the loop must not push past the grid's own delivery")
+
+    assert send_and_receive(_Delivering(), ["a", "b"], timeout=1.0) == ["reply to a", "reply to b"]  # type: ignore[arg-type]
+    assert TransportGrid.owns_delivery is True
