@@ -25,7 +25,7 @@ ENCODINGS = ("float32", "float16", "int8")
 
 
 def config(args: Any, out: Path, encoding: str) -> PrivetConfig:
-    rounds, examples, epochs = (2, 1500, 0.1) if args.quick else (3, 4000, 0.25)
+    rounds, examples, epochs = (2, 1500, 0.1) if args.quick else (3, 3000, 0.15)
     return load_config(
         None,
         [

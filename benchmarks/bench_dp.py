@@ -35,8 +35,8 @@ def main() -> None:
     args = p.parse_args()
     benchlib.check_device(args)
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (2 if args.quick else 5)
-    full_repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 3)
+    full_repeats = repeats
     cfg = PrivetConfig()
     fed = build_federated_data(cfg.data.model_copy(update={"num_clients": 1}))
     device = torch.device(args.device)
@@ -44,8 +44,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {"batch": args.batch, "repeats": repeats, "threads": args.threads}
     cases = [
-        ("LoRA", "lora", ["flat"], 2 if args.quick else 6, 1.1, repeats),
-        ("full fine-tuning", "full", ["ghost", "flat"], 1 if args.quick else 2, 1.8, full_repeats),
+        ("LoRA", "lora", ["flat"], 2 if args.quick else 3, 1.1, repeats),
+        ("full fine-tuning", "full", ["ghost", "flat"], 1, 1.8, full_repeats),
     ]
     for label, method, clippings, steps, goal, reps in cases:
         built = build_model(

@@ -35,7 +35,7 @@ from privet.common.privacy import calibrate_noise
 
 
 def config(args: Any, out: Path, name: str) -> PrivetConfig:
-    rounds, examples, epochs = (2, 2000, 0.1) if args.quick else (3, 8000, 0.2)
+    rounds, examples, epochs = (2, 2000, 0.1) if args.quick else (3, 4000, 0.1)
     return load_config(
         None,
         [

@@ -27,7 +27,7 @@ from privet.common.data import cached_federated_data
 def config(
     args: Any, out: Path, clients: int, per_round: int, max_examples: int | None
 ) -> PrivetConfig:
-    rounds = 2 if args.quick else 4
+    rounds = 2 if args.quick else 3
     return load_config(
         None,
         [

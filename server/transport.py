@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -68,16 +68,27 @@ class TransportGrid(Grid):
     ) -> Iterable[Message]:
         """Encode the arrays of ``messages``, send them, and decode the replies' arrays."""
         sent: dict[int, dict[str, torch.Tensor]] = {}
+        # Strategies build one content object and address it to many nodes: encode each distinct
+        # ArrayRecord once and give every message its own RecordDict (never re-encode in place).
+        encoded_by_id: dict[int, tuple[RecordDict, dict[str, torch.Tensor]]] = {}
         out = []
         for msg in messages:
-            if "arrays" in msg.content.array_records:
-                state = arrayrecord_to_state(msg.content.array_records["arrays"])
-                write_arrays(msg.content, state, self.encoding)
-                encoded = msg.content.array_records["arrays"]
+            arrays = msg.content.array_records.get("arrays")
+            if arrays is not None:
+                if id(arrays) not in encoded_by_id:
+                    wire_part = RecordDict()
+                    write_arrays(wire_part, arrayrecord_to_state(arrays), self.encoding)
+                    decoded = decode_state(wire_part.array_records["arrays"], self.encoding)
+                    encoded_by_id[id(arrays)] = (wire_part, decoded)
+                wire_part, decoded = encoded_by_id[id(arrays)]
+                content = RecordDict(dict(msg.content.items()))
+                content["arrays"] = wire_part.array_records["arrays"]
+                content[TRANSPORT_RECORD] = wire_part.config_records[TRANSPORT_RECORD]
+                msg.content = content
                 # What the client will decode: its update is relative to exactly this.
-                sent[msg.metadata.dst_node_id] = decode_state(encoded, self.encoding)
+                sent[msg.metadata.dst_node_id] = decoded
                 if msg.metadata.message_type == "train":
-                    self.bytes_sent += encoded.count_bytes()
+                    self.bytes_sent += content.array_records["arrays"].count_bytes()
             out.append(msg)
         # privet's short-poll delivery on the wrapped grid (server/loop.py)
         replies = send_and_receive(self.inner, out, timeout=timeout or 3600.0)

@@ -133,37 +133,40 @@ def test_client_app_round_trip_through_the_transport_grid(
     start = trainable_state(built.model)
     wire: list[tuple[set[str], bool, int]] = []
     grid = TransportGrid(_LoopbackGrid(make_client_app(cfg, state_dir=tmp_path), wire), encoding)  # type: ignore[arg-type]
-    msg = Message(
-        RecordDict(
-            {
-                "arrays": state_to_arrayrecord(start),
-                "config": ConfigRecord(
-                    {
-                        "server-round": 1,
-                        "total-rounds": 1,
-                        "fingerprint": frozen_fingerprint(built.model),
-                    }
-                ),
-            }
-        ),
-        dst_node_id=7,
-        message_type="train",
+    # One content object addressed to two nodes, as Flower's strategies build them.
+    shared = RecordDict(
+        {
+            "arrays": state_to_arrayrecord(start),
+            "config": ConfigRecord(
+                {
+                    "server-round": 1,
+                    "total-rounds": 1,
+                    "fingerprint": frozen_fingerprint(built.model),
+                }
+            ),
+        }
     )
-    (reply,) = grid.send_and_receive([msg])
-    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    # on the wire: the encoding's dtype both ways, and the reply is an update
+    msgs = [Message(shared, dst_node_id=n, message_type="train") for n in (7, 8)]
+    replies = list(grid.send_and_receive(msgs))
+    assert not any(r.has_error() for r in replies), [
+        r.error.reason for r in replies if r.has_error()
+    ]
+    # on the wire: the encoding's dtype both ways, the reply an update, for both nodes alike
     want = {"float16": "float16", "int8": "int8"}[encoding]
-    assert [w[:2] for w in wire] == [({want}, False), ({want}, True)]
+    assert [w[:2] for w in wire] == [({want}, False), ({want}, True)] * 2
+    assert wire[0][2] == wire[2][2]
     sent_bytes, got_bytes = grid.take_byte_counts()
-    assert (sent_bytes, got_bytes) == (wire[0][2], wire[1][2])
-    # what the strategy sees: float32 weights that pass the reply checks and moved in training
-    state = {
-        k: torch.from_numpy(np.array(v.numpy()))
-        for k, v in reply.content.array_records["arrays"].items()
-    }
-    check_update(state, start, who="client")
-    assert any(not torch.allclose(state[k], start[k]) for k in start)
-    assert "transport" not in reply.content.config_records
+    assert (sent_bytes, got_bytes) == (wire[0][2] + wire[2][2], wire[1][2] + wire[3][2])
+    for reply in replies:
+        state = {
+            k: torch.from_numpy(np.array(v.numpy()))
+            for k, v in reply.content.array_records["arrays"].items()
+        }
+        check_update(state, start, who="client")
+        # a client that trained from the true weights moves them by a training step, no more
+        assert max(float((state[k] - start[k]).abs().max()) for k in start) < 1.0
+        assert any(not torch.allclose(state[k], start[k]) for k in start)
+        assert "transport" not in reply.content.config_records
 
 
 def test_the_round_loop_lets_an_encoding_grid_deliver_its_own_messages() -> None:
