@@ -5,7 +5,7 @@ The same configuration (VADER, 2 clients, 1-layer MiniLM, DP on, 2 rounds) runs 
 data files are the simulation's client shares. Prints the seconds of each round from each run's
 ``metrics.jsonl``.
 
-    .venv/bin/python benchmarks/deploy_vs_sim.py --out /tmp/bench
+    .venv/bin/python benchmarks/deploy_vs_sim.py --out bench-out
 """
 
 from __future__ import annotations
