@@ -200,18 +200,25 @@ def client(
     site = SiteClient(settings, server=server_address, ca=ca, key=key, insecure=insecure)
     site.preflight()
     _sigterm_as_interrupt()
+    refused = (
+        "ask the operator to register this site's public key (`privet certs node`); see "
+        f"{settings.state_dir / 'flower' / 'supernode.log'}"
+    )
     try:
-        site.start()
+        try:
+            site.start()
+        except DeploymentError:
+            # A coordinator that refuses the node can end the SuperNode before its health service
+            # ever answered; report that as the refusal it is, not as a failed start.
+            if site.child is None or site.alive():
+                raise
+            raise DeploymentError(site.exit_reason(), fix=refused) from None
         console.print(
             f"site {settings.name} joined {server_address} "
             f"({'TLS' if ca else 'INSECURE'}); ledger in {settings.state_dir}; Ctrl-C to leave"
         )
         site.serve(threading.Event(), on_done=_report_reply)
-        raise DeploymentError(
-            site.exit_reason(),
-            fix="ask the operator to register this site's public key (`privet certs node`); see "
-            f"{settings.state_dir / 'flower' / 'supernode.log'}",
-        )
+        raise DeploymentError(site.exit_reason(), fix=refused)
     finally:
         site.stop()
 
