@@ -35,8 +35,11 @@ lint: install
 types: install
 	$(VENV)/bin/mypy
 
+# Two workers: half the suite waits on processes (SuperLink polls, Ray start-up), not on the CPU.
+# Each module stays on one worker (tests/conftest.py); PYTEST_ARGS="-n 0" runs them in one process.
+PYTEST_ARGS ?=
 pytest: install
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test: lint types pytest
 

@@ -16,12 +16,12 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from privet.common.config import PrivetConfig, dump_config
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "append_metrics",
@@ -84,6 +84,8 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Ten
     """Save the global trainable weights after ``server_round`` (safetensors, atomic)."""
     path = run_dir / "checkpoints" / f"round-{server_round:04d}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
+    from safetensors.torch import save_file  # torch loads here, not for `privet runs`
+
     save_file(
         {k: v.contiguous() for k, v in state.items()},
         str(tmp),
@@ -95,6 +97,8 @@ def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Ten
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint written by :func:`save_checkpoint`."""
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 

@@ -24,3 +24,16 @@ def tiny_model(**adapter: object) -> BuiltModel:
 @pytest.fixture
 def tiny() -> BuiltModel:
     return tiny_model()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep each module on one pytest-xdist worker unless it names a shared group.
+
+    ``make test`` runs ``pytest -n 2 --dist loadgroup``. A module's expensive module-scoped fixture
+    (a deployed federation, a simulation) must run once, not once per worker, so every test is
+    grouped by its module; modules that start Ray share the group ``ray`` instead, because they
+    count machine-wide Ray processes and must not see each other's.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else "x"))

@@ -8,7 +8,9 @@ carries a marker on the line before its fence, with the reason::
 Blocks of one file run in file order in one scratch folder (``.venv`` there points at this
 interpreter's environment), so a later block can use what an earlier one made: a run directory, an
 exported model. ``privet simulate`` gets small overrides appended (later ``--set`` wins) so that a
-documented federation finishes in seconds; everything else runs as written. TOML blocks that look
+documented federation finishes in seconds: a one-layer cut, few examples, one round, and the
+in-process engine (the same apps without Ray's start-up; the Ray path has its own end-to-end
+tests). Everything else runs as written. TOML blocks that look
 like a privet config are validated against the config models.
 """
 
@@ -42,7 +44,7 @@ TINY_SIMULATE = (  # each item is " --set key=value"
     " --set model.num_hidden_layers=1 --set model.max_length=32 --set data.max_examples=400"
     " --set data.num_clients=2"
     " --set federation.rounds=1 --set train.local_epochs=0.5 --set train.batch_size=32"
-    " --set simulation.cpus_per_client=1"
+    " --set simulation.cpus_per_client=1 --set simulation.engine=inprocess"
 )
 BLOCK_TIMEOUT = 600
 

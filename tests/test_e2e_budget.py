@@ -30,6 +30,7 @@ def test_exhausted_budget_refuses_and_the_run_goes_on(tmp_path) -> None:
             "train.batch_size=40",
             "train.local_epochs=1",
             f"simulation.output_dir='{tmp_path}'",
+            "simulation.engine='inprocess'",  # the same apps, without Ray's start-up
             "simulation.run_name='budget'",
         ],
     )

@@ -1,4 +1,4 @@
-"""End to end: client-level DP with client-side clipping through the Simulation Engine, budget stop."""
+"""End to end: client-level DP with client-side clipping in a whole federation, budget stop."""
 
 import json
 
@@ -32,6 +32,7 @@ def test_client_level_dp_accounts_every_round_and_stops_at_the_budget(tmp_path) 
         "privacy.client_level.noise_multiplier=1.0",
         "privacy.client_level.clipping_norm=0.05",
         f"simulation.output_dir='{tmp_path}'",
+        "simulation.engine='inprocess'",  # the same apps, without Ray's start-up
         "simulation.run_name='cl'",
     ]
     cfg = load_config(None, overrides)

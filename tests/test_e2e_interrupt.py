@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Ray runs share one pytest-xdist worker: they start and count machine-wide Ray processes.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 def _ray_pids() -> set[int]:

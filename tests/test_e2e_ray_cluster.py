@@ -27,7 +27,8 @@ from privet.common.errors import ConfigError
 from privet.server.rundir import read_metrics
 from privet.simulations import simulate
 
-pytestmark = pytest.mark.slow
+# Ray runs share one pytest-xdist worker: they start and count machine-wide Ray processes.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 def _free_port() -> int:

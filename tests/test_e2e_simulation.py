@@ -17,7 +17,8 @@ from privet.common.modeling import (
 from privet.server.rundir import load_checkpoint, read_metrics
 from privet.simulations import simulate
 
-pytestmark = pytest.mark.slow
+# Ray runs share one pytest-xdist worker: they start and count machine-wide Ray processes.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 def _ray_processes() -> list[str]:

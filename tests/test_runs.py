@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from privet.simulations.cli import app
@@ -41,7 +42,14 @@ def test_lists_finished_unfinished_and_dp_off_runs(tmp_path: Path) -> None:
     assert not base.dp and base.max_epsilon is None
 
 
-def test_cli_table(tmp_path: Path) -> None:
+def test_cli_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    import privet.simulations.commands as commands
+
+    # rich sizes a console when it is made, from the terminal or COLUMNS at that moment; a wide one
+    # keeps every column whole wherever the test runs (a pytest-xdist worker has no terminal)
+    monkeypatch.setattr(commands, "console", Console(width=200))
     make_run(tmp_path, "only", adapter=False)
     res = CliRunner().invoke(app, ["runs", str(tmp_path)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
