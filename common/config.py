@@ -408,7 +408,11 @@ class SecureAggregationConfig(_Section):
         k = clients if self.num_shares is None else min(self.num_shares, clients)
         if k < clients and k % 2 == 0:
             k += 1  # SecAgg+ builds a ring of k // 2 neighbours on each side: k must be odd
-        t = self.reconstruction_threshold if self.reconstruction_threshold is not None else k // 2 + 1
+        t = (
+            self.reconstruction_threshold
+            if self.reconstruction_threshold is not None
+            else k // 2 + 1
+        )
         return k, t
 
 

@@ -270,7 +270,9 @@ class SecAggGrid(Grid):
                 node_config={},
                 state=RecordDict(
                     {
-                        MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
+                        MAIN_CONFIGS_RECORD: ConfigRecord(
+                            {WorkflowKey.CURRENT_ROUND: server_round}
+                        ),
                         MAIN_PARAMS_RECORD: ArrayRecord(),
                     }
                 ),
