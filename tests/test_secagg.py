@@ -122,8 +122,7 @@ def _round(
 def _mean(nodes: list[int], weights: dict[int, float]) -> dict[str, np.ndarray]:
     total = sum(weights[n] for n in nodes)
     return {
-        k: sum(weights[n] * WEIGHTS[n][k].astype(np.float64) for n in nodes) / total
-        for k in GLOBAL
+        k: sum(weights[n] * WEIGHTS[n][k].astype(np.float64) for n in nodes) / total for k in GLOBAL
     }
 
 
@@ -261,9 +260,9 @@ def test_the_shares_and_threshold_follow_the_round() -> None:
     assert SecureAggregationConfig().shares_and_threshold(9) == (9, 5)
     # SecAgg+'s ring needs an odd number of neighbours
     assert SecureAggregationConfig(num_shares=4).shares_and_threshold(10) == (5, 3)
-    assert SecureAggregationConfig(
-        num_shares=7, reconstruction_threshold=5
-    ).shares_and_threshold(20) == (7, 5)
+    assert SecureAggregationConfig(num_shares=7, reconstruction_threshold=5).shares_and_threshold(
+        20
+    ) == (7, 5)
 
 
 @pytest.mark.slow
