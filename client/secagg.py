@@ -20,6 +20,7 @@ A train message without a SecAgg+ record is refused when this client requires se
 
 from __future__ import annotations
 
+import logging
 from typing import NoReturn
 
 import numpy as np
@@ -35,6 +36,8 @@ from privet.common.config import SecureAggregationConfig
 from privet.common.privacy.secagg import SECAGG_RECORD
 
 __all__ = ["ERROR_SECAGG_REQUIRED", "secagg_mod"]
+
+log = logging.getLogger("privet")
 
 #: Error code of a client that requires secure aggregation and got a plain train message.
 ERROR_SECAGG_REQUIRED = 1006
@@ -128,11 +131,16 @@ def _as_fitres(
         weight = int(float(str(metrics.get("num-examples", 1))))
         limit = int(float(str(weighting.get("max-weight", weight))))
         if weight > limit:
-            _refuse(
-                incoming,
-                f"this client weights its update with {weight} examples, above the {limit} the "
-                "masked sum can carry (set privacy.secagg.max_weight on the server)",
+            # Only the FedAvg weight is capped (a utility matter, not a privacy one): a larger
+            # weight would overflow the masked sum's fixed-point range.
+            log.warning(
+                "SecAgg+: this client's %d examples exceed privacy.secagg.max_weight = %d; its "
+                "update is weighted %d",
+                weight,
+                limit,
+                limit,
             )
+            weight = limit
     fitres = FitRes(
         status=Status(code=Code.OK, message=""),
         parameters=ndarrays_to_parameters(ndarrays),

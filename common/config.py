@@ -364,10 +364,10 @@ class SecureAggregationConfig(_Section):
         None,
         ge=1,
         description=(
-            "Largest FedAvg weight (a client's number of training examples) the masked sum can carry "
-            "without loss of precision. None: the largest client training set the server knows of. "
-            "A client with more examples refuses the round. Ignored with client-level DP (equal "
-            "weights)."
+            "Largest FedAvg weight (a client's number of training examples) the masked sum carries; "
+            "a client with more is weighted max_weight (and says so). Larger values cost precision. "
+            "None: the largest client training set the server knows of, at least 1000. Ignored "
+            "with client-level DP (equal weights)."
         ),
     )
     timeout: float | None = Field(

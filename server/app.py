@@ -117,7 +117,7 @@ def make_server_app(
                 grid,
                 sa,
                 uniform_weights=cfg.privacy.client_level.enabled,
-                max_weight=sa.max_weight or max(len(c.train) for c in fed.clients),
+                max_weight=sa.max_weight or max(1000, *(len(c.train) for c in fed.clients)),
                 timeout=fed_cfg.round_timeout,
                 client_clipping=cfg.privacy.client_level.enabled,
             )

@@ -276,7 +276,7 @@ def test_a_federation_with_both_dp_levels_and_secure_aggregation(tmp_path) -> No
         [
             "model.num_hidden_layers=1",
             "model.max_length=32",
-            "data.max_examples=200",
+            "data.max_examples=150",
             "data.num_clients=3",
             "data.server_test_fraction=0.25",
             "federation.rounds=2",
