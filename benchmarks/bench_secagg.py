@@ -149,6 +149,7 @@ def federation(args: Any, rows: list[dict[str, Any]], details: dict[str, Any]) -
 
     out = Path(tempfile.mkdtemp(prefix="bench-secagg-"))
     runs = 0
+    accuracy: dict[str, list[float]] = {"plain": [], "secagg": []}
 
     def run(secure: bool) -> float:
         nonlocal runs
@@ -169,6 +170,7 @@ def federation(args: Any, rows: list[dict[str, Any]], details: dict[str, Any]) -
             ],
         )
         records = read_metrics(simulate(cfg))
+        accuracy["secagg" if secure else "plain"].append(float(records[-1]["server_accuracy"]))
         # round 2: round 1 holds the model loads and noise calibration
         return float(records[-1]["seconds"])
 
@@ -181,7 +183,12 @@ def federation(args: Any, rows: list[dict[str, Any]], details: dict[str, Any]) -
         benchlib.row("federation (4 clients, DP-SGD, default model): round 2 plain", t_plain, "s"),
         benchlib.row("federation: round 2 with SecAgg+", t_sec, "s"),
         benchlib.row("federation: SecAgg+ / plain, round time", t_sec / t_plain, "x"),
+        benchlib.row(
+            "federation: server accuracy after round 2, plain / SecAgg+",
+            f"{benchlib.median(accuracy['plain']):.1%} / {benchlib.median(accuracy['secagg']):.1%}",
+        ),
     ]
+    details["federation_accuracy"] = accuracy
 
 
 def main() -> None:
