@@ -142,15 +142,17 @@ def test_secure_aggregation_plan_prints_the_dropout_tolerance_and_refuses_a_coar
         "privacy.client_level.side='client'",
         "privacy.client_level.noise_multiplier=1.0",
         "privacy.client_level.clipping_norm=0.01",
-        "model.max_length=32",
     ]
-    plan = make_plan(load_config(None, [*BASE, *secagg]))
+    plan = make_plan(load_config(None, [*BASE, *secagg]), with_model=False)
     sa = plan.secure_aggregation
     assert sa is not None and not plan.problems
     assert (sa["num_shares"], sa["threshold"], sa["tolerated_dropouts"]) == (5, 3, 2)
-    assert sa["upload_bytes"] == 8 * (plan.trainable_parameters + 1)
-    # 2**12 levels over [-8, 8]: the rounding error alone would exceed half the clip
-    coarse = load_config(None, [*BASE, *secagg, "privacy.secagg.quantization_range=4096"])
+    # 10,000 weights, 2**22 levels over [-8, 8]: sqrt(1e4) * 16 / 2**22 in L2 norm, below 0.01 / 2
     problems: list[str] = []
-    _secagg_plan(coarse, plan.trainable_parameters, problems)
+    fine = _secagg_plan(load_config(None, [*BASE, *secagg]), 10_000, problems)
+    assert fine["upload_bytes"] == 8 * 10_001 and not problems
+    assert fine["quantization_slack_l2"] == pytest.approx(100 * 16 / 2**22, rel=1e-12)
+    # 2**12 levels: the rounding error alone would exceed half the clip
+    coarse = load_config(None, [*BASE, *secagg, "privacy.secagg.quantization_range=4096"])
+    _secagg_plan(coarse, 10_000, problems)
     assert len(problems) == 1 and "privacy.secagg.quantization_range" in problems[0]
