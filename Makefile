@@ -45,7 +45,7 @@ test: lint types pytest
 
 # Benchmarks (docs/benchmarks.md): each writes benchmarks/results/<name>.json; the report prints
 # one table and writes it into docs/benchmarks.md. BENCH_ARGS="--device cuda" on a GPU machine.
-BENCHES    ?= bench_dp bench_federation bench_flower bench_comm bench_scale
+BENCHES    ?= bench_dp bench_federation bench_flower bench_comm bench_scale bench_secagg
 BENCH_ARGS ?=
 bench: install
 	@for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done

@@ -23,6 +23,7 @@ from flwr.clientapp.typing import Mod
 
 from privet.client.client_level import client_level_mods
 from privet.client.privacy import plan_round, record_round
+from privet.client.secagg import secagg_mod
 from privet.client.training import evaluate, train
 from privet.common.arrays import state_to_arrayrecord
 from privet.common.config import PrivetConfig
@@ -186,7 +187,10 @@ def make_client_app(
     """
     app = ClientApp()
 
-    @app.train(mods=[*train_mods, *client_level_mods(cfg)])
+    # SecAgg+ outermost: the simulated faults, the clipping and the training all happen inside it.
+    secagg = secagg_mod(required=cfg.privacy.secure_aggregation, sa=cfg.privacy.secagg)
+
+    @app.train(mods=[secagg, *train_mods, *client_level_mods(cfg)])
     def _train(msg: Message, context: Context) -> Message:
         partition = int(context.node_config.get("partition-id", 0))
         try:

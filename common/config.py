@@ -31,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyConfig",
     "PrivetConfig",
+    "SecureAggregationConfig",
     "SimulationConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -303,6 +304,118 @@ class ClientLevelConfig(_Section):
         return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ parameters, used when ``privacy.secure_aggregation = true``.
+
+    Flower's ``SecAggPlusWorkflow`` and ``secaggplus_mod`` run the protocol.
+
+    Each client masks its quantized weights with pairwise masks shared with its neighbours and a
+    private mask; the server can remove the masks only from the sum. A client's secrets are split
+    into ``num_shares`` Shamir shares held by its neighbours; ``reconstruction_threshold`` of them
+    recover the masks of a client that dropped out, so up to ``num_shares - threshold`` dropouts per
+    neighbourhood do not stop a round.
+    """
+
+    num_shares: int | None = Field(
+        None,
+        ge=3,
+        description=(
+            "Neighbours each client shares its secrets with (itself included). None: every client "
+            "of the round (SecAgg); an odd k < clients per round: SecAgg+'s k-regular graph, cheaper "
+            "for large rounds."
+        ),
+    )
+    reconstruction_threshold: int | None = Field(
+        None,
+        ge=2,
+        description=(
+            "Shares needed to recover a client's secret; must be above num_shares / 2 (else a server "
+            "that lies about who dropped could unmask a single client) and below num_shares. None: "
+            "num_shares // 2 + 1, which tolerates the most dropouts, num_shares - threshold."
+        ),
+    )
+    clipping_range: float = Field(
+        8.0,
+        gt=0,
+        le=1e6,
+        description=(
+            "Every weight a client sends must lie in [-r, r] to be quantized; a client whose weights "
+            "leave it refuses the round (raise r). Larger r means coarser quantization."
+        ),
+    )
+    quantization_range: int = Field(
+        2**22,
+        ge=2**8,
+        description=(
+            "Integer levels of the quantization: the rounding error per weight is below "
+            "2 * clipping_range / quantization_range."
+        ),
+    )
+    modulus_range: int = Field(
+        2**32,
+        ge=2**9,
+        le=2**32,
+        description=(
+            "Masks are drawn modulo this power of two; clients per round x quantization_range must "
+            "not exceed it (the sum would wrap around)."
+        ),
+    )
+    max_weight: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Largest FedAvg weight (a client's number of training examples) the masked sum carries; "
+            "a client with more is weighted max_weight (and says so). Larger values cost precision. "
+            "None: the largest client training set the server knows of, at least 1000. Ignored "
+            "with client-level DP (equal weights)."
+        ),
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Seconds to wait for the replies of each of the four SecAgg+ stages (None: "
+            "federation.round_timeout). A client that misses a stage counts as dropped."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecureAggregationConfig:
+        m, q = self.modulus_range, self.quantization_range
+        if m & (m - 1):
+            raise ValueError(f"privacy.secagg.modulus_range = {m} must be a power of two")
+        if m <= q:
+            raise ValueError(
+                f"privacy.secagg.modulus_range ({m}) must exceed quantization_range ({q})"
+            )
+        k, t = self.num_shares, self.reconstruction_threshold
+        if k is not None and t is not None:
+            if t >= k:
+                raise ValueError(
+                    f"privacy.secagg.reconstruction_threshold ({t}) must be below num_shares ({k}), "
+                    "else a single dropout stops the round"
+                )
+            if 2 * t <= k:
+                raise ValueError(
+                    f"privacy.secagg.reconstruction_threshold ({t}) must exceed num_shares / 2 "
+                    f"({k / 2:g}): with fewer, a server claiming that a client dropped out could "
+                    "collect both of its secrets and read its update"
+                )
+        return self
+
+    def shares_and_threshold(self, clients: int) -> tuple[int, int]:
+        """The number of shares and the threshold for a round with ``clients`` clients."""
+        k = clients if self.num_shares is None else min(self.num_shares, clients)
+        if k < clients and k % 2 == 0:
+            k += 1  # SecAgg+ builds a ring of k // 2 neighbours on each side: k must be odd
+        t = (
+            self.reconstruction_threshold
+            if self.reconstruction_threshold is not None
+            else k // 2 + 1
+        )
+        return k, t
+
+
 class PrivacyConfig(_Section):
     """Sample-level differential privacy with Opacus DP-SGD, per client."""
 
@@ -349,19 +462,19 @@ class PrivacyConfig(_Section):
     secure_aggregation: bool = Field(
         False,
         description=(
-            "SecAgg+ (the server sees only the sum of updates). Not available yet: Flower implements "
-            "it only in its legacy API, which privet's Message-API strategies cannot use; true is refused."
+            "SecAgg+ (Flower's implementation): clients mask their weights so that the server sees "
+            "only the sum of the round's updates, never one client's. Parameters: [privacy.secagg]. "
+            "Needs 3+ clients per round and linear aggregation; combines with sample-level DP and "
+            "with client-level DP with side = 'client' and fixed clipping."
         ),
+    )
+    secagg: SecureAggregationConfig = Field(
+        default_factory=SecureAggregationConfig,
+        description="SecAgg+ parameters (used when secure_aggregation = true).",
     )
 
     @model_validator(mode="after")
     def _noise_or_target(self) -> PrivacyConfig:
-        if self.secure_aggregation:
-            raise ValueError(
-                "privacy.secure_aggregation = true is not supported yet: Flower 1.41 offers SecAgg+ "
-                "only in its legacy API (SecAggPlusWorkflow), which cannot drive privet's Message-API "
-                "strategies; set it to false (client-level DP still protects each client's update)"
-            )
         if not self.enabled:
             return self
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -918,6 +1031,8 @@ class PrivetConfig(_Section):
                     "is calibrated to a mean of clipped updates, not to an SVD re-factorization of "
                     "their products; use adapter.freeze_a = true (FFA-LoRA) with aggregation.lora = 'mean'"
                 )
+        if self.privacy.secure_aggregation:
+            _check_secure_aggregation(self)
         if (
             self.adapter.method == "full"
             and self.privacy.enabled
@@ -973,6 +1088,75 @@ def require_plain_averaging(cfg: PrivetConfig, *, feature: str, why: str) -> Non
         raise ValueError(
             f"federation.strategy = {strategy!r} cannot be combined with {feature}: {why}; "
             "use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad"
+        )
+
+
+def _check_secure_aggregation(cfg: PrivetConfig) -> None:
+    """Refuse what cannot hold when the server sees only the sum of the updates (a model validator calls it)."""
+    only_sum = "with privacy.secure_aggregation the server sees only the sum of the updates"
+    cl = cfg.privacy.client_level
+    if cl.enabled and cl.side != "client":
+        raise ValueError(
+            f"privacy.client_level.side = 'server' cannot be combined with secure aggregation: {only_sum}, "
+            "so it cannot clip each one; set privacy.client_level.side = 'client' (the clients clip)"
+        )
+    if cl.enabled and cl.clipping != "fixed":
+        raise ValueError(
+            "privacy.client_level.clipping = 'adaptive' cannot be combined with secure aggregation: "
+            "each client would report in the clear whether its update was clipped; use clipping = 'fixed'"
+        )
+    require_plain_averaging(
+        cfg,
+        feature="privacy.secure_aggregation",
+        why=f"{only_sum}, and a median or a Krum selection needs every update",
+    )
+    if cfg.aggregation.lora == "svd":
+        raise ValueError(
+            f"aggregation.lora = 'svd' cannot be combined with secure aggregation: {only_sum}, not "
+            "the clients' factors; use aggregation.lora = 'mean'"
+        )
+    if cfg.federation.max_update_norm is not None:
+        raise ValueError(
+            f"federation.max_update_norm cannot be combined with secure aggregation: {only_sum}, so "
+            "no single update can be checked; unset it (client-level DP with side = 'client' bounds "
+            "every update instead)"
+        )
+    if cfg.federation.transport != "float32":
+        raise ValueError(
+            f"federation.transport = {cfg.federation.transport!r} cannot be combined with secure "
+            "aggregation: SecAgg+ sends its own quantized, masked integers; use transport = 'float32'"
+        )
+    if cfg.faults.byzantine_fraction:
+        raise ValueError(
+            f"faults.byzantine_fraction cannot be combined with secure aggregation: {only_sum}, so "
+            "attacks could not be observed or rejected; set it to 0 (dropouts and stragglers work)"
+        )
+    sa = cfg.privacy.secagg
+    m = sampled_per_round(cfg)
+    if m is None:
+        return
+    if m < 3:
+        raise ValueError(
+            f"secure aggregation needs at least 3 clients per round, the federation samples {m}: "
+            "with 2, each client could subtract its own update from the sum; raise "
+            "federation.min_train_clients (or fraction_train)"
+        )
+    if sa.num_shares is not None and sa.num_shares > m:
+        raise ValueError(
+            f"privacy.secagg.num_shares ({sa.num_shares}) exceeds the {m} clients per round; lower "
+            "it or unset it (every client of the round)"
+        )
+    k, t = sa.shares_and_threshold(m)
+    if t >= k or 2 * t <= k:
+        raise ValueError(
+            f"privacy.secagg.reconstruction_threshold = {t} with {k} shares per client: it must be "
+            f"above {k / 2:g} and below {k}; unset it (default {k // 2 + 1})"
+        )
+    if m * sa.quantization_range > sa.modulus_range:
+        raise ValueError(
+            f"{m} clients per round x privacy.secagg.quantization_range ({sa.quantization_range}) "
+            f"exceeds modulus_range ({sa.modulus_range}): the masked sum would wrap around; lower "
+            "quantization_range"
         )
 
 

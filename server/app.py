@@ -44,6 +44,7 @@ from privet.server.rundir import (
     save_checkpoint,
     write_json,
 )
+from privet.server.secagg import SecAggGrid
 from privet.server.strategies import build_strategy
 from privet.server.tracking import Tracking, check_tracking, with_tracking
 from privet.server.transport import TransportGrid
@@ -109,6 +110,18 @@ def make_server_app(
         wire = TransportGrid(grid, fed_cfg.transport) if fed_cfg.transport != "float32" else None
         if wire is not None:
             grid = wire
+        secagg: SecAggGrid | None = None
+        if cfg.privacy.secure_aggregation:
+            sa = cfg.privacy.secagg
+            grid = secagg = SecAggGrid(
+                grid,
+                sa,
+                uniform_weights=cfg.privacy.client_level.enabled,
+                max_weight=sa.max_weight or max(1000, *(len(c.train) for c in fed.clients)),
+                timeout=fed_cfg.round_timeout,
+                client_clipping=cfg.privacy.client_level.enabled,
+            )
+        counter = wire or secagg
 
         def _round_end(server_round: int, arrays: ArrayRecord) -> None:
             if server_round == first_round - 1 and first_round > 1:
@@ -126,9 +139,9 @@ def make_server_app(
                     mixed_precision=cfg.model.mixed_precision,
                 )
                 rec.server_accuracy, rec.server_loss = res.accuracy, res.loss
-            if wire is not None and server_round > 0:
-                # What travelled encoded, not the float32 arrays the strategy handled.
-                rec.bytes_sent, rec.bytes_received = wire.take_byte_counts()
+            if counter is not None and server_round > 0:
+                # What travelled encoded (or masked), not the float32 arrays the strategy handled.
+                rec.bytes_sent, rec.bytes_received = counter.take_byte_counts()
             if server_round > 0:
                 save_checkpoint(run_dir, server_round, state)
                 rec.seconds = strategy.seconds_since_round_start()

@@ -53,7 +53,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from privet.common.config import ClientLevelConfig, PrivetConfig
+from privet.common.config import ClientLevelConfig, PrivetConfig, sampled_per_round
 from privet.common.errors import BudgetExhaustedError, ConfigError
 from privet.common.privacy import Ledger, open_ledger, save_ledger
 from privet.common.privacy.federation import FederationMechanism, plan_federation
@@ -65,6 +65,7 @@ __all__ = [
     "client_level_of",
     "federation_ledger_path",
     "privacy_report",
+    "secure_aggregation_report",
     "update_norm",
     "wrap_client_level_dp",
 ]
@@ -508,6 +509,34 @@ def client_level_of(strategy: Strategy) -> ClientLevelDP | None:
     return None
 
 
+def secure_aggregation_report(cfg: PrivetConfig) -> dict[str, Any]:
+    """What secure aggregation did for a run configured by ``cfg`` (a section of ``privacy.json``)."""
+    if not cfg.privacy.secure_aggregation:
+        return {"enabled": False}
+    sa = cfg.privacy.secagg
+    m = sampled_per_round(cfg)
+    out: dict[str, Any] = {
+        "enabled": True,
+        "protocol": "SecAgg+ (Flower's SecAggPlusWorkflow and secaggplus_mod)",
+        "server_sees": "only the sum of each round's updates; per-client metrics (loss, "
+        "examples, epsilon) travel in the clear",
+        "weights": "equal (client-level DP)" if cfg.privacy.client_level.enabled else "examples",
+        "clipping_range": sa.clipping_range,
+        "quantization_range": sa.quantization_range,
+        "modulus_range": sa.modulus_range,
+        "quantization_step": 2 * sa.clipping_range / sa.quantization_range,
+    }
+    if m is not None:
+        k, t = sa.shares_and_threshold(m)
+        out.update(
+            clients_per_round=m,
+            num_shares=k,
+            reconstruction_threshold=t,
+            tolerated_dropouts_per_neighbourhood=k - t,
+        )
+    return out
+
+
 def _client_of_error(reason: str, client_names: list[str]) -> str | None:
     # Client error replies start with "[<partition-id>] " (client/app.py's _error_reply).
     if reason.startswith("[") and "]" in reason:
@@ -621,7 +650,7 @@ def privacy_report(
     return {
         "sample_level": sample_level,
         "client_level": fed,
-        "secure_aggregation": False,
+        "secure_aggregation": secure_aggregation_report(cfg),
         "stopped": stopped,
         "rounds_run": len([r for r in history if r.round > 0]),
         "rounds_planned": cfg.federation.rounds,

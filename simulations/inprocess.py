@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
@@ -69,6 +69,15 @@ class InProcessGrid(Grid):
         """Deliver each message to its node's ClientApp, in order; return the replies."""
         replies = []
         for msg in messages:
+            # A real transport gives every node its own copy. Config records are copied (they are
+            # small): Flower's secaggplus_mod pops its stage key from a record the server addresses
+            # to every node. Arrays are shared, read-only by convention.
+            msg.content = RecordDict(
+                {
+                    k: ConfigRecord(dict(v.items())) if isinstance(v, ConfigRecord) else v
+                    for k, v in msg.content.items()
+                }
+            )
             node = msg.metadata.dst_node_id
             TaskIdentity.node_id = node
             try:

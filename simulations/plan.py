@@ -16,11 +16,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from privet.common.config import PrivetConfig
+from privet.common.config import PrivetConfig, sampled_per_round
 from privet.common.data import cached_federated_data
 from privet.common.errors import PrivacyError
 from privet.common.privacy import accountant_steps, calibrate_noise, epsilon_from_history
 from privet.common.privacy.federation import FederationMechanism, plan_federation
+from privet.common.privacy.secagg import quantization_slack
 
 __all__ = ["ClientPlan", "RunPlan", "check_plan", "make_plan", "render_plan"]
 
@@ -54,6 +55,8 @@ class RunPlan:
     payload_bytes: int
     memory_bytes_estimate: int
     problems: list[str] = field(default_factory=list)
+    #: SecAgg+ per round (shares, threshold, tolerated dropouts, upload bytes); None when off.
+    secure_aggregation: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The plan as a JSON-ready dictionary."""
@@ -226,7 +229,9 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
             )
         )
         memory = _memory_estimate(cfg, trainable, frozen, hidden)
+    secagg = _secagg_plan(cfg, trainable, problems) if p.secure_aggregation else None
     return RunPlan(
+        secure_aggregation=secagg,
         rounds=rounds,
         clients=clients,
         federation=mech,
@@ -237,6 +242,31 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
         memory_bytes_estimate=memory,
         problems=problems,
     )
+
+
+def _secagg_plan(cfg: PrivetConfig, trainable: int, problems: list[str]) -> dict[str, Any]:
+    sa = cfg.privacy.secagg
+    out: dict[str, Any] = {
+        "quantization_step": 2 * sa.clipping_range / sa.quantization_range,
+        # Flower's masked vector holds one int64 per weight (plus the weight factor).
+        "upload_bytes": 8 * (trainable + 1) if trainable else None,
+    }
+    m = sampled_per_round(cfg)
+    if m is not None:
+        k, t = sa.shares_and_threshold(m)
+        out.update(clients_per_round=m, num_shares=k, threshold=t, tolerated_dropouts=k - t)
+    cl = cfg.privacy.client_level
+    if cl.enabled and trainable:
+        slack = quantization_slack(trainable, sa)
+        out["quantization_slack_l2"] = slack
+        if slack >= cl.clipping_norm / 2:
+            problems.append(
+                f"secure aggregation: the quantization error (up to {slack:.3g} in L2 norm over "
+                f"{trainable:,} weights) is not small next to privacy.client_level.clipping_norm = "
+                f"{cl.clipping_norm:g}; raise privacy.secagg.quantization_range or lower "
+                "privacy.secagg.clipping_range"
+            )
+    return out
 
 
 def check_plan(plan: RunPlan) -> None:
@@ -320,6 +350,17 @@ def render_plan(plan: RunPlan, cfg: PrivetConfig) -> Any:
         parts.append(ft)
     else:
         parts.append(Text("client-level DP: off (privacy.client_level.enabled = false)"))
+    sa = plan.secure_aggregation
+    if sa is not None:
+        line = "secure aggregation (SecAgg+): the server sees only the sum of each round's updates"
+        if "num_shares" in sa:
+            line += (
+                f"; {sa['num_shares']} shares per client, threshold {sa['threshold']}: up to "
+                f"{sa['tolerated_dropouts']} of a client's neighbours may drop out"
+            )
+        if sa.get("upload_bytes"):
+            line += f"; masked upload {_mib(sa['upload_bytes'])} per client per round (int64)"
+        parts.append(Text(line, style="bold"))
     if plan.trainable_parameters:
         parts.append(
             Text(

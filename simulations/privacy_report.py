@@ -44,6 +44,15 @@ def privacy_lines(report: dict[str, Any]) -> list[str]:
             f"federation (client-level): ε = {fed['final_epsilon']:.3f} (δ = {fed['delta']:g}, "
             f"z = {fed['noise_multiplier']:.4g}, budget {fed['budget_epsilon']})"
         )
+    sa = report.get("secure_aggregation")
+    if isinstance(sa, dict) and sa.get("enabled"):
+        tolerance = (
+            f", {sa['num_shares']} shares, threshold {sa['reconstruction_threshold']} (tolerates "
+            f"{sa['tolerated_dropouts_per_neighbourhood']} dropouts per round)"
+            if "num_shares" in sa
+            else ""
+        )
+        lines.append(f"secure aggregation: SecAgg+, the server saw only sums{tolerance}")
     if report.get("stopped"):
         lines.append(f"training stopped early: {report['stopped']}")
     return lines

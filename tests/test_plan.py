@@ -5,7 +5,7 @@ import pytest
 from privet.common.config import load_config
 from privet.common.errors import PrivacyError
 from privet.common.privacy import calibrate_noise, epsilon_from_history
-from privet.simulations.plan import check_plan, make_plan
+from privet.simulations.plan import _secagg_plan, check_plan, make_plan
 
 BASE = [
     "model.num_hidden_layers=1",
@@ -132,3 +132,27 @@ def test_rendered_plan_names_the_problem() -> None:
     text = console.export_text()
     assert "REFUSED" in text and "budget ends after round" in text
     assert "client-level DP (DP-FedAvg)" in text and "federation ε" in text
+
+
+def test_secure_aggregation_plan_prints_the_dropout_tolerance_and_refuses_a_coarse_grid() -> None:
+    secagg = [
+        "data.num_clients=5",
+        "privacy.secure_aggregation=true",
+        "privacy.client_level.enabled=true",
+        "privacy.client_level.side='client'",
+        "privacy.client_level.noise_multiplier=1.0",
+        "privacy.client_level.clipping_norm=0.01",
+    ]
+    plan = make_plan(load_config(None, [*BASE, *secagg]), with_model=False)
+    sa = plan.secure_aggregation
+    assert sa is not None and not plan.problems
+    assert (sa["num_shares"], sa["threshold"], sa["tolerated_dropouts"]) == (5, 3, 2)
+    # 10,000 weights, 2**22 levels over [-8, 8]: sqrt(1e4) * 16 / 2**22 in L2 norm, below 0.01 / 2
+    problems: list[str] = []
+    fine = _secagg_plan(load_config(None, [*BASE, *secagg]), 10_000, problems)
+    assert fine["upload_bytes"] == 8 * 10_001 and not problems
+    assert fine["quantization_slack_l2"] == pytest.approx(100 * 16 / 2**22, rel=1e-12)
+    # 2**12 levels: the rounding error alone would exceed half the clip
+    coarse = load_config(None, [*BASE, *secagg, "privacy.secagg.quantization_range=4096"])
+    _secagg_plan(coarse, 10_000, problems)
+    assert len(problems) == 1 and "privacy.secagg.quantization_range" in problems[0]

@@ -319,8 +319,15 @@ def test_config_refuses_bad_client_level_settings() -> None:
                 "privacy.client_level.budget_epsilon=2",
             ],
         )
-    with pytest.raises(ConfigError, match="secure_aggregation"):
-        load_config(None, ["privacy.secure_aggregation=true"])
+    with pytest.raises(ConfigError, match="side = 'server' cannot be combined with secure"):
+        load_config(
+            None,
+            [
+                "privacy.secure_aggregation=true",
+                "privacy.client_level.enabled=true",
+                "privacy.client_level.target_epsilon=5",
+            ],
+        )
     cfg = load_config(
         None, ["privacy.client_level.enabled=true", "privacy.client_level.target_epsilon=5"]
     )
