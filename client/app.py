@@ -29,6 +29,7 @@ from privet.common.arrays import state_to_arrayrecord
 from privet.common.config import PrivetConfig
 from privet.common.data import ClientData, TokenizedExamples, cached_federated_data
 from privet.common.errors import BudgetExhaustedError, PrivetError
+from privet.common.lora_residual import fold_residuals, message_residuals
 from privet.common.modeling import (
     BuiltModel,
     build_model,
@@ -210,6 +211,8 @@ def make_client_app(
             received = read_arrays(msg.content)
             encoding = message_encoding(msg.content)  # the reply travels as the message did
             load_trainable_state(model, received)
+            # FedEx-LoRA's residuals into the frozen base weights (none: the base as built).
+            fold_residuals(model, message_residuals(msg.content))
             plan_start = time.perf_counter()
             plan = plan_round(
                 privacy=cfg.privacy,
@@ -270,6 +273,7 @@ def make_client_app(
             loaded = _load(cfg, partition, local=local, data_hook=data_hook)
             model = loaded.built.model
             load_trainable_state(model, read_arrays(msg.content))
+            fold_residuals(model, message_residuals(msg.content))
             res = evaluate(
                 model,
                 loaded.test,

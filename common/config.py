@@ -791,21 +791,25 @@ class AggregationConfig(_Section):
         le=100_000,
         description="multikrum: how many of the best-scored replies are averaged (none: n - f).",
     )
-    lora: Literal["mean", "svd"] = Field(
+    lora: Literal["mean", "svd", "fedex"] = Field(
         "mean",
         description=(
             "How LoRA pairs (A, B) are combined. 'mean': the strategy's rule on each array; exact "
             "for FFA-LoRA (adapter.freeze_a = true, the default). 'svd' (trainable A, fedavg/fedprox "
             "only): the weighted mean of the products B_i A_i is formed exactly and re-factorized by a "
             "truncated SVD into rank r, the best rank-r approximation (exact when the mean product has "
-            "rank <= r); the relative truncation error is logged each round."
+            "rank <= r); the relative truncation error is logged each round. 'fedex' (trainable A, "
+            "fedavg/fedprox only, FedEx-LoRA): A and B are averaged and the residual mean(B_i A_i) - "
+            "mean(B) mean(A) is accumulated and folded into each adapted layer's frozen base weight by "
+            "clients and server, so the global model is the exact mean; costs one full out x in matrix "
+            "per adapted layer in every message."
         ),
     )
     require_exact_lora: bool = Field(
         False,
         description=(
             "Refuse configurations whose LoRA aggregation is not exactly the mean of the clients' "
-            "products (trainable A with 'mean' or 'svd'); FFA-LoRA passes."
+            "products (trainable A with 'mean' or 'svd'); FFA-LoRA and 'fedex' pass."
         ),
     )
 
@@ -1031,6 +1035,20 @@ class PrivetConfig(_Section):
                     "is calibrated to a mean of clipped updates, not to an SVD re-factorization of "
                     "their products; use adapter.freeze_a = true (FFA-LoRA) with aggregation.lora = 'mean'"
                 )
+            if self.aggregation.lora == "fedex":
+                raise ValueError(
+                    "aggregation.lora = 'fedex' cannot be combined with privacy.client_level: the noise "
+                    "is added to the mean of the clipped A and B updates, and the residual "
+                    "mean(B_i A_i) - mean(B) mean(A) is a second, un-noised function of the clients' "
+                    "updates that the accountant does not cover; use adapter.freeze_a = true (FFA-LoRA) "
+                    "with aggregation.lora = 'mean'"
+                )
+        if self.aggregation.lora == "fedex" and self.federation.transport != "float32":
+            raise ValueError(
+                f"aggregation.lora = 'fedex' cannot be combined with federation.transport = "
+                f"{self.federation.transport!r}: the residuals travel beside the encoded adapter and "
+                "must stay exact; use transport = 'float32'"
+            )
         if self.privacy.secure_aggregation:
             _check_secure_aggregation(self)
         if (
@@ -1110,10 +1128,11 @@ def _check_secure_aggregation(cfg: PrivetConfig) -> None:
         feature="privacy.secure_aggregation",
         why=f"{only_sum}, and a median or a Krum selection needs every update",
     )
-    if cfg.aggregation.lora == "svd":
+    if cfg.aggregation.lora in ("svd", "fedex"):
         raise ValueError(
-            f"aggregation.lora = 'svd' cannot be combined with secure aggregation: {only_sum}, not "
-            "the clients' factors; use aggregation.lora = 'mean'"
+            f"aggregation.lora = {cfg.aggregation.lora!r} cannot be combined with secure "
+            f"aggregation: {only_sum}, not the clients' factors that the products B_i A_i need; "
+            "use aggregation.lora = 'mean'"
         )
     if cfg.federation.max_update_norm is not None:
         raise ValueError(
@@ -1201,23 +1220,24 @@ def check_aggregation(cfg: PrivetConfig) -> None:
                 f"raise it to at least {1 / n:.3g} or sample more clients"
             )
     lora_trainable_a = cfg.adapter.method == "lora" and not cfg.adapter.freeze_a
-    if agg.lora == "svd":
+    if agg.lora in ("svd", "fedex"):
         if cfg.adapter.method != "lora" or cfg.adapter.freeze_a:
             raise ValueError(
-                "aggregation.lora = 'svd' re-factorizes trainable A and B; with "
+                f"aggregation.lora = {agg.lora!r} corrects the mean of trainable A and B; with "
                 f"adapter.method = {cfg.adapter.method!r} and adapter.freeze_a = {cfg.adapter.freeze_a} "
-                "there is nothing to re-factorize (FFA-LoRA's mean is already exact); use 'mean'"
+                "there is nothing to correct (FFA-LoRA's mean is already exact); use 'mean'"
             )
         if strategy not in ("fedavg", "fedprox"):
             raise ValueError(
-                f"aggregation.lora = 'svd' forms the weighted mean of the clients' products, so it "
-                f"replaces the aggregation of federation.strategy = {strategy!r}; use fedavg or fedprox"
+                f"aggregation.lora = {agg.lora!r} forms the weighted mean of the clients' products, so "
+                f"it needs a mean-based rule, not federation.strategy = {strategy!r}; use fedavg or fedprox"
             )
-    if agg.require_exact_lora and lora_trainable_a:
+    if agg.require_exact_lora and lora_trainable_a and agg.lora != "fedex":
         raise ValueError(
             "aggregation.require_exact_lora = true, but with trainable A (adapter.freeze_a = false) "
             "the mean of A times the mean of B is not the mean of the products B_i A_i, and 'svd' is "
-            "exact only when that mean has rank <= r; set adapter.freeze_a = true (FFA-LoRA, exact)"
+            "exact only when that mean has rank <= r; set adapter.freeze_a = true (FFA-LoRA, exact) "
+            "or aggregation.lora = 'fedex' (exact, a full matrix per layer in every message)"
         )
 
 

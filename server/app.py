@@ -20,11 +20,11 @@ from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.config import PrivetConfig
 from privet.common.data import TokenizedExamples, cached_federated_data
 from privet.common.evaluation import evaluate
+from privet.common.lora_residual import global_state, load_global_state, save_residual_file
 from privet.common.modeling import (
     MaskedMeanPooler,
     build_model,
     frozen_fingerprint,
-    load_trainable_state,
     pick_device,
     trainable_state,
 )
@@ -104,7 +104,8 @@ def make_server_app(
             known = set(RoundRecord.__dataclass_fields__)
             history = [RoundRecord(**{k: v for k, v in rec.items() if k in known}) for rec in kept]
             if done > 0:
-                load_trainable_state(model, load_checkpoint(checkpoint_path(run_dir, done)))
+                # The checkpoint's global state: adapter plus any FedEx-LoRA residuals.
+                load_global_state(model, load_checkpoint(checkpoint_path(run_dir, done)))
                 first_round = done + 1
                 log.info("resuming after round %d of %d", done, fed_cfg.rounds)
         wire = TransportGrid(grid, fed_cfg.transport) if fed_cfg.transport != "float32" else None
@@ -127,7 +128,7 @@ def make_server_app(
             if server_round == first_round - 1 and first_round > 1:
                 return  # resumed: this round is already evaluated and recorded
             state = arrayrecord_to_state(arrays)
-            load_trainable_state(model, state)
+            load_global_state(model, state)
             rec = strategy.current if server_round > 0 else RoundRecord(round=0)
             if fed_cfg.server_evaluation:
                 res = evaluate(
@@ -160,7 +161,7 @@ def make_server_app(
             final = run_rounds(
                 strategy,
                 grid,
-                arrays=state_to_arrayrecord(trainable_state(model)),
+                arrays=state_to_arrayrecord(global_state(model)),
                 first_round=first_round,
                 min_nodes=fed_cfg.min_available_clients,
                 last_round=fed_cfg.rounds,
@@ -172,9 +173,9 @@ def make_server_app(
             # Refused before any client was asked: the model after the last round is the result.
             stopped = str(exc)
             log.warning("stopping: %s", stopped)
-            final = state_to_arrayrecord(trainable_state(model))
+            final = state_to_arrayrecord(global_state(model))
             append_metrics(run_dir, {"round": strategy.current.round, "stopped": stopped})
-        load_trainable_state(model, arrayrecord_to_state(final))
+        load_global_state(model, arrayrecord_to_state(final))
         _save_final(model, run_dir / "final_adapter", cfg)
         report = privacy_report(
             cfg,
@@ -201,6 +202,8 @@ def _save_final(model: torch.nn.Module, out: Path, cfg: PrivetConfig) -> None:
     save_pretrained = getattr(model, "save_pretrained", None)
     if hasattr(model, "peft_config") and callable(save_pretrained):
         save_pretrained(str(out))
+        # FedEx-LoRA: the residuals folded into the base weights are part of the model.
+        save_residual_file(model, out)
     else:
         from safetensors.torch import save_file
 

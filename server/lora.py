@@ -7,15 +7,18 @@ cross term. Two ways out:
 
 * FFA-LoRA (privet's default, ``adapter.freeze_a = true``): every client keeps the same frozen ``A``,
   so ``mean(B_i A) = mean(B_i) A`` exactly and plain averaging is right.
+* ``aggregation.lora = "fedex"`` for trainable ``A`` and ``B``: exact, see below.
 * ``aggregation.lora = "svd"`` for trainable ``A`` and ``B``: the server forms the weighted mean of
   the products exactly and re-factorizes it with a truncated SVD into rank ``r``: the best rank-r
   approximation of the exact mean (Eckart-Young), exact when the mean product has rank <= r. The
   relative truncation error is logged and reported as the metric ``lora-svd-rel-error``.
 
-:func:`fedex_residual` gives the other exact form (FedEx-LoRA): the means of ``A`` and ``B`` plus
-the residual ``mean(B_i A_i) - mean(B) mean(A)`` that must be folded into the frozen base weight.
-privet's clients keep the base weights frozen and fingerprinted, so that path is provided as algebra
-only. Flower has none of this; hence our own.
+:func:`fedex_residual` gives the other exact form (FedEx-LoRA), and ``aggregation.lora = "fedex"``
+runs it (:class:`FedExLoraAggregation`): the means of ``A`` and ``B`` plus the residual
+``mean(B_i A_i) - mean(B) mean(A)``, accumulated over rounds and folded by every holder of the
+global model into the frozen base weight (``privet.common.lora_residual``), so the global model is
+the exact mean with no rank limit, at the cost of a full matrix per adapted layer in every message.
+Flower has none of this; hence our own.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from privet.common.lora_residual import RESIDUAL_RECORD, is_residual_key, residual_key
+
 __all__ = [
+    "FedExLoraAggregation",
     "LoraSvdAggregation",
     "fedex_residual",
     "lora_pairs",
@@ -196,6 +202,116 @@ class LoraSvdAggregation(Strategy):
     ) -> Iterable[Message]:
         """Delegate to the wrapped strategy."""
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate to the wrapped strategy."""
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+class FedExLoraAggregation(Strategy):
+    """FedEx-LoRA around a mean-based strategy (FedAvg, FedProx): exact aggregation of trainable A and B.
+
+    The wrapped strategy averages ``A``, ``B`` and the head as usual; this wrapper adds, per LoRA
+    pair, the round's residual ``mean(B_i A_i) - B_avg A_avg`` (float64, with the weights FedAvg
+    uses, ``num-examples``) to the accumulated residual that travels with the global state
+    (``privet.common.lora_residual``). Clients and the server fold ``scaling * R`` into the frozen
+    base weight, so the global model is the exact weighted mean of the clients' models. The
+    residuals go to clients in their own record (:data:`RESIDUAL_RECORD`) beside ``arrays``, so a
+    client's reply, and its validation, concern the adapter only.
+
+    The residual is a full ``out x in`` matrix per adapted layer: it is sent every round (the whole
+    accumulated value, so a client that missed rounds needs no history) and dominates the payload;
+    the metric ``fedex-residual-bytes`` reports its size per client message.
+    """
+
+    def __init__(self, inner: Strategy, *, weighted_by_key: str = "num-examples") -> None:
+        self.inner = inner
+        self.weighted_by_key = weighted_by_key
+        self._residuals: dict[str, NDArray] = {}
+
+    def summary(self) -> None:
+        """Delegate to the wrapped strategy."""
+        log.info("LoRA pairs: FedEx-LoRA (means plus a residual folded into the base weight)")
+        self.inner.summary()
+
+    def _split(self, arrays: ArrayRecord) -> tuple[ArrayRecord, ArrayRecord | None]:
+        adapter = ArrayRecord({k: v for k, v in arrays.items() if not is_residual_key(k)})
+        residuals = {k: v for k, v in arrays.items() if is_residual_key(k)}
+        # Remembered in float64: the next round adds to exactly what was sent.
+        self._residuals = {k: v.numpy().astype(np.float64) for k, v in residuals.items()}
+        return adapter, ArrayRecord(residuals) if residuals else None
+
+    def _attach(self, messages: Iterable[Message], residuals: ArrayRecord | None) -> list[Message]:
+        out = list(messages)
+        if residuals is not None:
+            for msg in out:
+                msg.content[RESIDUAL_RECORD] = residuals
+        return out
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's messages for the adapter, each with the residuals beside it."""
+        adapter, residuals = self._split(arrays)
+        return self._attach(
+            self.inner.configure_train(server_round, adapter, config, grid), residuals
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped strategy's means, plus the accumulated residual of every LoRA pair."""
+        replies = list(replies)
+        good = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
+        # Copies first: some strategies consume the reply arrays while aggregating.
+        states = [
+            {k: v.numpy().copy() for k, v in m.content.array_records["arrays"].items()}
+            for m in good
+        ]
+        weights = [
+            float(m.content.metric_records["metrics"][self.weighted_by_key])  # type: ignore[arg-type]
+            for m in good
+        ]
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None or not states:
+            return arrays, metrics
+        out = ArrayRecord({k: v for k, v in arrays.items()})
+        added, size = 0.0, 0
+        for a_key, b_key in lora_pairs(states[0]).values():
+            product = mean_product(
+                [s[a_key] for s in states], [s[b_key] for s in states], weights=weights
+            )
+            # Against the means the wrapped strategy actually returned (float32), so that
+            # R + B_avg A_avg is the exact mean product, whatever rounding the mean went through.
+            b_avg = out[b_key].numpy().astype(np.float64)
+            a_avg = out[a_key].numpy().astype(np.float64)
+            step = product - b_avg @ a_avg
+            key = residual_key(a_key)
+            total = self._residuals.get(key, 0.0) + step
+            out[key] = Array(np.ascontiguousarray(total.astype(np.float32)))
+            added = max(added, float(np.linalg.norm(step)))
+            size += out[key].numpy().nbytes
+        log.info(
+            "round %d: FedEx-LoRA residual, largest new part %.3g (Frobenius), %d bytes per client",
+            server_round,
+            added,
+            size,
+        )
+        metrics = metrics if metrics is not None else MetricRecord()
+        metrics["fedex-residual-norm"] = added
+        metrics["fedex-residual-bytes"] = size
+        return out, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's evaluation messages, each with the residuals beside the adapter."""
+        adapter, residuals = self._split(arrays)
+        return self._attach(
+            self.inner.configure_evaluate(server_round, adapter, config, grid), residuals
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -139,8 +139,20 @@ class RecordingStrategy(Strategy):
             self.observer.round_started(server_round)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         for msg in messages:
-            sent = msg.content.array_records.get("arrays")
-            self.current.bytes_sent += sent.count_bytes() if sent is not None else 0
+            # Every array record travels (FedEx-LoRA's residuals ride beside "arrays").
+            self.current.bytes_sent += sum(
+                r.count_bytes() for r in msg.content.array_records.values()
+            )
+        # Replies are checked against the adapter the clients received, which is not the whole
+        # global state when a wrapper sends part of it apart (FedEx-LoRA's residuals).
+        self._sent = next(
+            (
+                m.content.array_records["arrays"]
+                for m in messages
+                if "arrays" in m.content.array_records
+            ),
+            arrays,
+        )
         return messages
 
     def aggregate_train(

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from privet.common.config import AggregationConfig, FederationConfig
-from privet.server.lora import LoraSvdAggregation
+from privet.server.lora import FedExLoraAggregation, LoraSvdAggregation
 
 __all__ = ["build_strategy"]
 
@@ -70,8 +70,10 @@ def build_strategy(
         mean: Strategy = (
             FedAvg(**common) if name == "fedavg" else FedProx(**common, proximal_mu=agg.proximal_mu)
         )
-        # The config allows 'svd' only with these two mean-based strategies.
-        return LoraSvdAggregation(mean) if agg.lora == "svd" else mean
+        # The config allows 'svd' and 'fedex' only with these two mean-based strategies.
+        if agg.lora == "svd":
+            return LoraSvdAggregation(mean)
+        return FedExLoraAggregation(mean) if agg.lora == "fedex" else mean
     if name == "fedavgm":
         return FedAvgM(
             **common,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from privet.common.errors import ModelError, PrivetError
+from privet.common.lora_residual import RESIDUAL_FILE, fold_residuals, load_residual_file
 from privet.common.modeling import MaskedMeanPooler, resolve_model_path, use_mean_pooling
 
 __all__ = ["ExportError", "ExportResult", "export_run", "load_run_model"]
@@ -140,6 +141,8 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, str(final))
+        # FedEx-LoRA: the residuals the federation folded into the base weights.
+        fold_residuals(model, load_residual_file(final))
     else:
         # adapter.method = "full": the trainable weights by parameter name.
         from safetensors.torch import load_file
@@ -235,6 +238,13 @@ def export_run(
                 f"{out} exists and is not empty", fix="choose another --out or pass --force"
             )
         shutil.rmtree(out)
+    if not merge and (final / RESIDUAL_FILE).is_file():
+        # PEFT's loader would ignore the residuals and give a different model without a word.
+        raise ExportError(
+            f"{run_dir} was trained with aggregation.lora = 'fedex': its base weights carry "
+            f"residuals ({RESIDUAL_FILE}) that a PEFT adapter folder cannot express",
+            fix="export it merged: leave out --adapter-only",
+        )
     model, tokenizer, info = load_run_model(run_dir)
     id2label = _label_names(_run_settings(run_dir), _num_labels(final), labels)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,3 +92,83 @@ def test_label_flip_changes_only_an_attackers_training_labels() -> None:
     assert flipped.train.labels.tolist() == [1, 0, 0]
     assert flipped.test.labels.tolist() == [1]
     assert plan.flip_labels(honest, data) is data
+
+
+def test_the_ray_engine_gets_the_fault_mod_and_it_survives_ray_serialization(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``simulate`` hands Flower's Ray engine applies ``[faults]``, after a cloudpickle round trip.
+
+    No Ray is started: Flower's ``run_simulation`` is replaced by a stand-in that keeps the
+    ClientApp, which Ray's ``actor.run.remote(app_fn, ...)`` would ship to a worker by cloudpickle.
+    Dropouts and a straggler far over the timeout answer from the mod before any training.
+    """
+    import flwr.simulation
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from ray import cloudpickle
+
+    import privet.simulations.run as run_mod
+    from privet.common.config import load_config
+    from privet.simulations.faults import ERROR_DROPOUT, ERROR_LATE
+
+    from .flower_fakes import run_identity
+
+    got: dict[str, object] = {}
+
+    def fake_run_simulation(*, server_app, client_app, num_supernodes, backend_config, **_):  # type: ignore[no-untyped-def]
+        got.update(client_app=client_app, nodes=num_supernodes)
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    monkeypatch.setattr(run_mod, "_start_ray", lambda init_args: 0.0)
+    monkeypatch.setattr(run_mod, "_ray_shutdown", lambda: None)
+
+    def shipped(*sets: str):  # type: ignore[no-untyped-def]
+        got.clear()
+        cfg = load_config(
+            None,
+            [
+                "model.num_hidden_layers=1",
+                "data.max_examples=100",
+                "data.num_clients=3",
+                "federation.round_timeout=5",
+                "simulation.engine='ray'",
+                f"simulation.output_dir='{tmp_path}'",
+                *sets,
+            ],
+        )
+        run_mod.simulate(cfg, preflight=False)
+        assert got["nodes"] == 3
+        return cloudpickle.loads(cloudpickle.dumps(got["client_app"]))
+
+    def train_reply(app, partition: int):  # type: ignore[no-untyped-def]
+        ctx = Context(
+            run_id=1,
+            node_id=partition + 1,
+            node_config={"partition-id": partition, "num-partitions": 3},
+            state=RecordDict(),
+            run_config={},
+        )
+        msg = Message(
+            RecordDict({"config": ConfigRecord({"server-round": 1})}),
+            dst_node_id=partition + 1,
+            message_type="train",
+        )
+        return app(msg, ctx)
+
+    with run_identity():
+        app = shipped("faults.dropout=0.9", "simulation.run_name='drop'")
+        plan = FaultPlan(FaultsConfig(dropout=0.9), num_clients=3, round_timeout=5.0)
+        dropped = [p for p in range(3) if plan.drops_out(p, 1)]
+        assert dropped  # 1 - 0.1^3 likely, and fixed by the default seed
+        assert [train_reply(app, p).error.code for p in dropped] == [ERROR_DROPOUT] * len(dropped)
+        app = shipped(
+            "faults.straggler_fraction=1.0",
+            "faults.straggler_delay='fixed'",
+            "faults.straggler_delay_mean=60",
+            "simulation.run_name='late'",
+        )
+        reply = train_reply(app, 1)
+        assert (
+            reply.error.code == ERROR_LATE
+            and "exceeds the round timeout of 5 s" in reply.error.reason
+        )

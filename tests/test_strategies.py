@@ -214,7 +214,7 @@ def test_server_optimizers_keep_lora_shapes_and_keys() -> None:
             ],
             "exceeds n - f = 4",
         ),
-        (["aggregation.lora='svd'"], "nothing to re-factorize"),
+        (["aggregation.lora='svd'"], "nothing to correct"),
         (
             [
                 "adapter.freeze_a=false",
@@ -225,6 +225,28 @@ def test_server_optimizers_keep_lora_shapes_and_keys() -> None:
             "use fedavg or fedprox",
         ),
         (["adapter.freeze_a=false", "aggregation.require_exact_lora=true"], "FFA-LoRA"),
+        (["aggregation.lora='fedex'"], "nothing to correct"),
+        (
+            [
+                "adapter.freeze_a=false",
+                "aggregation.lora='fedex'",
+                "federation.strategy='fedadam'",
+            ],
+            "use fedavg or fedprox",
+        ),
+        (
+            [
+                "adapter.freeze_a=false",
+                "aggregation.lora='fedex'",
+                "privacy.client_level.enabled=true",
+                "privacy.client_level.noise_multiplier=1.0",
+            ],
+            "accountant does not cover",
+        ),
+        (
+            ["adapter.freeze_a=false", "aggregation.lora='fedex'", "federation.transport='int8'"],
+            "use transport = 'float32'",
+        ),
     ],
 )
 def test_impossible_combinations_are_refused_with_the_reason(sets: list[str], needle: str) -> None:
