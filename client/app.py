@@ -39,7 +39,7 @@ from privet.common.modeling import (
 )
 from privet.common.transport import message_encoding, read_arrays, write_arrays
 
-__all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "make_client_app"]
+__all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "make_client_app", "message_partition"]
 
 log = logging.getLogger("privet")
 
@@ -148,6 +148,18 @@ def _load(
         )
 
 
+def message_partition(msg: Message, context: Context) -> int:
+    """The partition (simulated client) a message is for.
+
+    A simulation whose population is larger than its Flower nodes (``server/population.py``)
+    names the client in the message's ``config`` record; otherwise it is the node's own.
+    """
+    conf = msg.content.config_records.get("config")
+    if conf is not None and "partition-id" in conf:
+        return int(str(conf["partition-id"]))
+    return int(context.node_config.get("partition-id", 0))
+
+
 def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
     """Reply with an error the server can log: the budget's own code, else a generic one."""
     if isinstance(exc, BudgetExhaustedError):
@@ -193,7 +205,7 @@ def make_client_app(
 
     @app.train(mods=[secagg, *train_mods, *client_level_mods(cfg)])
     def _train(msg: Message, context: Context) -> Message:
-        partition = int(context.node_config.get("partition-id", 0))
+        partition = message_partition(msg, context)
         try:
             loaded = _load(cfg, partition, local=local, data_hook=data_hook)
             conf = msg.content.config_records["config"]
@@ -268,7 +280,7 @@ def make_client_app(
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        partition = int(context.node_config.get("partition-id", 0))
+        partition = message_partition(msg, context)
         try:
             loaded = _load(cfg, partition, local=local, data_hook=data_hook)
             model = loaded.built.model

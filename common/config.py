@@ -894,6 +894,15 @@ class SimulationConfig(_Section):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs Ray may use (default: all of this machine)."
     )
+    nodes: Literal["per_round", "population"] = Field(
+        "per_round",
+        description=(
+            "Flower nodes the simulation runs. 'per_round': only as many as clients train per "
+            "round; each message names the client a node plays (its data, seed and own privacy "
+            "ledger), so a run's cost grows with the clients that train, not the population. "
+            "'population': one node per client, as Flower does it."
+        ),
+    )
     output_dir: Path = Field(Path("runs"), description="Parent folder of run directories.")
     run_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9._-]+$", description="Run directory name (default: a timestamp)."

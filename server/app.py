@@ -29,6 +29,7 @@ from privet.common.modeling import (
     trainable_state,
 )
 from privet.server.loop import run_rounds
+from privet.server.population import PopulationGrid
 from privet.server.privacy import (
     FederationBudgetExhausted,
     client_level_of,
@@ -61,11 +62,14 @@ def make_server_app(
     run_dir: Path,
     observer: RoundObserver | None = None,
     resume: bool = False,
+    simulated_nodes: int | None = None,
 ) -> ServerApp:
     """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``.
 
     With ``resume`` it continues a run that stopped: from the round after the last one with both a
     checkpoint and a metrics line, with that round's global adapter (``server/rundir.py``).
+    ``simulated_nodes`` (a simulation with fewer Flower nodes than clients) makes the strategy see
+    the whole population while those nodes play the sampled clients (``server/population.py``).
     """
     check_tracking(cfg.tracking)  # a missing tracker package stops here, before any round
     observer = with_tracking(cfg, run_dir=run_dir, observer=observer)
@@ -111,6 +115,8 @@ def make_server_app(
         wire = TransportGrid(grid, fed_cfg.transport) if fed_cfg.transport != "float32" else None
         if wire is not None:
             grid = wire
+        if simulated_nodes is not None and simulated_nodes < len(names):
+            grid = PopulationGrid(grid, population=len(names), nodes=simulated_nodes)
         secagg: SecAggGrid | None = None
         if cfg.privacy.secure_aggregation:
             sa = cfg.privacy.secagg

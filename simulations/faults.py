@@ -28,6 +28,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from privet.client.app import message_partition
 from privet.common.config import FaultsConfig
 from privet.common.data import ClientData, Examples
 
@@ -144,7 +145,7 @@ class FaultPlan:
         sleep = self.faults.sleep
 
         def _faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-            partition = int(context.node_config.get("partition-id", 0))
+            partition = message_partition(msg, context)
             conf = msg.content.config_records.get("config")
             server_round = int(str(conf.get("server-round", 0))) if conf is not None else 0
             if self.drops_out(partition, server_round):

@@ -128,12 +128,18 @@ def simulate(
     if sim.ray_address is not None:
         backend_config["init_args"] = ray_cluster_init_args(sim.ray_address, verbose=verbose)
     _quiet_flower(verbose)
-    server_app = make_server_app(cfg, run_dir=run_dir, observer=observer)
+    nodes = simulated_nodes(cfg, n_clients)
+    server_app = make_server_app(
+        cfg,
+        run_dir=run_dir,
+        observer=observer,
+        simulated_nodes=nodes,
+    )
     client_app = _client_app(
         cfg, state_dir=state_dir, num_clients=n_clients, num_labels=fed.num_labels
     )
     if sim.engine == "inprocess":
-        run_in_process(server_app, client_app, num_nodes=n_clients)
+        run_in_process(server_app, client_app, num_nodes=nodes)
         return run_dir
     previous = _install_interrupt_handler()
     try:
@@ -142,7 +148,7 @@ def simulate(
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=n_clients,
+            num_supernodes=nodes,
             backend_config=backend_config,  # type: ignore[arg-type]
             verbose_logging=verbose,
         )
@@ -152,6 +158,28 @@ def simulate(
         _ray_shutdown()
     _add_to_summary(run_dir, ray_start_seconds=ray_seconds)
     return run_dir
+
+
+def simulated_nodes(cfg: PrivetConfig, num_clients: int) -> int:
+    """Flower nodes the simulation engine runs for ``num_clients`` clients.
+
+    With ``simulation.nodes = 'per_round'``, as many as train per round (Flower's sample size),
+    never fewer than Ray runs at once, so no worker idles; each node plays whichever client a
+    message names (``server/population.py``).  Otherwise one node per client.
+    """
+    if cfg.simulation.nodes == "population" or cfg.privacy.secure_aggregation:
+        # SecAgg+ keeps each client's keys and shares in its node's state across the protocol's
+        # four stages, so a node must play one client for the whole run.
+        return num_clients
+    fed = cfg.federation
+    per_round = max(int(num_clients * fed.fraction_train), min(fed.min_train_clients, num_clients))
+    sim = cfg.simulation
+    parallel = (
+        1
+        if sim.engine == "inprocess"
+        else max(1, int((sim.num_cpus or os.cpu_count() or 1) // sim.cpus_per_client))
+    )
+    return max(1, min(num_clients, max(per_round, parallel)))
 
 
 def _client_app(cfg: PrivetConfig, *, state_dir: Path, num_clients: int, num_labels: int) -> Any:
