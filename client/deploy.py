@@ -79,6 +79,12 @@ class SiteSettings(BaseModel):
         None, description="The site's DP settings; None: the coordinator's."
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads for training.")
+    reconnect_timeout: float | None = Field(
+        600.0,
+        gt=0,
+        description="Seconds the SuperNode keeps trying to reach a coordinator that went away "
+        "(restart, network) before it gives up (Flower's --max-wait-time); None: forever.",
+    )
 
     def save(self) -> Path:
         """Write the settings as ``client.json`` in the state folder; return its path."""
@@ -275,6 +281,12 @@ class SiteClient:
             str(runtime_port),
             "--health-server-address",
             self.health,
+            # Flower retries without limit by default; a site must stop trying at some point.
+            *(
+                ["--max-wait-time", str(self.settings.reconnect_timeout)]
+                if self.settings.reconnect_timeout is not None
+                else []
+            ),
         ]
         work = self.settings.state_dir / "flower"
         self.child = Child(

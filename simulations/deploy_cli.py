@@ -22,7 +22,7 @@ from privet.common.errors import ConfigError, DeploymentError
 if TYPE_CHECKING:
     from flwr.app import Message
 
-__all__ = ["certs_app", "client", "server"]
+__all__ = ["certs_app", "client", "server", "sites"]
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -176,6 +176,14 @@ def client(
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch threads for training.")
     ] = None,
+    reconnect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--reconnect-timeout",
+            min=1.0,
+            help="Seconds to keep trying to reach a coordinator that went away before leaving.",
+        ),
+    ] = 600.0,
 ) -> None:
     """Join a federation with this site's own data, privacy budget and ledger (a Flower SuperNode).
 
@@ -196,6 +204,7 @@ def client(
         state_dir=state_dir.resolve(),
         privacy=privacy,
         num_threads=threads,
+        reconnect_timeout=reconnect_timeout,
     )
     site = SiteClient(settings, server=server_address, ca=ca, key=key, insecure=insecure)
     site.preflight()
@@ -221,6 +230,38 @@ def client(
         raise DeploymentError(site.exit_reason(), fix=refused)
     finally:
         site.stop()
+
+
+def sites(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write one CSV per site into.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML whose \\[data] section splits.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one field, e.g. --set data.num_clients=2."),
+    ] = None,
+) -> None:
+    """Write each client's share of the configured data as its own CSV (sites for a trial).
+
+    The split is the simulation's (``[data]``: source, partition, num_clients, seed), so the
+    coordinator's server test set, held out from the same data, never overlaps a site's rows.
+    """
+    import csv
+
+    from privet.common.data import cached_federated_data
+
+    cfg = load_config(config, overrides or [])
+    fed = cached_federated_data(cfg.data)
+    out.mkdir(parents=True, exist_ok=True)
+    for site in fed.clients:
+        path = out / f"{site.name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label"])
+            for part in (site.train, site.test):
+                writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
+        console.print(f"{path}: {len(site.train) + len(site.test)} rows")
 
 
 def _report_reply(message: Message, reply: Message) -> None:
