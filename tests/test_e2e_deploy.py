@@ -184,7 +184,7 @@ def test_each_site_ledger_holds_cumulative_epsilon(federation) -> None:
     assert [e["round"] for e in ledger_b["entries"]] == [1, 2, 3]
     for ledger, log in ((after, "client-a2"), (ledger_b, "partner")):
         eps = [e["epsilon_after"] for e in ledger["entries"]]
-        assert 0 < eps[0] and eps == sorted(eps) and eps[-1] <= 20.0 + 1e-6
+        assert eps[0] > 0 and eps == sorted(eps) and eps[-1] <= 20.0 + 1e-6
         assert f"{eps[-1]:.3f}" in federation["logs"][log]
     final = read_metrics(federation["run_dir"])[-1]["epsilon_per_client"]
     assert final == pytest.approx(
