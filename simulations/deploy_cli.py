@@ -110,6 +110,7 @@ def server(
             )
         run_dir = resume
         cfg = load_config(run_dir / "config.toml", overrides or [])
+        console.print(_resume_line(run_dir, cfg.federation.rounds))
     else:
         cfg = load_config(config, overrides or [])
         fed = cached_federated_data(cfg.data)  # the server test set; fails early on bad data
@@ -130,6 +131,24 @@ def server(
         serve(cfg, run_dir=run_dir, certs=paths, observer=reporter, resume=resume is not None)
     console.print(round_table(reporter.records, dp=cfg.privacy.enabled))
     _print_outcome(cfg, run_dir, load_summary(run_dir), plot_run(run_dir))
+
+
+def _resume_line(run_dir: Path, rounds: int) -> str:
+    """What ``--resume`` will continue from (the ServerApp decides the same way, in ``resume_point``)."""
+    from privet.server.resume import server_state_path
+    from privet.server.rundir import checkpoint_path, read_metrics
+
+    recorded = {int(r["round"]) for r in read_metrics(run_dir) if "round" in r}
+    done = 0
+    while (done + 1) in recorded and checkpoint_path(run_dir, done + 1).exists():
+        done += 1
+    if done == 0:
+        return f"resuming {run_dir}: no round completed yet, starting from round 1"
+    state = "with" if server_state_path(run_dir, done).exists() else "WITHOUT"
+    return (
+        f"resuming after round {done} of {rounds}: that round's global adapter, {state} its "
+        "server optimizer state and client-sampling RNG"
+    )
 
 
 def _print_outcome(
