@@ -242,7 +242,9 @@ class SiteClient:
         self.settings = settings
         self.server = server
         self.host, self.port = parse_address(server)
-        self.ca, self.key = ca, key
+        # Absolute: the SuperNode runs in the state folder, not in the caller's directory.
+        self.ca = Path(ca).resolve() if ca is not None else None
+        self.key = Path(key).resolve() if key is not None else None
         self.examples = examples
         self.app = make_site_app(settings, examples)
         self.child: Child | None = None

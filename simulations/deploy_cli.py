@@ -116,19 +116,37 @@ def server(
         fed = cached_federated_data(cfg.data)  # the server test set; fails early on bad data
         check_model_loads(cfg.model)
         # Clients build their classification head from this: fix it once, for everyone.
-        cfg = cfg.model_copy(
-            update={"data": cfg.data.model_copy(update={"num_labels": fed.num_labels})}
+        # Data paths absolute: the ServerApp process reads config.toml in another directory.
+        data = cfg.data.model_copy(
+            update={
+                "num_labels": fed.num_labels,
+                "train_files": [p.resolve() for p in cfg.data.train_files],
+                "test_file": cfg.data.test_file.resolve() if cfg.data.test_file else None,
+            }
         )
+        cfg = cfg.model_copy(update={"data": data})
         run_dir = create_run_dir(cfg)
     _announce_privacy(cfg)
     where = f"{cfg.deployment.host}:{cfg.deployment.port}"
-    console.print(
-        f"coordinator on {where} ({'TLS, node authentication' if paths else 'INSECURE'}); "
-        f"run directory {run_dir}; waiting for {cfg.federation.min_available_clients} clients"
-    )
+    console.print(f"starting the coordinator on {where}; run directory {run_dir}")
+
+    def _ready() -> None:
+        # Only now can a site connect: said after the SuperLink's health check, not before.
+        console.print(
+            f"coordinator on {where} ({'TLS, node authentication' if paths else 'INSECURE'}); "
+            f"waiting for {cfg.federation.min_available_clients} clients"
+        )
+
     _sigterm_as_interrupt()
     with ConsoleReporter(console, dp=cfg.privacy.enabled) as reporter:
-        serve(cfg, run_dir=run_dir, certs=paths, observer=reporter, resume=resume is not None)
+        serve(
+            cfg,
+            run_dir=run_dir,
+            certs=paths,
+            observer=reporter,
+            resume=resume is not None,
+            on_ready=_ready,
+        )
     console.print(round_table(reporter.records, dp=cfg.privacy.enabled))
     _print_outcome(cfg, run_dir, load_summary(run_dir), plot_run(run_dir))
 
