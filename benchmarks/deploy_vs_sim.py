@@ -3,7 +3,8 @@
 The same configuration (VADER, 2 clients, 1-layer MiniLM, DP on, 2 rounds) runs once with
 ``privet simulate`` and once as ``privet server --insecure`` + two ``privet client`` processes whose
 data files are the simulation's client shares. Prints the seconds of each round from each run's
-``metrics.jsonl``.
+``metrics.jsonl`` and, inside them, the clients' cold start (model load, tokenization:
+``startup_seconds``), plus the whole wall time of each run (start-up and teardown included).
 
     .venv/bin/python benchmarks/deploy_vs_sim.py --out bench-out
 """
@@ -49,9 +50,13 @@ def _sets(out: Path, port: int, health: int, name: str) -> list[str]:
     ]
 
 
-def _rounds(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x)["seconds"] for x in lines if json.loads(x)["round"] > 0]
+def _rounds(run_dir: Path) -> str:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return ", ".join(
+        f"round {r['round']}: {r['seconds']:.1f} s (client cold start {r['startup_seconds']:.1f} s)"
+        for r in lines
+        if r["round"] > 0
+    )
 
 
 def main() -> None:
@@ -67,9 +72,10 @@ def main() -> None:
 
     from privet.common.config import load_config
     from privet.common.data import cached_federated_data, concat_examples
+    from privet.common.deployment import wait_healthy
 
-    port = _port()
-    sets = _sets(out, port, _port(), "deploy")
+    port, health = _port(), _port()
+    sets = _sets(out, port, health, "deploy")
     fed = cached_federated_data(load_config(None, sets).data)
     files = []
     for c in fed.clients:
@@ -82,7 +88,8 @@ def main() -> None:
     server = subprocess.Popen([PRIVET, "server", "--insecure", *args], stdout=subprocess.DEVNULL)
     clients = []
     try:
-        time.sleep(5)
+        # The coordinator is ready when its SuperLink's health service says SERVING.
+        wait_healthy(f"127.0.0.1:{health}", timeout=300)
         for path in files:
             clients.append(
                 subprocess.Popen(
@@ -98,8 +105,8 @@ def main() -> None:
             if p.poll() is None:
                 os.kill(p.pid, signal.SIGINT)
                 p.wait(timeout=60)
-    print(f"simulation: rounds {_rounds(out / 'sim')} s, wall {sim_wall:.0f} s")
-    print(f"deployment: rounds {_rounds(out / 'deploy')} s, wall {dep_wall:.0f} s")
+    print(f"simulation: {_rounds(out / 'sim')}; wall {sim_wall:.0f} s")
+    print(f"deployment: {_rounds(out / 'deploy')}; wall {dep_wall:.0f} s")
 
 
 if __name__ == "__main__":

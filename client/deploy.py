@@ -79,6 +79,12 @@ class SiteSettings(BaseModel):
         None, description="The site's DP settings; None: the coordinator's."
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads for training.")
+    reconnect_timeout: float | None = Field(
+        600.0,
+        gt=0,
+        description="Seconds the SuperNode keeps trying to reach a coordinator that went away "
+        "(restart, network) before it gives up (Flower's --max-wait-time); None: forever.",
+    )
 
     def save(self) -> Path:
         """Write the settings as ``client.json`` in the state folder; return its path."""
@@ -236,7 +242,9 @@ class SiteClient:
         self.settings = settings
         self.server = server
         self.host, self.port = parse_address(server)
-        self.ca, self.key = ca, key
+        # Absolute: the SuperNode runs in the state folder, not in the caller's directory.
+        self.ca = Path(ca).resolve() if ca is not None else None
+        self.key = Path(key).resolve() if key is not None else None
         self.examples = examples
         self.app = make_site_app(settings, examples)
         self.child: Child | None = None
@@ -275,6 +283,12 @@ class SiteClient:
             str(runtime_port),
             "--health-server-address",
             self.health,
+            # Flower retries without limit by default; a site must stop trying at some point.
+            *(
+                ["--max-wait-time", str(self.settings.reconnect_timeout)]
+                if self.settings.reconnect_timeout is not None
+                else []
+            ),
         ]
         work = self.settings.state_dir / "flower"
         self.child = Child(

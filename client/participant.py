@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,10 @@ class ParticipantStatus:
     epsilon
         Cumulative epsilon spent, from the ledger (``None``: nothing spent yet).
     last_error
-        The most recent problem, one line (``None``: none).
+        The most recent problem, one line (``None``: none). While the coordinator is gone it says
+        since when; it stays after the connection is back (``reconnects`` counts those).
+    reconnects
+        How many times the connection came back after it was lost (a coordinator restart).
 
     """
 
@@ -121,6 +125,7 @@ class ParticipantStatus:
     phase: str | None
     epsilon: float | None
     last_error: str | None
+    reconnects: int = 0
 
 
 class Participant:
@@ -151,6 +156,9 @@ class Participant:
         torch threads for training (``None``: torch's default).
     max_restarts
         How many times a SuperNode that gave up is replaced before the participant stops trying.
+    reconnect_timeout
+        Seconds a SuperNode keeps trying to reach a coordinator that went away before it gives up
+        (and is replaced, at most ``max_restarts`` times); ``None``: forever.
 
     """
 
@@ -170,6 +178,7 @@ class Participant:
         test_fraction: float = 0.1,
         num_threads: int | None = None,
         max_restarts: int = 20,
+        reconnect_timeout: float | None = 600.0,
     ) -> None:
         from privet.client.deploy import SiteClient, SiteSettings
 
@@ -180,6 +189,7 @@ class Participant:
             privacy=privacy,
             test_fraction=test_fraction,
             num_threads=num_threads,
+            reconnect_timeout=reconnect_timeout,
         )
         self._site = SiteClient(
             self._settings,
@@ -196,6 +206,9 @@ class Participant:
         self._phase: str | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
+        self._was_connected = False
+        self._lost = False
+        self._reconnects = 0
 
     # -- the public surface -------------------------------------------------------------------
 
@@ -216,6 +229,7 @@ class Participant:
 
             connected = self._site.connected() and probe_reachable(self._site.host, self._site.port)
         with self._lock:
+            self._track_connection(running, connected)
             return ParticipantStatus(
                 running=running,
                 connected=connected,
@@ -223,6 +237,22 @@ class Participant:
                 phase=self._phase,
                 epsilon=self._epsilon(),
                 last_error=self._error,
+                reconnects=self._reconnects,
+            )
+
+    def _track_connection(self, running: bool, connected: bool) -> None:
+        """Note a lost coordinator (as ``last_error``) and count reconnections; holds the lock."""
+        if connected:
+            if self._lost:
+                self._reconnects += 1
+                self._lost = False
+            self._was_connected = True
+        elif running and self._was_connected and not self._lost:
+            self._lost = True
+            since = time.strftime("%H:%M:%S", time.localtime())
+            self._error = (
+                f"lost the coordinator at {self._site.server} at {since}; reconnecting "
+                f"(for up to {self._settings.reconnect_timeout} s per SuperNode)"
             )
 
     def stop(self, timeout: float = 30.0) -> None:

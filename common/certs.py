@@ -52,8 +52,11 @@ class CertPaths:
 
 
 def cert_paths(folder: Path) -> CertPaths:
-    """The paths of a certificate folder; raises when the server's files are missing."""
-    folder = Path(folder)
+    """The absolute paths of a certificate folder; raises when the server's files are missing.
+
+    Absolute because Flower's processes run in other working directories than the caller's.
+    """
+    folder = Path(folder).resolve()
     paths = CertPaths(
         ca=folder / CA_CERT,
         ca_key=folder / CA_KEY,

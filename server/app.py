@@ -37,6 +37,7 @@ from privet.server.privacy import (
     wrap_client_level_dp,
 )
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
+from privet.server.resume import restore_server_state, save_server_state
 from privet.server.rundir import (
     append_metrics,
     checkpoint_path,
@@ -110,6 +111,8 @@ def make_server_app(
             if done > 0:
                 # The checkpoint's global state: adapter plus any FedEx-LoRA residuals.
                 load_global_state(model, load_checkpoint(checkpoint_path(run_dir, done)))
+                # Server optimizer moments, adaptive clip, client-sampling RNG (fail-closed).
+                restore_server_state(run_dir, done, strategy)
                 first_round = done + 1
                 log.info("resuming after round %d of %d", done, fed_cfg.rounds)
         wire = TransportGrid(grid, fed_cfg.transport) if fed_cfg.transport != "float32" else None
@@ -150,6 +153,8 @@ def make_server_app(
                 # What travelled encoded (or masked), not the float32 arrays the strategy handled.
                 rec.bytes_sent, rec.bytes_received = counter.take_byte_counts()
             if server_round > 0:
+                # Before the adapter: a round whose checkpoint exists has its server state too.
+                save_server_state(run_dir, server_round, strategy)
                 save_checkpoint(run_dir, server_round, state)
                 rec.seconds = strategy.seconds_since_round_start()
                 if client_level is not None:

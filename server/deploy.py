@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def serve(
     observer: RoundObserver | None = None,
     resume: bool = False,
     run_timeout: float | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> ServeResult:
     """Run the federation ``cfg`` as a coordinator until its last round, then stop every process.
 
@@ -137,9 +139,14 @@ def serve(
         Continue the run in ``run_dir`` after its last completed round.
     run_timeout
         Give up after this many seconds (default: rounds x federation.round_timeout + 10 min).
+    on_ready
+        Called once the SuperLink answers its health check and the node keys are registered:
+        from then on sites can join.
 
     """
     dep = cfg.deployment
+    # Flower's processes run in other working directories: hand them absolute paths only.
+    run_dir = Path(run_dir).resolve()
     work = run_dir / "flower"
     home = work / "home"
     env = flower_env(home)
@@ -193,6 +200,8 @@ def serve(
                 )
             for key in keys:
                 _register(key, env=env, cwd=work)
+        if on_ready is not None:
+            on_ready()
         runner = Child(
             "flwr run",
             [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"],

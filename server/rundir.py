@@ -5,6 +5,8 @@ Layout::
     RUN_DIR/config.toml            the configuration as resolved (defaults filled in)
     RUN_DIR/metrics.jsonl          one JSON object per round (round 0: the untrained model)
     RUN_DIR/checkpoints/round-NNNN.safetensors   the global trainable weights after each round
+    RUN_DIR/checkpoints/round-NNNN.server.safetensors   server optimizer state and RNG streams
+                                   after each round (``server/resume.py``), for ``--resume``
     RUN_DIR/final_adapter/         PEFT ``save_pretrained`` folder of the final global adapter
     RUN_DIR/summary.json           final metrics
     RUN_DIR/clients/               clients' privacy ledgers (simulation default)

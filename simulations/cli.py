@@ -242,10 +242,11 @@ def _register_studies() -> None:
 _register_studies()
 
 
-from privet.simulations.deploy_cli import certs_app, client, server  # noqa: E402
+from privet.simulations.deploy_cli import certs_app, client, server, sites  # noqa: E402
 
 app.command("server")(server)
 app.command("client")(client)
+app.command("sites")(sites)
 app.add_typer(certs_app, name="certs")
 
 

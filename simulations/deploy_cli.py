@@ -22,7 +22,7 @@ from privet.common.errors import ConfigError, DeploymentError
 if TYPE_CHECKING:
     from flwr.app import Message
 
-__all__ = ["certs_app", "client", "server"]
+__all__ = ["certs_app", "client", "server", "sites"]
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -110,26 +110,63 @@ def server(
             )
         run_dir = resume
         cfg = load_config(run_dir / "config.toml", overrides or [])
+        console.print(_resume_line(run_dir, cfg.federation.rounds))
     else:
         cfg = load_config(config, overrides or [])
         fed = cached_federated_data(cfg.data)  # the server test set; fails early on bad data
         check_model_loads(cfg.model)
         # Clients build their classification head from this: fix it once, for everyone.
-        cfg = cfg.model_copy(
-            update={"data": cfg.data.model_copy(update={"num_labels": fed.num_labels})}
+        # Data paths absolute: the ServerApp process reads config.toml in another directory.
+        data = cfg.data.model_copy(
+            update={
+                "num_labels": fed.num_labels,
+                "train_files": [p.resolve() for p in cfg.data.train_files],
+                "test_file": cfg.data.test_file.resolve() if cfg.data.test_file else None,
+            }
         )
+        cfg = cfg.model_copy(update={"data": data})
         run_dir = create_run_dir(cfg)
     _announce_privacy(cfg)
     where = f"{cfg.deployment.host}:{cfg.deployment.port}"
-    console.print(
-        f"coordinator on {where} ({'TLS, node authentication' if paths else 'INSECURE'}); "
-        f"run directory {run_dir}; waiting for {cfg.federation.min_available_clients} clients"
-    )
+    console.print(f"starting the coordinator on {where}; run directory {run_dir}")
+
+    def _ready() -> None:
+        # Only now can a site connect: said after the SuperLink's health check, not before.
+        console.print(
+            f"coordinator on {where} ({'TLS, node authentication' if paths else 'INSECURE'}); "
+            f"waiting for {cfg.federation.min_available_clients} clients"
+        )
+
     _sigterm_as_interrupt()
     with ConsoleReporter(console, dp=cfg.privacy.enabled) as reporter:
-        serve(cfg, run_dir=run_dir, certs=paths, observer=reporter, resume=resume is not None)
+        serve(
+            cfg,
+            run_dir=run_dir,
+            certs=paths,
+            observer=reporter,
+            resume=resume is not None,
+            on_ready=_ready,
+        )
     console.print(round_table(reporter.records, dp=cfg.privacy.enabled))
     _print_outcome(cfg, run_dir, load_summary(run_dir), plot_run(run_dir))
+
+
+def _resume_line(run_dir: Path, rounds: int) -> str:
+    """What ``--resume`` will continue from (the ServerApp decides the same way, in ``resume_point``)."""
+    from privet.server.resume import server_state_path
+    from privet.server.rundir import checkpoint_path, read_metrics
+
+    recorded = {int(r["round"]) for r in read_metrics(run_dir) if "round" in r}
+    done = 0
+    while (done + 1) in recorded and checkpoint_path(run_dir, done + 1).exists():
+        done += 1
+    if done == 0:
+        return f"resuming {run_dir}: no round completed yet, starting from round 1"
+    state = "with" if server_state_path(run_dir, done).exists() else "WITHOUT"
+    return (
+        f"resuming after round {done} of {rounds}: that round's global adapter, {state} its "
+        "server optimizer state and client-sampling RNG"
+    )
 
 
 def _print_outcome(
@@ -176,6 +213,14 @@ def client(
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch threads for training.")
     ] = None,
+    reconnect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--reconnect-timeout",
+            min=1.0,
+            help="Seconds to keep trying to reach a coordinator that went away before leaving.",
+        ),
+    ] = 600.0,
 ) -> None:
     """Join a federation with this site's own data, privacy budget and ledger (a Flower SuperNode).
 
@@ -196,6 +241,7 @@ def client(
         state_dir=state_dir.resolve(),
         privacy=privacy,
         num_threads=threads,
+        reconnect_timeout=reconnect_timeout,
     )
     site = SiteClient(settings, server=server_address, ca=ca, key=key, insecure=insecure)
     site.preflight()
@@ -221,6 +267,38 @@ def client(
         raise DeploymentError(site.exit_reason(), fix=refused)
     finally:
         site.stop()
+
+
+def sites(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write one CSV per site into.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML whose \\[data] section splits.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one field, e.g. --set data.num_clients=2."),
+    ] = None,
+) -> None:
+    """Write each client's share of the configured data as its own CSV (sites for a trial).
+
+    The split is the simulation's (``[data]``: source, partition, num_clients, seed), so the
+    coordinator's server test set, held out from the same data, never overlaps a site's rows.
+    """
+    import csv
+
+    from privet.common.data import cached_federated_data
+
+    cfg = load_config(config, overrides or [])
+    fed = cached_federated_data(cfg.data)
+    out.mkdir(parents=True, exist_ok=True)
+    for site in fed.clients:
+        path = out / f"{site.name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["text", "label"])
+            for part in (site.train, site.test):
+                writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
+        console.print(f"{path}: {len(site.train) + len(site.test)} rows")
 
 
 def _report_reply(message: Message, reply: Message) -> None:

@@ -144,3 +144,29 @@ def test_cli_wrong_column_and_wrong_ca_one_line(tls_server, tmp_path: Path) -> N
         lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], res.stderr
         assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_sites_writes_each_clients_share_once(tmp_path: Path) -> None:
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from privet.simulations.cli import app
+
+    rows = pd.DataFrame({"text": [f"review number {i}" for i in range(60)], "label": [0, 1] * 30})
+    rows.to_csv(tmp_path / "all.csv", index=False)
+    sets = [
+        "data.source='files'",
+        f"data.train_files=['{tmp_path / 'all.csv'}']",
+        "data.num_clients=3",
+        "data.server_test_fraction=0.2",
+    ]
+    res = CliRunner().invoke(
+        app, ["sites", "--out", str(tmp_path / "sites"), *(x for s in sets for x in ("--set", s))]
+    )
+    assert res.exit_code == 0, res.output
+    parts = [pd.read_csv(tmp_path / "sites" / f"client-{i}.csv") for i in range(3)]
+    texts = [t for p in parts for t in p["text"]]
+    # Every client row once, none of the coordinator's held-out test rows.
+    assert len(texts) == len(set(texts)) == 48
+    assert set(texts) < set(rows["text"])
+    assert all(list(p.columns) == ["text", "label"] and len(p) == 16 for p in parts)

@@ -1,23 +1,36 @@
-"""End to end across processes: a coordinator and two sites with TLS and node authentication, DP on.
+"""End to end across processes, in ONE federation (a SuperLink start costs tens of seconds).
 
-Site a is ``privet client``; site b is the partner-app example (examples/partner_app), which embeds
-``privet.client.Participant``, reports its status and leaves after the last round.
+A TLS coordinator with node authentication and two sites, DP on, three rounds:
+
+- site a is ``privet client``; site b is the partner-app example (examples/partner_app), which
+  embeds ``privet.client.Participant``, prints its status and leaves after the last round;
+- a node with an unregistered key and a client without TLS try to join and are refused;
+- site a is SIGKILLed during round 2: round 2 completes with site b alone (its SuperNode dies with
+  it, so no ghost node holds the round);
+- the coordinator is SIGKILLed after round 2 and restarted with ``privet server --resume``; site a
+  rejoins with its ledger; the Participant of site b sees the coordinator go (``connected=False``,
+  ``last_error``) and come back (``reconnects=1``) by itself; round 3 trains on the round-2 adapter
+  and metrics.jsonl holds each round once.
 
 Everything listens on 127.0.0.1 (free ports); every wait is bounded; every process is ended in a
-finally block, and the last test checks that none is left.
+finally block, and the last tests check that none is left.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from privet.common.certs import init_certs, make_node_key
-from privet.server.rundir import read_metrics
+from privet.server.resume import server_state_path
+from privet.server.rundir import checkpoint_path, load_checkpoint, read_metrics
 from tests.deploy_helpers import Procs, flower_pids, free_port, write_config, write_site_files
 
 pytestmark = pytest.mark.slow
@@ -25,100 +38,161 @@ pytestmark = pytest.mark.slow
 APP = Path(__file__).resolve().parents[1] / "examples" / "partner_app" / "app.py"
 
 
+def _wait_round(run_dir: Path, n: int, procs: Procs, server: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["round"] == n for r in read_metrics(run_dir)):
+            return
+        assert procs.procs[server].poll() is None, procs.log(server)[-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"round {n} not reached in {timeout} s:\n{procs.log(server)[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("deploy")
-    sites = write_site_files(root, rows=800)
+    sites = write_site_files(root, rows=500)
     certs = root / "certs"
     init_certs(certs, hosts=["127.0.0.1", "localhost"])
     keys = [make_node_key(name, out=certs)[0] for name in ("site-a", "site-b")]
     # A key the coordinator never saw: made elsewhere, its public half not in certs/nodes/.
     rogue_key, _ = make_node_key("rogue", out=root / "elsewhere")
     port = free_port()
-    cfg = write_config(root, port=port, health_port=free_port())
+    cfg = write_config(root, port=port, health_port=free_port(), rounds=3)
+    # A killed site's SuperNode deactivates itself (it gets SIGTERM when its parent dies), so the
+    # round does not wait for this timeout; it only bounds a real straggler.
+    text = cfg.read_text().replace("round_timeout = 60", "round_timeout = 120")
+    cfg.write_text(text.replace("rounds = 3", "rounds = 3\nmin_train_clients = 1"))
+    run_dir = root / "runs" / "fed"
+    tls = ["--ca", str(certs / "ca.pem")]
     procs = Procs(root / "logs")
+
+    def site_a(proc: str) -> None:
+        procs.start(
+            proc,
+            "client", "--server", f"127.0.0.1:{port}", *tls, "--key", str(keys[0]),
+            "--data", str(sites[0]), "--state-dir", str(root / "state-a"), "--threads", "1",
+        )  # fmt: skip
+
+    out: dict[str, object] = {"root": root, "run_dir": run_dir, "port": port}
     try:
         procs.start("server", "server", "--config", str(cfg), "--certs", str(certs))
         procs.wait_for("server", "waiting for", timeout=120)
-        procs.start(
-            "client-a",
-            "client", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"),
-            "--key", str(keys[0]), "--data", str(sites[0]), "--state-dir", str(root / "state-a"),
-            "--threads", "1",
-        )  # fmt: skip
+        site_a("client-a")
         procs.start(
             "partner",
             argv=[
-                sys.executable, str(APP), "--server", f"127.0.0.1:{port}",
-                "--ca", str(certs / "ca.pem"), "--key", str(keys[1]), "--name", "site-b",
-                "--data", str(sites[1]), "--state-dir", str(root / "state-b"), "--rounds", "2",
-                "--budget", "20", "--timeout", "400",
+                sys.executable, str(APP), "--server", f"127.0.0.1:{port}", *tls,
+                "--key", str(keys[1]), "--name", "site-b", "--data", str(sites[1]),
+                "--state-dir", str(root / "state-b"), "--rounds", "3", "--budget", "20",
+                "--timeout", "900",
             ],
         )  # fmt: skip
         procs.start(
             "rogue",
-            "client", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"),
-            "--key", str(rogue_key), "--data", str(sites[0]), "--state-dir", str(root / "state-r"),
+            "client", "--server", f"127.0.0.1:{port}", *tls, "--key", str(rogue_key),
+            "--data", str(sites[0]), "--state-dir", str(root / "state-r"),
         )  # fmt: skip
         procs.start(
             "plain",
             "client", "--server", f"127.0.0.1:{port}", "--insecure",
             "--data", str(sites[0]), "--state-dir", str(root / "state-p"),
         )  # fmt: skip
-        server_rc = procs.procs["server"].wait(timeout=400)
-        partner_rc = procs.procs["partner"].wait(timeout=60)
-        result = {
-            "root": root,
-            "run_dir": root / "runs" / "fed",
-            "server_rc": server_rc,
-            "partner_rc": partner_rc,
-            "port": port,
-            "plain_rc": procs.procs["plain"].wait(timeout=60),
-            "logs": {n: procs.log(n) for n in procs.procs},
-        }
+        _wait_round(run_dir, 1, procs, "server", timeout=300)
+        # Kill site a once it holds its round-2 train message: in the middle of round 2.
+        node_log = root / "state-a" / "flower" / "supernode.log"
+        deadline = time.monotonic() + 120
+        while node_log.read_text().count("Receiving: train message") < 2:
+            assert time.monotonic() < deadline, "site a never received round 2"
+            time.sleep(0.2)
+        procs.stop("client-a", sig=signal.SIGKILL)
+        out["ledger_a_after_kill"] = json.loads(
+            (root / "state-a" / "ledger-site-a.json").read_text()
+        )
+        _wait_round(run_dir, 2, procs, "server", timeout=300)
+        procs.stop("server", sig=signal.SIGKILL)
+        # The SuperLink dies with its parent; SuperExec and the ServerApp watch their parent's pid.
+        deadline = time.monotonic() + 20
+        while flower_pids(str(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out["orphans_after_server_kill"] = flower_pids(str(run_dir))
+        out["checkpoint2"] = load_checkpoint(checkpoint_path(run_dir, 2))
+        # Let the partner's status loop (every 2 s) see the coordinator gone.
+        procs.wait_for("partner", "lost the coordinator", timeout=30)
+        procs.start("server2", "server", "--resume", str(run_dir), "--certs", str(certs))
+        procs.wait_for("server2", "waiting for", timeout=120)
+        site_a("client-a2")  # site a comes back: same key, same state folder
+        out["resume_rc"] = procs.procs["server2"].wait(timeout=400)
+        out["partner_rc"] = procs.procs["partner"].wait(timeout=60)
+        out["plain_rc"] = procs.procs["plain"].wait(timeout=60)
     finally:
         procs.close()
-    result["logs"].update({n: procs.log(n) for n in procs.procs})
-    return result
+    out["logs"] = {n: procs.log(n) for n in procs.procs}
+    return out
 
 
 def test_run_completes_and_learns(federation) -> None:
-    assert federation["server_rc"] == 0, federation["logs"]["server"][-3000:]
+    assert federation["resume_rc"] == 0, federation["logs"]["server2"][-3000:]
     records = read_metrics(federation["run_dir"])
-    assert [r["round"] for r in records] == [0, 1, 2]
-    assert all(len(r["clients_trained"]) == 2 for r in records[1:])
-    assert records[2]["server_accuracy"] > records[0]["server_accuracy"]
-    out = federation["logs"]["server"]
-    assert "round 2:" in out and "final server test accuracy" in out
-    assert "round 2: trained on" in federation["logs"]["client-a"]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert records[3]["server_accuracy"] > records[0]["server_accuracy"]
+    out = federation["logs"]["server2"]
+    assert "round 3:" in out and "final server test accuracy" in out
+    assert "round 1: trained on" in federation["logs"]["client-a"]
+    assert "round 3: trained on" in federation["logs"]["client-a2"]
+    summary = json.loads((federation["run_dir"] / "summary.json").read_text())
+    assert summary["rounds"] == 3
     for name in (
-        "summary.json",
         "final_adapter/adapter_config.json",
-        "checkpoints/round-0002.safetensors",
+        "checkpoints/round-0003.safetensors",
+        "checkpoints/round-0003.server.safetensors",
     ):
         assert (federation["run_dir"] / name).exists(), name
 
 
+def test_round_two_completed_without_the_killed_client(federation) -> None:
+    # Deployed sites are named by their node ids in the records.
+    r1, r2, r3 = read_metrics(federation["run_dir"])[1:]
+    assert len(r1["clients_trained"]) == 2 and not r1["errors"]
+    assert len(r2["clients_trained"]) == 1
+    assert len(r3["clients_trained"]) == 2  # site a rejoined
+
+
+def test_resume_starts_from_the_round_two_adapter(federation) -> None:
+    run_dir = federation["run_dir"]
+    # The checkpoint of round 2 is untouched by the resumed run, and round 3 trained on top of it.
+    again = load_checkpoint(checkpoint_path(run_dir, 2))
+    for k, v in federation["checkpoint2"].items():
+        torch.testing.assert_close(again[k], v)
+    r3 = load_checkpoint(checkpoint_path(run_dir, 3))
+    assert any(not torch.equal(r3[k], v) for k, v in again.items())
+    assert server_state_path(run_dir, 2).exists()
+    assert "resuming after round 2 of 3" in federation["logs"]["server2"]
+
+
 def test_each_site_ledger_holds_cumulative_epsilon(federation) -> None:
+    root = federation["root"]
+    before = federation["ledger_a_after_kill"]
+    after = json.loads((root / "state-a" / "ledger-site-a.json").read_text())
+    # Round 2 is in site a's ledger if it finished training before the kill (the ledger is
+    # written before the update leaves): privacy spent on a lost update still counts.
+    rounds_before = [e["round"] for e in before["entries"]]
+    assert rounds_before in ([1], [1, 2])
+    assert [e["round"] for e in after["entries"]] == [*rounds_before, 3]
+    assert after["entries"][: len(rounds_before)] == before["entries"]
+    ledger_b = json.loads((root / "state-b" / "ledger-site-b.json").read_text())
+    assert ledger_b["budget_epsilon"] == 20.0  # the partner's own budget
+    assert [e["round"] for e in ledger_b["entries"]] == [1, 2, 3]
+    for ledger, log in ((after, "client-a2"), (ledger_b, "partner")):
+        eps = [e["epsilon_after"] for e in ledger["entries"]]
+        assert eps[0] > 0 and eps == sorted(eps) and eps[-1] <= 20.0 + 1e-6
+        assert f"{eps[-1]:.3f}" in federation["logs"][log]
     final = read_metrics(federation["run_dir"])[-1]["epsilon_per_client"]
-    eps = []
-    for name in ("a", "b"):
-        ledger = json.loads(
-            (federation["root"] / f"state-{name}" / f"ledger-site-{name}.json").read_text()
-        )
-        entries = ledger["entries"]
-        assert [e["round"] for e in entries] == [1, 2]
-        assert 0 < entries[0]["epsilon_after"] < entries[1]["epsilon_after"] <= 20.0 + 1e-6
-        eps.append(entries[1]["epsilon_after"])
-        log = federation["logs"]["client-a" if name == "a" else "partner"]
-        assert f"{entries[1]['epsilon_after']:.3f}" in log
-    assert sorted(eps) == pytest.approx(sorted(final.values()), rel=1e-9)
+    ours = [after["entries"][-1]["epsilon_after"], ledger_b["entries"][-1]["epsilon_after"]]
+    assert sorted(final.values()) == pytest.approx(sorted(ours), rel=1e-9)
 
 
 def test_unregistered_node_and_plain_client_are_refused(federation) -> None:
-    # the run above finished with exactly the two registered sites in every round
-    for rec in read_metrics(federation["run_dir"])[1:]:
-        assert len(rec["clients_trained"]) == 2 and not rec["errors"]
     assert not (federation["root"] / "state-r" / "ledger-site-a.json").exists()
     rogue = federation["logs"]["rogue"]
     errors = [line for line in rogue.splitlines() if line.startswith("error:")]
@@ -142,17 +216,20 @@ def test_insecure_warns_on_start(federation) -> None:
     assert "INSECURE" not in federation["logs"]["server"]
 
 
-def test_no_flower_process_left(federation) -> None:
-    root = str(federation["root"])
-    assert flower_pids(root) == set()
-    assert flower_pids(f"127.0.0.1:{federation['port']}") == set()
-
-
-def test_partner_app_joined_reported_and_left_cleanly(federation) -> None:
+def test_partner_app_rode_out_the_coordinator_restart(federation) -> None:
     out = federation["logs"]["partner"]
     assert federation["partner_rc"] == 0, out[-3000:]
-    assert "status: connected=True" in out
-    assert "done: trained 2 round(s)" in out and "\nstopped" in out
+    lines = [line for line in out.splitlines() if line.startswith("status:")]
+    first_up = next(i for i, line in enumerate(lines) if "connected=True" in line)
+    lost = next(i for i, line in enumerate(lines) if "connected=False" in line and i > first_up)
+    assert "lost the coordinator at 127.0.0.1" in lines[lost] and "reconnects=0" in lines[lost]
+    back = next(i for i, line in enumerate(lines) if "connected=True" in line and i > lost)
+    assert "reconnects=1" in lines[back]
+    assert "done: trained 3 round(s)" in out and "\nstopped" in out
     assert "Traceback" not in out
-    ledger = json.loads((federation["root"] / "state-b" / "ledger-site-b.json").read_text())
-    assert ledger["budget_epsilon"] == 20.0  # the partner's own budget
+
+
+def test_no_process_left(federation) -> None:
+    assert federation["orphans_after_server_kill"] == set()
+    assert flower_pids(str(federation["root"])) == set()
+    assert flower_pids(f"127.0.0.1:{federation['port']}") == set()

@@ -67,7 +67,7 @@ def main() -> int:
             s = participant.status()
             print(
                 f"status: connected={s.connected} round={s.current_round} phase={s.phase} "
-                f"epsilon={s.epsilon} last_error={s.last_error}",
+                f"epsilon={s.epsilon} reconnects={s.reconnects} last_error={s.last_error}",
                 flush=True,
             )
             # Leave once the last round's evaluation is answered, so no reply is left pending.
