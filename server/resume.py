@@ -55,7 +55,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from privet.common.errors import DeploymentError
-from privet.server.lora import LoraSvdAggregation
+from privet.server.lora import FedExLoraAggregation, LoraSvdAggregation
 from privet.server.privacy import ClientLevelDP, FederationRound, _FixedDenominatorMean
 from privet.server.recording import RecordingStrategy
 
@@ -79,6 +79,9 @@ _STATELESS: tuple[type, ...] = (
     DifferentialPrivacyClientSideFixedClipping,
     RecordingStrategy,
     LoraSvdAggregation,
+    # FedEx-LoRA's accumulated residuals travel in the global state (the adapter checkpoint) and
+    # are read back from it by every configure_train, so the wrapper itself keeps nothing.
+    FedExLoraAggregation,
     _FixedDenominatorMean,
 )
 
