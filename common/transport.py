@@ -46,7 +46,9 @@ def encode_state(state: Mapping[str, torch.Tensor], encoding: Encoding) -> Array
     """Encode named float tensors as an ``ArrayRecord``.
 
     ``int8`` is symmetric per tensor: ``q = round(x / s)`` with ``s = max|x| / 127``, so the error
-    of every value is at most ``s / 2``.
+    of every value is at most ``s / 2``. A tensor whose scale would fall below float32's smallest
+    normal number (``max|x|`` under about 1.5e-36) travels as zeros: such a scale cannot be
+    represented, and the error is then at most ``max|x|``.
     """
     if encoding == "float32":
         return state_to_arrayrecord({k: v.detach().float() for k, v in state.items()})
@@ -58,7 +60,9 @@ def encode_state(state: Mapping[str, torch.Tensor], encoding: Encoding) -> Array
     for name, tensor in state.items():
         x = tensor.detach().to("cpu", torch.float32)
         peak = float(x.abs().max()) if x.numel() else 0.0
-        scale = peak / 127.0 if peak > 0 else 1.0
+        scale = peak / 127.0
+        if scale < torch.finfo(torch.float32).tiny:  # zero, or not representable: send zeros
+            scale = 1.0
         out[name] = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
         out[name + SCALE_SUFFIX] = torch.tensor([scale], dtype=torch.float32)
     return state_to_arrayrecord(out)
