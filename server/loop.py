@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import Run
 
-__all__ = ["RoundEnd", "run_rounds", "send_and_receive"]
+__all__ = ["RoundEnd", "WrappedGrid", "run_rounds", "send_and_receive"]
 
 log = logging.getLogger("privet")
 
@@ -122,3 +123,37 @@ def _wait_for_nodes(grid: Grid, n: int, *, timeout: float, server_round: int) ->
                 f"(federation.min_available_clients) connected within {timeout:.0f} s"
             )
         time.sleep(1.0)
+
+
+class WrappedGrid(Grid):
+    """A grid around another one (``inner``) that hands it everything it does not change itself.
+
+    privet's grids (transport encoding, SecAgg+, the simulated population) each change how
+    messages travel and delegate the rest here; Flower has no such base class.
+    """
+
+    inner: Grid
+
+    def set_run(self, run: Run) -> None:  # noqa: D102
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:  # noqa: D102
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]  # noqa: D102
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(  # noqa: D102
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)

@@ -25,9 +25,8 @@ from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
-from privet.server.loop import send_and_receive
+from privet.server.loop import WrappedGrid, send_and_receive
 
 __all__ = ["PARTITION_KEY", "PopulationGrid"]
 
@@ -37,7 +36,7 @@ log = logging.getLogger("privet")
 PARTITION_KEY = "partition-id"
 
 
-class PopulationGrid(Grid):
+class PopulationGrid(WrappedGrid):
     """Show ``population`` logical clients to the strategy; deliver on the wrapped grid's nodes.
 
     Parameters
@@ -107,17 +106,7 @@ class PopulationGrid(Grid):
             )
         return replies
 
-    # -- everything else is the wrapped grid's ------------------------------------------------
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]  # noqa: D102
-        return self.inner.create_message(*args, **kwargs)
-
+    # -- the wrapped grid's run and messages; no direct push or pull -----------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
         raise NotImplementedError("PopulationGrid delivers messages itself: use send_and_receive")
 

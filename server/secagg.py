@@ -50,12 +50,11 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.run import Run
 
 from privet.common.config import SecureAggregationConfig
 from privet.common.errors import ConfigError
 from privet.common.privacy.secagg import SECAGG_RECORD, quantization_slack
-from privet.server.loop import send_and_receive
+from privet.server.loop import WrappedGrid, send_and_receive
 
 __all__ = ["ERROR_SECAGG", "SecAggGrid"]
 
@@ -175,7 +174,7 @@ def _content_bytes(content: RecordDict) -> int:
     return total
 
 
-class SecAggGrid(Grid):
+class SecAggGrid(WrappedGrid):
     """Wrap ``inner`` so that each round's train messages run SecAgg+ (see the module docstring).
 
     Parameters
@@ -369,26 +368,6 @@ class SecAggGrid(Grid):
             base = ref.numpy()
             out[key] = Array(np.asarray(arr, dtype=base.dtype).reshape(base.shape))
         return out
-
-    # -- everything else is the wrapped grid's ------------------------------------------------
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]  # noqa: D102
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.inner.pull_messages(message_ids)
 
 
 def _error(msg: Message, reason: str) -> Message:

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from privet.common.arrays import arrayrecord_to_state
 from privet.common.errors import UpdateError
@@ -25,12 +24,12 @@ from privet.common.transport import (
     read_arrays,
     write_arrays,
 )
-from privet.server.loop import send_and_receive
+from privet.server.loop import WrappedGrid, send_and_receive
 
 __all__ = ["TransportGrid"]
 
 
-class TransportGrid(Grid):
+class TransportGrid(WrappedGrid):
     """Wrap ``inner`` so that arrays travel in ``encoding`` both ways.
 
     Parameters
@@ -104,23 +103,3 @@ class TransportGrid(Grid):
             reply.content["arrays"] = encode_state(state, "float32")
             del reply.content[TRANSPORT_RECORD]
         return replies
-
-    # -- everything else is the wrapped grid's ------------------------------------------------
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self.inner.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]  # noqa: D102
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.inner.pull_messages(message_ids)
