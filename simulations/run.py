@@ -44,7 +44,33 @@ def _quiet_flower(verbose: bool) -> None:
         root.removeHandler(h)
 
 
-def _ray_shutdown() -> None:
+def _descendant_pids() -> set[int]:
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def _ray_shutdown(spawned_before: set[int] | None = None) -> None:
+    """Shut Ray down, then end the processes it started for this run, bounded in time.
+
+    ``ray.shutdown()`` stops the GCS and the raylet, but the dashboard and runtime-env agents and
+    the actor workers exit on their own once they notice, which took over 15 s on a loaded 2-core
+    machine; by then they are orphans, no longer our children. So the processes Ray started are
+    listed *before* the shutdown (every descendant not present in ``spawned_before``) and the
+    ones still alive a few seconds after it are terminated. Processes this one had started for
+    other reasons are left alone.
+    """
+    import psutil
+
+    ours: list[psutil.Process] = []
+    if spawned_before is not None:
+        with contextlib.suppress(psutil.Error):
+            ours = [
+                p for p in psutil.Process().children(recursive=True) if p.pid not in spawned_before
+            ]
     try:
         import ray
 
@@ -52,6 +78,24 @@ def _ray_shutdown() -> None:
             ray.shutdown()
     except Exception:
         log.debug("ray shutdown failed", exc_info=True)
+    if not ours:
+        return
+    _, alive = psutil.wait_procs(ours, timeout=5.0)
+    _end(alive)
+
+
+def _end(procs: list[Any], timeout: float = 5.0) -> None:
+    """SIGTERM ``procs``, then SIGKILL the ones still alive after ``timeout`` seconds."""
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 def simulate(
@@ -142,6 +186,7 @@ def simulate(
         run_in_process(server_app, client_app, num_nodes=nodes)
         return run_dir
     previous = _install_interrupt_handler()
+    spawned_before = _descendant_pids()
     try:
         # Ray is started here, timed, rather than inside round 1 (Flower reuses a running Ray).
         ray_seconds = _start_ray(backend_config["init_args"])  # type: ignore[arg-type]
@@ -155,7 +200,7 @@ def simulate(
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        _ray_shutdown()
+        _ray_shutdown(spawned_before)
     _add_to_summary(run_dir, ray_start_seconds=ray_seconds)
     return run_dir
 
@@ -233,14 +278,7 @@ def _kill_descendants(timeout: float = 5.0) -> None:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=timeout)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    _end(children, timeout)
 
 
 def _install_interrupt_handler() -> Any:

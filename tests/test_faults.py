@@ -120,7 +120,7 @@ def test_the_ray_engine_gets_the_fault_mod_and_it_survives_ray_serialization(
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
     monkeypatch.setattr(run_mod, "_start_ray", lambda init_args: 0.0)
-    monkeypatch.setattr(run_mod, "_ray_shutdown", lambda: None)
+    monkeypatch.setattr(run_mod, "_ray_shutdown", lambda *_: None)
 
     def shipped(*sets: str):  # type: ignore[no-untyped-def]
         got.clear()
