@@ -126,22 +126,47 @@ def _mean(nodes: list[int], weights: dict[int, float]) -> dict[str, np.ndarray]:
     }
 
 
+def _protocol_weights(examples: dict[int, int], max_weight: int) -> dict[int, float]:
+    """The weights SecAgg+ really applies: ``n / max_weight`` rounded to a multiple of 1/range.
+
+    Flower's client mod multiplies its weights by ``round(n / max_weight * R) / R`` (R, the
+    quantization range) and sends that factor's integer beside them; the server divides the sum by
+    the sum of those factors. They differ from ``n / max_weight`` by at most ``1 / (2R)``.
+    """
+    r = SA.quantization_range
+    return {n: round(examples[n] / max_weight * r) / r for n in examples}
+
+
+def _error_bound(weights: dict[int, float], nodes: list[int]) -> float:
+    """Largest possible per-weight error of the unmasked mean, derived from Flower's algebra.
+
+    Client i sends ``SR((w_i x_i + c) / s)`` (s = one level, c = the clipping range, SR stochastic
+    rounding, which moves a value by less than one level: ``|e_i| < 1``). The server's unmasked sum,
+    dequantized and shifted by ``k c``, is ``sum_i w_i x_i + s sum_i e_i``; divided by ``W = sum_i
+    w_i`` it is the weighted mean plus ``s sum_i e_i / W``. So every weight of the mean is off by
+    less than ``k s / W`` (k contributors), for every draw of the rounding: a bound, not a tail.
+    The float32 result adds a relative 2**-24, far below one level here.
+    """
+    return len(nodes) * STEP / sum(weights[n] for n in nodes)
+
+
 def test_the_server_gets_the_weighted_mean_and_never_a_single_update() -> None:
-    # Flower's stochastic rounding draws from NumPy's global generator; seeded, so that the bound
-    # below is checked on one fixed draw (unseeded it was exceeded on 1 of 12 weights now and then:
-    # see the issue 4 note, the bound itself is still to be derived).
-    np.random.seed(0)
     replies, spy = _round(uniform=False)
 
-    expected = _mean(NODES, {n: float(EXAMPLES[n]) for n in NODES})
+    weights = _protocol_weights(EXAMPLES, max_weight=100)
+    expected = _mean(NODES, weights)
+    bound = _error_bound(weights, NODES)
+    assert bound == pytest.approx(4 * STEP, rel=1e-6)  # W = (10+20+30+40)/100 = 1
     assert sorted(r.metadata.src_node_id for r in replies) == NODES
     for reply in replies:
         assert not reply.has_error()
         got = reply.content.array_records["arrays"]
         for k, v in expected.items():
             assert got[k].numpy().dtype == np.float32
-            # Stochastic rounding: each client's weight moves by less than one level.
-            np.testing.assert_allclose(got[k].numpy(), v, atol=2 * STEP, rtol=0)
+            np.testing.assert_allclose(got[k].numpy(), v, atol=bound, rtol=2**-23)
+        # and the mean is the example-weighted one, not the plain one (they differ by ~100 levels)
+        plain = _mean(NODES, dict.fromkeys(NODES, 1.0))
+        assert np.max(np.abs(got["a"].numpy() - plain["a"])) > 10 * bound
         # each client's own metrics still reach the server (they travel in the clear)
         node = reply.metadata.src_node_id
         assert reply.content.metric_records["metrics"]["epsilon"] == 0.5 * node
@@ -171,11 +196,14 @@ def test_a_dropout_within_the_threshold_does_not_stop_the_round() -> None:
     assert sorted(r.metadata.src_node_id for r in ok) == [1, 3, 4]
     (failed,) = [r for r in replies if r.has_error()]
     assert failed.metadata.src_node_id == 2 and failed.error.code == 1003
-    expected = _mean([1, 3, 4], dict.fromkeys(NODES, 1.0))
+    weights = _protocol_weights(dict.fromkeys(NODES, 1), max_weight=1)
+    expected = _mean([1, 3, 4], weights)
+    bound = _error_bound(weights, [1, 3, 4])
+    assert bound == pytest.approx(STEP)  # uniform weights: k levels over W = k
     for reply in ok:
         for k, v in expected.items():
             got = reply.content.array_records["arrays"][k].numpy()
-            np.testing.assert_allclose(got, v, atol=2 * STEP, rtol=0)
+            np.testing.assert_allclose(got, v, atol=bound, rtol=2**-23)
 
 
 def test_more_dropouts_than_the_threshold_allows_halt_the_round_with_the_reason() -> None:
