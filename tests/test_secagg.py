@@ -165,8 +165,8 @@ def test_the_server_gets_the_weighted_mean_and_never_a_single_update() -> None:
             assert got[k].numpy().dtype == np.float32
             np.testing.assert_allclose(got[k].numpy(), v, atol=bound, rtol=2**-23)
         # and the mean is the example-weighted one, not the plain one (they differ by ~100 levels)
-        plain = _mean(NODES, dict.fromkeys(NODES, 1.0))
-        assert np.max(np.abs(got["a"].numpy() - plain["a"])) > 10 * bound
+        unweighted = _mean(NODES, dict.fromkeys(NODES, 1.0))
+        assert np.max(np.abs(got["a"].numpy() - unweighted["a"])) > 10 * bound
         # each client's own metrics still reach the server (they travel in the clear)
         node = reply.metadata.src_node_id
         assert reply.content.metric_records["metrics"]["epsilon"] == 0.5 * node
