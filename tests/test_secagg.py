@@ -206,6 +206,60 @@ def test_a_dropout_within_the_threshold_does_not_stop_the_round() -> None:
             np.testing.assert_allclose(got, v, atol=bound, rtol=2**-23)
 
 
+class _Crash(_Spy):
+    """A node that dies at ``stage`` (as a SIGKILLed SuperNode): from then on, no reply at all.
+
+    In deployment a dead client does not answer with an error; the server's wait for it times out.
+    """
+
+    def __init__(self, inner: InProcessGrid, *, node: int, stage: str) -> None:
+        super().__init__(inner)
+        self.node, self.stage, self.dead = node, stage, False
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        stages = {_secagg(m.content).get(Key.STAGE) for m in messages}
+        self.dead = self.dead or self.stage in stages
+        if self.dead:
+            messages = [m for m in messages if m.metadata.dst_node_id != self.node]
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("stage", "contributors"),
+    [
+        # dies before uploading: its pairwise masks are rebuilt from its neighbours' shares
+        ("collect_masked_vectors", [1, 3, 4]),
+        # dies after uploading: its masked vector is in the sum, its own mask is removed from
+        # the shares the others hold, so its update still counts
+        ("unmask", [1, 2, 3, 4]),
+    ],
+)
+def test_a_client_that_dies_without_a_word_is_survived(stage: str, contributors: list[int]) -> None:
+    with _task_identity(run_id=1):
+        crash = _Crash(InProcessGrid(_client_app(), num_nodes=len(NODES)), node=2, stage=stage)
+        grid = SecAggGrid(
+            cast(Grid, crash),
+            SA,
+            uniform_weights=True,
+            max_weight=100,
+            timeout=10.0,
+            client_clipping=False,
+        )
+        replies = list(grid.send_and_receive(_train_messages()))
+    assert grid.last_contributors == contributors
+    weights = _protocol_weights(dict.fromkeys(NODES, 1), max_weight=1)
+    expected = _mean(contributors, weights)
+    bound = _error_bound(weights, contributors)
+    ok = [r for r in replies if not r.has_error()]
+    # a client whose masked upload is in the sum keeps its reply (its examples weigh the round)
+    assert sorted(r.metadata.src_node_id for r in ok) == contributors
+    for reply in ok:
+        for k, v in expected.items():
+            got = reply.content.array_records["arrays"][k].numpy()
+            np.testing.assert_allclose(got, v, atol=bound, rtol=2**-23)
+
+
 def test_more_dropouts_than_the_threshold_allows_halt_the_round_with_the_reason() -> None:
     # 4 clients: 4 shares, threshold 3, so one dropout is tolerated, two are not.
     replies, _ = _round(uniform=True, drop=frozenset({2, 3}))
