@@ -128,7 +128,11 @@ PUBLIC = {
         "save_checkpoint",
     ],
     "privet.simulations": ["simulate"],
-    "privet.simulations.studies": ["run_robustness_study", "study_app"],
+    "privet.simulations.studies": [
+        "run_privacy_utility_study",
+        "run_robustness_study",
+        "study_app",
+    ],
 }
 
 
