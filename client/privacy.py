@@ -38,6 +38,10 @@ class RoundPrivacy:
     epsilon_before: float
 
 
+#: Non-empty once this process has warned that a client trains without DP.
+_warned_no_dp: list[str] = []
+
+
 def plan_round(
     *,
     privacy: PrivacyConfig,
@@ -62,11 +66,17 @@ def plan_round(
 
     """
     if not privacy.enabled:
-        log.warning(
-            "client %s trains WITHOUT differential privacy (privacy.enabled = false): its update carries "
-            "no privacy guarantee",
-            client_id,
-        )
+        # Once per process (a site is one process; a simulation plays hundreds of clients in one):
+        # the same warning for every client of every round buries everything else in the log.
+        if not _warned_no_dp:
+            _warned_no_dp.append(client_id)
+            log.warning(
+                "client %s trains WITHOUT sample-level differential privacy (privacy.enabled = "
+                "false): the update it sends carries no privacy guarantee of its own (client-level "
+                "DP, when on, protects the released models, not the update the server receives); "
+                "said once per process",
+                client_id,
+            )
         return RoundPrivacy(ledger=None, path=None, dp=None, epsilon_before=0.0)
     if privacy.delta >= 1.0 / num_examples:
         raise PrivacyError(
