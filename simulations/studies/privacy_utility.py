@@ -9,7 +9,8 @@ sentiment) on a shared CPU-sized slice: 6,000 sentences, 3 rounds of half a loca
 - *centralized*: one client holding every training sentence, so the same samples and the same
   number of optimizer steps as the 4-client federation, epsilon 8 and without DP;
 - *client-level DP*: DP-FedAvg over a population of 1,000 clients (all 19,136 sentences, 16 each),
-  100 per round, federation epsilon 8; it needs a large population, so its slice differs.
+  100 per round, federation epsilon 8, and the same population without DP; it needs a large
+  population, so its slice differs.
 
 Writes ``results.json``, ``privacy-utility.md`` (the table) and ``privacy-utility.png`` into
 ``--out``. ``--from-runs DIR`` rebuilds them from run directories already there (one per row,
@@ -48,6 +49,20 @@ _ONE_CLIENT = [
     "simulation.engine='inprocess'",
 ]
 _NO_DP = ["privacy.enabled=false"]
+#: Client-level DP needs many clients per round: all 19,136 sentences over 1,000 clients (16 training
+#: sentences each), 100 of them per round, one local step each.
+_POPULATION = [
+    "data.max_examples=19136",
+    "data.num_clients=1000",
+    "federation.fraction_train=0.1",
+    "federation.min_train_clients=100",
+    "federation.rounds=6",
+    "train.local_epochs=1",
+    "train.batch_size=16",
+    *_NO_DP,
+    # 100 small clients a round: one process, no Ray scheduling per client
+    "simulation.engine='inprocess'",
+]
 
 
 @dataclass
@@ -106,20 +121,14 @@ ROWS: list[UtilityRow] = [
         "IID, 1,000 clients, 100 per round",
         "client-level ε=8",
         [
-            "data.max_examples=19136",
-            "data.num_clients=1000",
-            "federation.fraction_train=0.1",
-            "federation.min_train_clients=100",
-            "federation.rounds=6",
-            "train.local_epochs=1",
-            "train.batch_size=16",
-            *_NO_DP,
+            *_POPULATION,
             "privacy.client_level.enabled=true",
             "privacy.client_level.target_epsilon=8",
             "privacy.client_level.sampling_amplification=true",
-            # 100 small clients a round: one process, no Ray scheduling per client
-            "simulation.engine='inprocess'",
         ],
+    ),
+    UtilityRow(
+        "population_nodp", "federated", "IID, 1,000 clients, 100 per round", "none", _POPULATION
     ),
 ]
 
