@@ -107,16 +107,20 @@ def _round(
 ) -> tuple[list[Message], _Spy]:
     with _task_identity(run_id=1):
         spy = _Spy(InProcessGrid(_client_app(drop=drop, seen=seen), num_nodes=len(NODES)))
-        grid = SecAggGrid(
-            cast(Grid, spy),
-            SA,
-            uniform_weights=uniform,
-            max_weight=100,
-            timeout=10.0,
-            client_clipping=client_clipping,
-        )
+        grid = _secagg_grid(spy, uniform=uniform, client_clipping=client_clipping)
         replies = list(grid.send_and_receive(_train_messages(config)))
     return replies, spy
+
+
+def _secagg_grid(spy: _Spy, *, uniform: bool, client_clipping: bool = False) -> SecAggGrid:
+    return SecAggGrid(
+        cast(Grid, spy),
+        SA,
+        uniform_weights=uniform,
+        max_weight=100,
+        timeout=10.0,
+        client_clipping=client_clipping,
+    )
 
 
 def _mean(nodes: list[int], weights: dict[int, float]) -> dict[str, np.ndarray]:
@@ -238,14 +242,7 @@ class _Crash(_Spy):
 def test_a_client_that_dies_without_a_word_is_survived(stage: str, contributors: list[int]) -> None:
     with _task_identity(run_id=1):
         crash = _Crash(InProcessGrid(_client_app(), num_nodes=len(NODES)), node=2, stage=stage)
-        grid = SecAggGrid(
-            cast(Grid, crash),
-            SA,
-            uniform_weights=True,
-            max_weight=100,
-            timeout=10.0,
-            client_clipping=False,
-        )
+        grid = _secagg_grid(crash, uniform=True)
         replies = list(grid.send_and_receive(_train_messages()))
     assert grid.last_contributors == contributors
     weights = _protocol_weights(dict.fromkeys(NODES, 1), max_weight=1)

@@ -30,10 +30,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from privet.common.config import load_config
 from privet.server.rundir import read_metrics
+from privet.simulations.studies.robustness import study_progress
 
 __all__ = ["COMMON", "ROWS", "UtilityRow", "collect_row", "run_privacy_utility_study"]
 
@@ -204,13 +204,7 @@ def run_privacy_utility_study(
 
     rows = _fresh(names)
     out.mkdir(parents=True, exist_ok=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console or Console(stderr=True),
-    ) as progress:
+    with study_progress(console) as progress:
         task = progress.add_task("privacy-utility study", total=len(rows))
         for row in rows:
             progress.update(task, description=f"{row.name:<13} {row.dp:<18}")

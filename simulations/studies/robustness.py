@@ -145,13 +145,7 @@ def run_robustness_study(
     try:
         with (
             tempfile.TemporaryDirectory(prefix="privet-study-") as tmp,
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeElapsedColumn(),
-                console=console or Console(stderr=True),
-            ) as progress,
+            study_progress(console) as progress,
         ):
             task = progress.add_task("robustness study", total=len(runs))
             for i, run in enumerate(runs):
@@ -180,6 +174,17 @@ def run_robustness_study(
         log.setLevel(level)
     write_outputs(runs, out=out, seed=seed, extra=extra or [])
     return runs
+
+
+def study_progress(console: Console | None) -> Progress:
+    """The progress bar every study shows: the current run, runs done of all, time elapsed."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console or Console(stderr=True),
+    )
 
 
 def write_outputs(runs: list[StudyRun], *, out: Path, seed: int, extra: list[str]) -> None:
