@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from privet.common.errors import PrivacyError
@@ -200,7 +199,7 @@ def _layer_norm_per_example(
     reduce = tuple(range(1, a.dim() - len(shape)))
     gw = gb = None
     if _trainable(module.weight):
-        xhat = F.layer_norm(a, shape, eps=module.eps)
+        xhat = nn.functional.layer_norm(a, shape, eps=module.eps)
         gw = (g * xhat).sum(dim=reduce) if reduce else g * xhat
     if _trainable(module.bias):
         gb = g.sum(dim=reduce) if reduce else g

@@ -22,9 +22,9 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from privet.client.bookkeeping import BookKeepingClipper
 from privet.common.config import TrainConfig
 from privet.common.data import TokenizedExamples, collate, length_sorted_microbatches
-from privet.client.bookkeeping import BookKeepingClipper
 from privet.common.errors import PrivacyError
 from privet.common.evaluation import EvalResult, autocast_for, evaluate
 from privet.common.modeling import trainable_state

@@ -60,7 +60,9 @@ def _per_sample(model: nn.Module, opacus: bool) -> dict[str, torch.Tensor]:
     return {n: torch.stack(r) for n, r in rows.items()}
 
 
-def _reference(model: nn.Module, clip: float, opacus: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _reference(
+    model: nn.Module, clip: float, opacus: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-example gradients clipped with Opacus's factor and summed, and their norms."""
     grads = _per_sample(model, opacus)
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
@@ -131,16 +133,29 @@ def test_bookkeeping_and_flat_release_the_same_update_in_training() -> None:
     states = {}
     for clipping in ("flat", "bookkeeping"):
         built = tiny_model(method="full")
-        ex = Examples(texts=TEXTS, labels=np.array([i % 2 for i in range(len(TEXTS))], dtype=np.int64))
+        ex = Examples(
+            texts=TEXTS, labels=np.array([i % 2 for i in range(len(TEXTS))], dtype=np.int64)
+        )
         data = TokenizedExamples(ex, built.tokenizer, max_length=32)
         cfg = TrainConfig(
-            optimizer="sgd", momentum=0.0, lr=0.5, batch_size=8, physical_batch_size=3, local_epochs=1.0
+            optimizer="sgd",
+            momentum=0.0,
+            lr=0.5,
+            batch_size=8,
+            physical_batch_size=3,
+            local_epochs=1.0,
         )
         dp = DPSettings(
-            noise_multiplier=0.3, max_grad_norm=0.5, sample_rate=1.0, steps=2, clipping=clipping  # type: ignore[arg-type]
+            noise_multiplier=0.3,
+            max_grad_norm=0.5,
+            sample_rate=1.0,
+            steps=2,
+            clipping=clipping,  # type: ignore[arg-type]
         )
         out = train(built.model, data, cfg, dp=dp, pad_token_id=int(built.tokenizer.pad_token_id))
         assert not any(m._forward_hooks for m in built.model.modules())
         states[clipping] = out.state
     for k in states["flat"]:
-        torch.testing.assert_close(states["bookkeeping"][k], states["flat"][k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            states["bookkeeping"][k], states["flat"][k], rtol=1e-4, atol=1e-6
+        )
