@@ -22,6 +22,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from privet.client.bookkeeping import BookKeepingClipper
 from privet.common.config import TrainConfig
 from privet.common.data import TokenizedExamples, collate, length_sorted_microbatches
 from privet.common.errors import PrivacyError
@@ -50,8 +51,10 @@ class DPSettings:
     #: ``flat``: per-sample gradients from Opacus's hooks, clipped and summed. ``ghost``: Opacus's
     #: ghost clipping: per-sample gradient *norms* in a first backward pass, then a second backward
     #: of the loss reweighted by the clipping factors; no per-sample gradient is stored, which is
-    #: what makes full fine-tuning affordable. Both release the same clipped sum.
-    clipping: Literal["flat", "ghost"] = "flat"
+    #: what makes full fine-tuning affordable. ``bookkeeping``: privet's own one-pass ghost clipping
+    #: (``client/bookkeeping.py``), the clipped sum formed from the first pass's activations and
+    #: output gradients. All three release the same clipped sum.
+    clipping: Literal["flat", "ghost", "bookkeeping"] = "flat"
 
 
 @dataclass
@@ -211,7 +214,7 @@ def train(
     # Small micro-batches on CPU: each is padded only to its own longest text.
     physical = cfg.physical_batch_size or (128 if device.type == "cuda" else 16)
 
-    ghost: _GhostClipping | None = None
+    ghost: _GhostClipping | BookKeepingClipper | None = None
     if dp is None:
         _, steps = plan_steps(n, cfg)
         batches: Iterator[np.ndarray] = _shuffled_batches(
@@ -232,6 +235,9 @@ def train(
         net, dp_opt = _make_private(model, optimizer, dp, n=n, device=device, seed=seed)
         if isinstance(net, GradSampleModuleFastGradientClipping):
             ghost = _GhostClipping(net)
+        elif dp.clipping == "bookkeeping":
+            # Our own one-pass clipping (client/bookkeeping.py); noise and accounting stay Opacus's.
+            ghost = BookKeepingClipper(net, max_grad_norm=dp_opt.max_grad_norm)
 
     loss_sum, seen, done = 0.0, 0, 0
     # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
@@ -326,6 +332,10 @@ def _make_private(
         "loss_reduction": "mean",
         "generator": noise_gen,
     }
+    if dp.clipping == "bookkeeping":
+        # The model stays unwrapped: BookKeepingClipper leaves the clipped sum in p.grad, which is
+        # what Opacus's fast-gradient-clipping optimizer expects.
+        return model, DPOptimizerFastGradientClipping(optimizer, **kwargs)  # type: ignore[arg-type]
     if dp.clipping == "ghost":
         net: torch.nn.Module = GradSampleModuleFastGradientClipping(
             model,

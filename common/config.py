@@ -451,9 +451,13 @@ class PrivacyConfig(_Section):
             "pass it is refused before any training step."
         ),
     )
-    clipping: Literal["flat", "ghost"] = Field(
+    clipping: Literal["flat", "ghost", "bookkeeping"] = Field(
         "flat",
-        description="Opacus clipping mode: 'flat' (per-sample hooks) or 'ghost' (less memory for full fine-tuning).",
+        description=(
+            "Opacus clipping mode: 'flat' (per-sample hooks) or 'ghost' (less memory for full "
+            "fine-tuning); 'bookkeeping': privet's one-backward-pass ghost clipping (Linear, "
+            "Embedding and LayerNorm layers only; fastest for full fine-tuning)."
+        ),
     )
     client_level: ClientLevelConfig = Field(
         default_factory=ClientLevelConfig,

@@ -35,6 +35,7 @@ def test_dp_overhead_benchmark_runs_and_writes_its_rows(tmp_path: Path) -> None:
     ratios = {r["metric"]: r["value"] for r in doc["rows"] if r["unit"] == "x"}
     assert set(ratios) >= {
         "LoRA: DP (flat clipping) / no DP",
+        "full fine-tuning: DP (bookkeeping clipping) / no DP",
         "full fine-tuning: DP (ghost clipping) / no DP",
         "full fine-tuning: DP (flat clipping) / no DP",
     }
