@@ -277,7 +277,7 @@ def _follow(
         records = read_metrics(run_dir)
         for rec in records[seen:]:
             if observer is not None:
-                observer.round_finished(RoundRecord(**rec))
+                observer.round_finished(_record(rec))
                 if rec["round"] < cfg.federation.rounds:
                     observer.round_started(int(rec["round"]) + 1)
         seen = max(seen, len(records))
@@ -292,7 +292,7 @@ def _follow(
     records = read_metrics(run_dir)
     for rec in records[seen:]:
         if observer is not None:
-            observer.round_finished(RoundRecord(**rec))
+            observer.round_finished(_record(rec))
     if not link.alive():
         raise DeploymentError(
             f"the SuperLink exited with status {link.proc.returncode}:\n{link.tail()}",
@@ -332,3 +332,9 @@ class _Notes:
         for line in chunk.decode("utf-8", errors="replace").splitlines():
             if WAITING in line:
                 self.on_note(line[line.index(WAITING) :])
+
+
+def _record(rec: dict[str, object]) -> RoundRecord:
+    """A ``metrics.jsonl`` line as a record; fields another privet version wrote are left out."""
+    known = RoundRecord.__dataclass_fields__
+    return RoundRecord(**{k: v for k, v in rec.items() if k in known})  # type: ignore[arg-type]

@@ -596,6 +596,8 @@ def privacy_report(
             "epsilon_per_round": {},
             "rounds_joined": [],
             "budget_refused_rounds": [],
+            # Rounds this client's ledger charged more than once (redone after a resume).
+            "charges_per_round": {},
         }
     for rec in history:
         if rec.round == 0:
@@ -604,6 +606,9 @@ def privacy_report(
             if name in clients:
                 clients[name]["epsilon_per_round"][str(rec.round)] = eps
                 clients[name]["rounds_joined"].append(rec.round)
+        for name, attempt in rec.charged_again.items():
+            if name in clients:
+                clients[name]["charges_per_round"][str(rec.round)] = attempt
         for reason in rec.errors.values():
             who = _client_of_error(reason, client_names)
             if who is not None and "budget" in reason:
