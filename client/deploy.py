@@ -302,8 +302,9 @@ class SiteClient:
                 f"SuperNode ended without signing off); Flower releases it within 60 s: trying "
                 f"again in {ACTIVATION_WAIT:.0f} s"
             )
-            log.warning("%s", why)
-            if on_wait is not None:
+            if on_wait is None:
+                log.warning("%s", why)
+            else:
                 on_wait(why)
             if (stop or threading.Event()).wait(ACTIVATION_WAIT):
                 raise DeploymentError("stopped while waiting to rejoin") from None
