@@ -391,3 +391,31 @@ def test_restarts_never_record_past_the_budget(
         assert final.epsilon() <= budget + 1e-9
         assert all(e.epsilon_after <= budget + 1e-9 for e in final.entries)
         assert len(final.entries) + refused == len(rounds)
+
+
+def test_report_lists_rounds_charged_again() -> None:
+    from privet.common.config import PrivetConfig
+    from privet.server.privacy import privacy_report
+    from privet.server.recording import RoundRecord
+    from privet.simulations.privacy_report import privacy_lines
+
+    history = [
+        RoundRecord(round=0),
+        RoundRecord(round=1, epsilon_per_client={"a": 1.0, "b": 1.0}),
+        # the resumed run's round 2: site a had trained it once before the crash
+        RoundRecord(round=2, epsilon_per_client={"a": 1.9, "b": 1.4}, charged_again={"a": 2}),
+    ]
+    report = privacy_report(
+        PrivetConfig(),
+        history=history,
+        client_names=["a", "b"],
+        examples_per_client={"a": 100, "b": 100},
+        client_level=None,
+        stopped=None,
+    )
+    clients = report["sample_level"]["clients"]
+    assert clients["a"]["charges_per_round"] == {"2": 2}
+    assert clients["b"]["charges_per_round"] == {}
+    lines = privacy_lines(report)
+    assert "joined rounds [1, 2], round 2 charged 2 times (redone after a resume)" in lines[0]
+    assert "charged" not in lines[1]
