@@ -422,6 +422,17 @@ class SiteClient:
             alive=self.alive,
             on_done=done,
             on_error=on_error,
+            abandoned=self.dropped,
+        )
+
+    def dropped(self, message_id: str) -> bool:
+        """Whether the SuperNode said it dropped the message ``message_id`` (Flower 1.41's log)."""
+        if self.child is None:
+            return True
+        # Flower logs both ways a received message is dropped, and offers no API to ask.
+        return any(
+            message_id in line and ("Ignoring message" in line or "Failed to receive" in line)
+            for line in self.child.tail(200).splitlines()
         )
 
     def exit_reason(self) -> str:

@@ -265,7 +265,7 @@ def client(
             f"site {settings.name} joined {server_address} "
             f"({'TLS' if ca else 'INSECURE'}); ledger in {settings.state_dir}; Ctrl-C to leave"
         )
-        site.serve(threading.Event(), on_done=_report_reply)
+        site.serve(threading.Event(), on_done=_report_reply, on_error=_report_dropped)
         raise DeploymentError(site.exit_reason(), fix=refused)
     finally:
         site.stop()
@@ -301,6 +301,13 @@ def sites(
             for part in (site.train, site.test):
                 writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
         console.print(f"{path}: {len(site.train) + len(site.test)} rows")
+
+
+def _report_dropped(exc: BaseException) -> None:
+    from privet.client.worker import TaskAbandonedError
+
+    if isinstance(exc, TaskAbandonedError):
+        console.print(f"[yellow]{exc}[/yellow]")
 
 
 def _report_reply(message: Message, reply: Message) -> None:

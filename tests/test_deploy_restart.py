@@ -181,3 +181,81 @@ def test_notes_follow_only_new_whole_lines(tmp_path: Path) -> None:
     notes.poll()
     notes.poll()
     assert got == ["still waiting for 1 of 2 replies (node-7); giving up at 13:00:00"]
+
+
+class _RuntimeWithMissingObjects:
+    """A SuperNode runtime API holding one task whose message content never arrives."""
+
+    def __init__(self) -> None:
+        from flwr.app import Context, RecordDict
+        from flwr.common.serde import context_to_proto, message_to_proto
+        from flwr.proto.message_pb2 import ObjectTree
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse, PullTaskInputResponse
+
+        context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+        self.task = PullTaskInputResponse(context=context_to_proto(context), task_id=3)
+        with run_identity():
+            msg = instruction(5)
+        self.messages = PullAppMessagesResponse(
+            messages_list=[message_to_proto(msg)],
+            message_object_trees=[ObjectTree(object_id="a" * 64)],
+        )
+        self.pulls = 0
+
+    def PullTaskInput(self, _req: object) -> object:  # noqa: N802 (Flower's RPC names)
+        return self.task
+
+    def PullMessages(self, _req: object) -> object:  # noqa: N802
+        return self.messages
+
+    def PullObject(self, _req: object) -> object:  # noqa: N802
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        self.pulls += 1
+        return PullObjectResponse(object_found=True, object_available=False)
+
+    def ConfirmMessageReceived(self, _req: object) -> object:  # noqa: N802
+        raise AssertionError("nothing was received")
+
+
+def test_a_message_the_supernode_dropped_is_given_up_at_once() -> None:
+    from privet.client.worker import TaskAbandonedError, _pull_task_input
+
+    runtime = _RuntimeWithMissingObjects()
+    asked: list[str] = []
+
+    def dropped(message_id: str) -> bool:
+        asked.append(message_id)
+        return True
+
+    with pytest.raises(TaskAbandonedError, match="dropped message aaaaaaaaaaaa"):
+        _pull_task_input(runtime, dropped)
+    assert runtime.pulls == 1 and asked == ["a" * 64]
+
+
+def test_a_message_whose_content_never_comes_is_given_up_after_bounded_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+    from privet.client import worker
+
+    monkeypatch.setattr(worker, "OBJECT_TRIES", 2)
+    runtime = _RuntimeWithMissingObjects()
+    with pytest.raises(ObjectPullError, match="retry limit"):
+        worker._pull_task_input(runtime, lambda _id: False)
+    assert runtime.pulls == 2
+
+
+def test_the_site_reads_a_dropped_message_from_the_supernode_log(tmp_path: Path) -> None:
+    site, _ = _site(tmp_path, [None])
+    site.start()
+    log = (
+        "INFO :      Receiving: train message (ID: abc123)\n"
+        "INFO :      Run ID 42 is not in `RUNNING` status. Ignoring message abc123.\n"
+    )
+    site.child = _DeadChild(log)  # type: ignore[assignment]
+    assert site.dropped("abc123")
+    assert not site.dropped("def456")
+    site.child = _DeadChild("ERROR :     Failed to receive message def456: boom\n")  # type: ignore[assignment]
+    assert site.dropped("def456")
