@@ -65,6 +65,10 @@ DRAIN_SECONDS = 3.0
 #: "Node Unavailable" error instead of waiting for it until federation.round_timeout.
 ACTIVATION_WAIT = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 5.0
 
+#: Seconds a starting SuperNode gets to be admitted by the coordinator (it was reachable a moment
+#: before, in the preflight).
+ADMISSION_TIMEOUT = 120.0
+
 #: The file in the state folder that says which coordinator admitted this site's key before.
 ADMITTED_FILE = "admitted.json"
 
@@ -220,6 +224,14 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
 client_app = make_site_app()
 
 
+def _admissions(log_path: Path) -> int:
+    """How many times a SuperNode logging to ``log_path`` was admitted (the log is appended)."""
+    try:
+        return log_path.read_text(encoding="utf-8", errors="replace").count("SuperNode ID:")
+    except OSError:
+        return 0
+
+
 class SiteClient:
     """A ``flower-supernode`` child that joins the coordinator at ``server`` for this site.
 
@@ -367,14 +379,32 @@ class SiteClient:
             ),
         ]
         work = self.settings.state_dir / "flower"
+        log_path = log_file or work / "supernode.log"
+        before = _admissions(log_path)
         self.child = Child(
             "flower-supernode",
             argv,
-            log_file=log_file or work / "supernode.log",
+            log_file=log_path,
             env=flower_env(work / "home"),
             cwd=work,
         )
         wait_healthy(self.health, child=self.child, timeout=60)
+        # The health service can say SERVING before the coordinator activated the node; Flower
+        # 1.41 logs "SuperNode ID: ..." once it did, and exits (305) when it refused.
+        deadline = time.monotonic() + ADMISSION_TIMEOUT
+        while _admissions(log_path) <= before:
+            if not self.child.alive():
+                raise DeploymentError(
+                    f"flower-supernode exited with status {self.child.proc.returncode} while "
+                    f"joining:\n{self.child.tail()}",
+                    fix=f"see {log_path}",
+                )
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"the coordinator did not admit this node within {ADMISSION_TIMEOUT:.0f} s",
+                    fix=f"see {log_path}",
+                )
+            time.sleep(0.2)
 
     def connected(self) -> bool:
         """Whether the SuperNode runs and reports SERVING (it registered with the coordinator)."""
