@@ -264,6 +264,10 @@ def make_client_app(
                 "steps": result.steps,
                 "examples-seen": result.examples_seen,
                 "epsilon": epsilon,
+                # 2, 3, ...: this round was redone after a resume and charged again.
+                "privacy-attempt": plan.ledger.entries[-1].attempt
+                if plan.ledger is not None and plan.ledger.entries
+                else 1,
                 "noise-multiplier": plan.dp.noise_multiplier if plan.dp else 0.0,
                 "train-seconds": result.seconds,
                 # Cold start of this worker (model load) or of this client (tokenization, noise

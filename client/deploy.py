@@ -14,6 +14,8 @@ the site itself turned DP off.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privet.common.config import PrivacyConfig, PrivetConfig, format_validation_error
@@ -53,6 +56,21 @@ log = logging.getLogger("privet")
 
 #: Seconds a just-handed-over reply gets to leave the SuperNode before it is stopped.
 DRAIN_SECONDS = 3.0
+
+#: Seconds a restarted site waits when the coordinator still counts its node as online.
+#: Flower 1.41 keeps a node ONLINE until it misses HEARTBEAT_PATIENCE heartbeats (2 x 30 s) and
+#: refuses to activate the same key meanwhile (ApiError 2004, SuperNode exit 305); a SuperNode
+#: that was SIGKILLed never deactivates its node. The 5 s on top make sure the node was seen
+#: offline first: the coordinator then answers the message the dead SuperNode held with Flower's
+#: "Node Unavailable" error instead of waiting for it until federation.round_timeout.
+ACTIVATION_WAIT = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 5.0
+
+#: Seconds a starting SuperNode gets to be admitted by the coordinator (it was reachable a moment
+#: before, in the preflight).
+ADMISSION_TIMEOUT = 120.0
+
+#: The file in the state folder that says which coordinator admitted this site's key before.
+ADMITTED_FILE = "admitted.json"
 
 #: Node-config key naming the site's settings file, and the run-config key of the federation config.
 SETTINGS_KEY, CONFIG_KEY = "privet-client", "privet-config"
@@ -206,6 +224,14 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
 client_app = make_site_app()
 
 
+def _admissions(log_path: Path) -> int:
+    """How many times a SuperNode logging to ``log_path`` was admitted (the log is appended)."""
+    try:
+        return log_path.read_text(encoding="utf-8", errors="replace").count("SuperNode ID:")
+    except OSError:
+        return 0
+
+
 class SiteClient:
     """A ``flower-supernode`` child that joins the coordinator at ``server`` for this site.
 
@@ -261,8 +287,70 @@ class SiteClient:
             )
         probe_server(self.host, self.port, ca=self.ca)
 
-    def start(self, *, log_file: Path | None = None) -> None:
-        """Start the SuperNode; returns when its health service answers."""
+    def start(
+        self,
+        *,
+        log_file: Path | None = None,
+        on_wait: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Start the SuperNode; returns once the coordinator admitted it (health SERVING).
+
+        A site restarted soon after its SuperNode was killed finds its node still counted as
+        online by the coordinator, which refuses the same key until the old node's heartbeat
+        expires. When this site was admitted by this coordinator with this key before, the refusal
+        is waited out once (:data:`ACTIVATION_WAIT`, ``on_wait`` says so; ``stop`` cuts it short)
+        and the start is tried again; a second refusal, or a first one for a key never admitted
+        here, raises.
+        """
+        try:
+            self._start_once(log_file)
+        except DeploymentError:
+            if not self._refused_after_restart():
+                raise
+            self._stop_child()
+            why = (
+                f"the coordinator still counts this site's node as connected (its previous "
+                f"SuperNode ended without signing off); Flower releases it within 60 s: trying "
+                f"again in {ACTIVATION_WAIT:.0f} s"
+            )
+            if on_wait is None:
+                log.warning("%s", why)
+            else:
+                on_wait(why)
+            if (stop or threading.Event()).wait(ACTIVATION_WAIT):
+                raise DeploymentError("stopped while waiting to rejoin") from None
+            self._start_once(log_file)
+        self._admitted_path().parent.mkdir(parents=True, exist_ok=True)
+        self._admitted_path().write_text(json.dumps(self._admission()), encoding="utf-8")
+
+    def _admitted_path(self) -> Path:
+        return self.settings.state_dir / "flower" / ADMITTED_FILE
+
+    def _admission(self) -> dict[str, str]:
+        """Which coordinator and which key: a refusal is only waited out for a known pair."""
+        key = hashlib.sha256(self.key.read_bytes()).hexdigest() if self.key is not None else ""
+        return {"server": self.server, "key_sha256": key}
+
+    def _refused_after_restart(self) -> bool:
+        """Whether the SuperNode ended because an admitted node of this site is still online."""
+        if self.child is None or self.child.alive():
+            return False
+        tail = self.child.tail(40)
+        if "Exit Code: 305" not in tail or "Failed to activate SuperNode" not in tail:
+            return False
+        try:
+            known = json.loads(self._admitted_path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return bool(known == self._admission())
+
+    def _stop_child(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
+
+    def _start_once(self, log_file: Path | None) -> None:
         settings_path = self.settings.save()
         runtime_port, health_port = free_port(), free_port()
         self.health = f"127.0.0.1:{health_port}"
@@ -291,14 +379,32 @@ class SiteClient:
             ),
         ]
         work = self.settings.state_dir / "flower"
+        log_path = log_file or work / "supernode.log"
+        before = _admissions(log_path)
         self.child = Child(
             "flower-supernode",
             argv,
-            log_file=log_file or work / "supernode.log",
+            log_file=log_path,
             env=flower_env(work / "home"),
             cwd=work,
         )
         wait_healthy(self.health, child=self.child, timeout=60)
+        # The health service can say SERVING before the coordinator activated the node; Flower
+        # 1.41 logs "SuperNode ID: ..." once it did, and exits (305) when it refused.
+        deadline = time.monotonic() + ADMISSION_TIMEOUT
+        while _admissions(log_path) <= before:
+            if not self.child.alive():
+                raise DeploymentError(
+                    f"flower-supernode exited with status {self.child.proc.returncode} while "
+                    f"joining:\n{self.child.tail()}",
+                    fix=f"see {log_path}",
+                )
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"the coordinator did not admit this node within {ADMISSION_TIMEOUT:.0f} s",
+                    fix=f"see {log_path}",
+                )
+            time.sleep(0.2)
 
     def connected(self) -> bool:
         """Whether the SuperNode runs and reports SERVING (it registered with the coordinator)."""
@@ -346,6 +452,17 @@ class SiteClient:
             alive=self.alive,
             on_done=done,
             on_error=on_error,
+            abandoned=self.dropped,
+        )
+
+    def dropped(self, message_id: str) -> bool:
+        """Whether the SuperNode said it dropped the message ``message_id`` (Flower 1.41's log)."""
+        if self.child is None:
+            return True
+        # Flower logs both ways a received message is dropped, and offers no API to ask.
+        return any(
+            message_id in line and ("Ignoring message" in line or "Failed to receive" in line)
+            for line in self.child.tail(200).splitlines()
         )
 
     def exit_reason(self) -> str:
@@ -358,6 +475,7 @@ class SiteClient:
         if code == 305 or "Exit Code: 305" in self.child.tail(40):
             return (
                 "the coordinator did not admit this node (Flower exit 305): its key is not "
-                "registered there, or the coordinator is not reachable"
+                "registered there, another SuperNode with this key is connected, or the "
+                "coordinator is not reachable"
             )
         return f"the SuperNode exited with status {code}"

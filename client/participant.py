@@ -288,6 +288,10 @@ class Participant:
                 self._round = int(str(conf["server-round"]))
                 self._phase = message.metadata.message_type.split(".")[0]
 
+    def _wait_note(self, why: str) -> None:
+        with self._lock:
+            self._error = why
+
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
             self._error = (
@@ -303,7 +307,7 @@ class Participant:
             try:
                 self._site.preflight()
                 # Started from this thread: the SuperNode gets SIGTERM if this thread dies.
-                self._site.start()
+                self._site.start(on_wait=self._wait_note, stop=self._stop)
                 pause = 1.0
                 self._site.serve(self._stop, on_done=self._note, on_error=self._fail)
                 if not self._stop.is_set():

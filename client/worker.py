@@ -14,6 +14,15 @@ status), but it runs privet's own ClientApp object in this process, so
 
 Flower offers no public API for this; it uses the runtime client and the pull/push helpers of
 ``flwr.supernode.runtime.run_clientapp`` (pinned: flwr 1.41).
+
+One change to Flower's steps: the wait for a message's content is bounded. The SuperNode creates
+the task *before* it has pulled the message's objects from the coordinator; when the coordinator
+dies during that pull, Flower 1.41 drops the message ("Run ID ... is not in `RUNNING` status.
+Ignoring message ...") without ending the task, and Flower's own pull waits up to 2 h
+(``PULL_MAX_TIME``) for objects that never come. This loop runs one task at a time, so the site
+would never run the resumed coordinator's next message (the "hang" of a site during a coordinator
+restart). Here the task is given up as soon as ``abandoned(message_id)`` says the SuperNode dropped
+the message, and in any case after :data:`OBJECT_TRIES` fruitless tries on one object.
 """
 
 from __future__ import annotations
@@ -56,18 +65,80 @@ def _runtime_client(address: str, token: str | None) -> object:
     )
 
 
+#: Tries on one object of a message before the task is given up (backoff 1 s doubling to 10 s:
+#: about 4.5 min without that object arriving in the SuperNode's store).
+OBJECT_TRIES = 30
+
+
+class TaskAbandonedError(Exception):
+    """The SuperNode dropped the message of the task being run (its content will never come)."""
+
+
+def _pull_task_input(client: object, abandoned: Callable[[str], bool]) -> tuple[Message, Context]:
+    """Flower's ``pull_task_input`` with a bounded wait for the message's objects."""
+    from flwr.common.serde import context_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectUnavailableError,
+        pull_and_inflate_object_from_tree,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())  # type: ignore[attr-defined]
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    msgs = client.PullMessages(PullAppMessagesRequest())  # type: ignore[attr-defined]
+    if not msgs.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    tree = msgs.message_object_trees[0]
+    node = Node(node_id=context.node_id)
+    pull_one = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)  # type: ignore[attr-defined]
+
+    def pull(object_id: str) -> bytes:
+        try:
+            return pull_one(object_id)
+        except ObjectUnavailableError:
+            if abandoned(tree.object_id):
+                raise TaskAbandonedError(
+                    f"the SuperNode dropped message {tree.object_id[:12]}... (its coordinator went "
+                    "away while it arrived); waiting for the next one"
+                ) from None
+            raise
+
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        pull,
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived,  # type: ignore[attr-defined]
+            node,
+            context.run_id,
+        ),
+        return_type=Message,
+        max_tries_per_object=OBJECT_TRIES,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context
+
+
 def _run_task(
-    address: str, token: str, app: ClientApp, on_done: Callable[[Message, Message], None]
+    address: str,
+    token: str,
+    app: ClientApp,
+    on_done: Callable[[Message, Message], None],
+    abandoned: Callable[[str], bool] = lambda _id: False,
 ) -> None:
     """Flower's ``run_clientapp`` minus bundle install and app loading: our app, this process."""
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import (
-        pull_task_input,
-        push_message,
-        push_task_output,
-    )
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = _runtime_client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))  # type: ignore[arg-type]
@@ -75,7 +146,7 @@ def _run_task(
     context: Context | None = None
     status, details = SubStatus.FAILED, "privet ClientApp failed"
     try:
-        message, context, _run, _fab = pull_task_input(client)  # type: ignore[arg-type]
+        message, context = _pull_task_input(client, abandoned)
         try:
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
@@ -106,6 +177,7 @@ def serve_tasks(
     on_done: Callable[[Message, Message], None] = lambda _msg, _reply: None,
     on_error: Callable[[BaseException], None] = lambda _exc: None,
     poll: float = 0.2,
+    abandoned: Callable[[str], bool] = lambda _message_id: False,
 ) -> None:
     """Execute the SuperNode's ClientApp tasks with ``app`` until ``stop`` is set or it dies.
 
@@ -123,6 +195,8 @@ def serve_tasks(
         Called with (message, reply) after each reply is pushed / when a task fails to run.
     poll
         Seconds between asking the SuperNode for a task (it holds a message as soon as one arrives).
+    abandoned
+        Whether the SuperNode dropped the message with this id (its task is then given up).
 
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -136,7 +210,7 @@ def serve_tasks(
                     AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
                 )
                 if res.HasField("task") and res.token:
-                    _run_task(address, res.token, app, on_done)
+                    _run_task(address, res.token, app, on_done, abandoned)
                     continue
             except Exception as exc:  # the SuperNode restarting or gone: report and retry
                 on_error(exc)

@@ -35,6 +35,7 @@ from privet.common.certs import CertPaths, check_certificate, node_public_keys
 from privet.common.config import PrivetConfig, dump_config, load_config
 from privet.common.deployment import Child, flower_env, flower_executable, wait_healthy
 from privet.common.errors import DeploymentError
+from privet.server.loop import WAITING
 from privet.server.recording import RoundObserver, RoundRecord
 from privet.server.rundir import read_metrics
 
@@ -122,6 +123,7 @@ def serve(
     resume: bool = False,
     run_timeout: float | None = None,
     on_ready: Callable[[], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> ServeResult:
     """Run the federation ``cfg`` as a coordinator until its last round, then stop every process.
 
@@ -142,6 +144,10 @@ def serve(
     on_ready
         Called once the SuperLink answers its health check and the node keys are registered:
         from then on sites can join.
+    on_note
+        Receives the ServerApp's "still waiting for ..." lines (every 30 s of a long wait for
+        clients or replies: who is missing and when the round gives up), so a slow or lost site
+        does not look like a hang.
 
     """
     dep = cfg.deployment
@@ -202,10 +208,13 @@ def serve(
                 _register(key, env=env, cwd=work)
         if on_ready is not None:
             on_ready()
+        # A resumed run appends to the same log: only this run's lines are notes.
+        run_log = work / "run.log"
+        notes_from = run_log.stat().st_size if run_log.exists() else 0
         runner = Child(
             "flwr run",
             [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"],
-            log_file=work / "run.log",
+            log_file=run_log,
             env=env,
             cwd=work,
         )
@@ -217,6 +226,8 @@ def serve(
             runner=runner,
             observer=observer,
             timeout=run_timeout or cfg.federation.rounds * cfg.federation.round_timeout + 600,
+            on_note=on_note,
+            notes_from=notes_from,
         )
     finally:
         for child in reversed(children):
@@ -248,9 +259,12 @@ def _follow(
     runner: Child,
     observer: RoundObserver | None,
     timeout: float,
+    on_note: Callable[[str], None] | None = None,
+    notes_from: int = 0,
 ) -> ServeResult:
     """Report each new ``metrics.jsonl`` line until the run ends; raise if it failed."""
     seen = 0
+    notes = _Notes(runner.log_file, on_note, offset=notes_from)
     if observer is not None:
         observer.run_started(
             rounds=cfg.federation.rounds,
@@ -263,10 +277,11 @@ def _follow(
         records = read_metrics(run_dir)
         for rec in records[seen:]:
             if observer is not None:
-                observer.round_finished(RoundRecord(**rec))
+                observer.round_finished(_record(rec))
                 if rec["round"] < cfg.federation.rounds:
                     observer.round_started(int(rec["round"]) + 1)
         seen = max(seen, len(records))
+        notes.poll()
         if (run_dir / "summary.json").exists():
             finished = True
         if not runner.alive() or not link.alive():
@@ -277,7 +292,7 @@ def _follow(
     records = read_metrics(run_dir)
     for rec in records[seen:]:
         if observer is not None:
-            observer.round_finished(RoundRecord(**rec))
+            observer.round_finished(_record(rec))
     if not link.alive():
         raise DeploymentError(
             f"the SuperLink exited with status {link.proc.returncode}:\n{link.tail()}",
@@ -292,3 +307,34 @@ def _follow(
     return ServeResult(
         run_dir=run_dir, rounds=len([r for r in read_metrics(run_dir) if r["round"]])
     )
+
+
+class _Notes:
+    """Hands the ServerApp's "still waiting" log lines (from ``flwr run --stream``) to a callback."""
+
+    def __init__(
+        self, log_file: Path, on_note: Callable[[str], None] | None, *, offset: int
+    ) -> None:
+        self.log_file, self.on_note, self.offset = log_file, on_note, offset
+
+    def poll(self) -> None:
+        if self.on_note is None:
+            return
+        try:
+            with open(self.log_file, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except OSError:
+            return
+        # Only whole lines; a half-written one is read again next time.
+        chunk = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(chunk)
+        for line in chunk.decode("utf-8", errors="replace").splitlines():
+            if WAITING in line:
+                self.on_note(line[line.index(WAITING) :])
+
+
+def _record(rec: dict[str, object]) -> RoundRecord:
+    """A ``metrics.jsonl`` line as a record; fields another privet version wrote are left out."""
+    known = RoundRecord.__dataclass_fields__
+    return RoundRecord(**{k: v for k, v in rec.items() if k in known})  # type: ignore[arg-type]

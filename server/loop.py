@@ -20,6 +20,11 @@ __all__ = ["RoundEnd", "WrappedGrid", "run_rounds", "send_and_receive"]
 
 log = logging.getLogger("privet")
 
+#: Seconds between the "still waiting" lines a long wait for clients or replies logs.
+WAIT_NOTE_SECONDS = 30.0
+#: How those lines start (``privet server`` shows them from the deployed ServerApp's log).
+WAITING = "still waiting for"
+
 #: Called after each round (and for round ``first_round - 1`` before training starts) with the
 #: round number and the global arrays after it.
 RoundEnd = Callable[[int, ArrayRecord], None]
@@ -99,13 +104,29 @@ def send_and_receive(
     """
     if getattr(grid, "owns_delivery", False):
         return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    dest = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=False)}
+    pending = set(ids)
     replies: list[Message] = []
     end = time.monotonic() + timeout
+    note = time.monotonic() + WAIT_NOTE_SECONDS
     while pending and time.monotonic() < end:
         got = list(grid.pull_messages(pending))
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending and time.monotonic() >= note:
+            # A long wait must not look like a hang: say who is missing and until when.
+            note = time.monotonic() + WAIT_NOTE_SECONDS
+            nodes = ", ".join(sorted(f"node-{dest.get(mid, '?')}" for mid in pending))
+            log.warning(
+                "%s %d of %d replies (%s); giving up on them at %s (federation.round_timeout)",
+                WAITING,
+                len(pending),
+                len(ids),
+                nodes,
+                _clock(end),
+            )
         if pending:
             time.sleep(poll)
     if pending:
@@ -116,13 +137,30 @@ def send_and_receive(
 def _wait_for_nodes(grid: Grid, n: int, *, timeout: float, server_round: int) -> None:
     """Wait until ``n`` clients are connected, at most ``timeout`` seconds (polled every 1 s)."""
     deadline = time.monotonic() + timeout
+    note = time.monotonic() + WAIT_NOTE_SECONDS
     while (connected := len(list(grid.get_node_ids()))) < n:
+        if time.monotonic() >= note:
+            note = time.monotonic() + WAIT_NOTE_SECONDS
+            log.warning(
+                "%s clients before round %d: %d of %d connected; giving up at %s "
+                "(federation.round_timeout)",
+                WAITING,
+                server_round,
+                connected,
+                n,
+                _clock(deadline),
+            )
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"round {server_round}: only {connected} of the {n} clients needed "
                 f"(federation.min_available_clients) connected within {timeout:.0f} s"
             )
         time.sleep(1.0)
+
+
+def _clock(deadline: float) -> str:
+    """A monotonic deadline as local wall-clock time (what an operator compares with)."""
+    return time.strftime("%H:%M:%S", time.localtime(time.time() + deadline - time.monotonic()))
 
 
 class WrappedGrid(Grid):

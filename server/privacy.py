@@ -93,6 +93,8 @@ class FederationRound:
     noise_std: float = 0.0
     released: bool = False
     epsilon_after: float = 0.0
+    #: 2, 3, ... when the round was redone after a crash and resume (each attempt is charged).
+    attempt: int = 1
 
     def as_json(self) -> dict[str, Any]:
         """The round as a JSON-ready dictionary."""
@@ -411,7 +413,8 @@ class ClientLevelDP(Strategy):
             )
         mech = self.mechanism
         # Charged before the noised model can leave the server (the next configure_train sends it).
-        self.ledger.record_round(
+        # A round redone after a resume is recorded as its next attempt and charged again.
+        entry = self.ledger.record_round(
             round=server_round,
             noise_multiplier=mech.noise_multiplier,
             sample_rate=mech.sample_rate,
@@ -428,6 +431,7 @@ class ClientLevelDP(Strategy):
                 noise_std=stdv,
                 released=arrays is not None,
                 epsilon_after=self.ledger.epsilon(),
+                attempt=entry.attempt,
             )
         )
         return arrays, metrics
@@ -592,6 +596,8 @@ def privacy_report(
             "epsilon_per_round": {},
             "rounds_joined": [],
             "budget_refused_rounds": [],
+            # Rounds this client's ledger charged more than once (redone after a resume).
+            "charges_per_round": {},
         }
     for rec in history:
         if rec.round == 0:
@@ -600,6 +606,9 @@ def privacy_report(
             if name in clients:
                 clients[name]["epsilon_per_round"][str(rec.round)] = eps
                 clients[name]["rounds_joined"].append(rec.round)
+        for name, attempt in rec.charged_again.items():
+            if name in clients:
+                clients[name]["charges_per_round"][str(rec.round)] = attempt
         for reason in rec.errors.values():
             who = _client_of_error(reason, client_names)
             if who is not None and "budget" in reason:
@@ -644,6 +653,8 @@ def privacy_report(
                 else "no amplification (q = 1): valid for any choice of clients"
             ),
             "rounds": [r.as_json() for r in client_level.rounds],
+            # From the ledger, so rounds charged before a resume count too; > 1: redone rounds.
+            "charges_per_round": {str(r): n for r, n in client_level.ledger.attempts().items()},
             "final_epsilon": client_level.epsilon(),
             "ledger": str(client_level.ledger_path),
         }

@@ -55,6 +55,9 @@ class RoundRecord:
     #: Largest cold start among this round's clients (a worker loading the model, a client
     #: tokenizing its data): part of ``seconds``, shown apart so round 1 is not misread.
     startup_seconds: float = 0.0
+    #: Clients whose privacy ledger charged this round more than once (it was redone after a
+    #: crash and resume): client -> how many times.
+    charged_again: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The record as a JSON-ready dictionary."""
@@ -190,6 +193,9 @@ class RecordingStrategy(Strategy):
             loss = float(metrics.get("train-loss", float("nan")))  # type: ignore[arg-type]
             rec.train_loss_per_client[name] = loss
             rec.epsilon_per_client[name] = float(metrics.get("epsilon", 0.0))  # type: ignore[arg-type]
+            attempt = int(metrics.get("privacy-attempt", 1))  # type: ignore[arg-type]
+            if attempt > 1:
+                rec.charged_again[name] = attempt
             startup = float(metrics.get("startup-seconds", 0.0))  # type: ignore[arg-type]
             rec.startup_seconds = max(rec.startup_seconds, startup)
             losses.append(loss)

@@ -134,7 +134,8 @@ def server(
         # Only now can a site connect: said after the SuperLink's health check, not before.
         console.print(
             f"coordinator on {where} ({'TLS, node authentication' if paths else 'INSECURE'}); "
-            f"waiting for {cfg.federation.min_available_clients} clients"
+            f"waiting for {cfg.federation.min_available_clients} clients; a round gives up on "
+            f"missing clients after {cfg.federation.round_timeout:g} s (federation.round_timeout)"
         )
 
     _sigterm_as_interrupt()
@@ -146,6 +147,7 @@ def server(
             observer=reporter,
             resume=resume is not None,
             on_ready=_ready,
+            on_note=lambda line: console.print(f"[yellow]{line}[/yellow]"),
         )
     console.print(round_table(reporter.records, dp=cfg.privacy.enabled))
     _print_outcome(cfg, run_dir, load_summary(run_dir), plot_run(run_dir))
@@ -252,7 +254,7 @@ def client(
     )
     try:
         try:
-            site.start()
+            site.start(on_wait=lambda why: console.print(f"[yellow]{why}[/yellow]"))
         except DeploymentError:
             # A coordinator that refuses the node can end the SuperNode before its health service
             # ever answered; report that as the refusal it is, not as a failed start.
@@ -263,7 +265,7 @@ def client(
             f"site {settings.name} joined {server_address} "
             f"({'TLS' if ca else 'INSECURE'}); ledger in {settings.state_dir}; Ctrl-C to leave"
         )
-        site.serve(threading.Event(), on_done=_report_reply)
+        site.serve(threading.Event(), on_done=_report_reply, on_error=_report_dropped)
         raise DeploymentError(site.exit_reason(), fix=refused)
     finally:
         site.stop()
@@ -299,6 +301,13 @@ def sites(
             for part in (site.train, site.test):
                 writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
         console.print(f"{path}: {len(site.train) + len(site.test)} rows")
+
+
+def _report_dropped(exc: BaseException) -> None:
+    from privet.client.worker import TaskAbandonedError
+
+    if isinstance(exc, TaskAbandonedError):
+        console.print(f"[yellow]{exc}[/yellow]")
 
 
 def _report_reply(message: Message, reply: Message) -> None:

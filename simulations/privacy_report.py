@@ -34,15 +34,26 @@ def privacy_lines(report: dict[str, Any]) -> list[str]:
                 if c.get("budget_refused_rounds")
                 else ""
             )
+            again = "".join(
+                f", round {r} charged {n} times (redone after a resume)"
+                for r, n in sorted(c.get("charges_per_round", {}).items(), key=lambda x: int(x[0]))
+            )
             lines.append(
                 f"client {name}: ε = {c['final_epsilon']:.3f} (δ = {sample['delta']:g}), "
-                f"joined rounds {c['rounds_joined']}{stop}"
+                f"joined rounds {c['rounds_joined']}{again}{stop}"
             )
     fed = report.get("client_level", {})
     if fed.get("enabled"):
         lines.append(
             f"federation (client-level): ε = {fed['final_epsilon']:.3f} (δ = {fed['delta']:g}, "
             f"z = {fed['noise_multiplier']:.4g}, budget {fed['budget_epsilon']})"
+            + "".join(
+                f", round {r} charged {n} times (redone after a resume)"
+                for r, n in sorted(
+                    fed.get("charges_per_round", {}).items(), key=lambda x: int(x[0])
+                )
+                if n > 1
+            )
         )
     sa = report.get("secure_aggregation")
     if isinstance(sa, dict) and sa.get("enabled"):

@@ -5,12 +5,14 @@ A TLS coordinator with node authentication and two sites, DP on, three rounds:
 - site a is ``privet client``; site b is the partner-app example (examples/partner_app), which
   embeds ``privet.client.Participant``, prints its status and leaves after the last round;
 - a node with an unregistered key and a client without TLS try to join and are refused;
-- site a is SIGKILLed during round 2: round 2 completes with site b alone (its SuperNode dies with
-  it, so no ghost node holds the round);
-- the coordinator is SIGKILLed after round 2 and restarted with ``privet server --resume``; site a
-  rejoins with its ledger; the Participant of site b sees the coordinator go (``connected=False``,
-  ``last_error``) and come back (``reconnects=1``) by itself; round 3 trains on the round-2 adapter
-  and metrics.jsonl holds each round once.
+- site a is SIGKILLed during round 2 and restarted at once, with the same key and state folder,
+  before the coordinator goes down (the order in which a restarted site once never heard from the
+  resumed coordinator): it rejoins as soon as the coordinator lets its old node go, and round 2
+  completes with site b alone (the dead SuperNode's message is answered "Node Unavailable");
+- the coordinator is SIGKILLed after round 2 and restarted with ``privet server --resume``; the
+  restarted site a and the Participant of site b reconnect by themselves (the Participant sees the
+  coordinator go, ``connected=False`` with ``last_error``, and come back, ``reconnects=1``); round 3
+  trains on the round-2 adapter with both sites and metrics.jsonl holds each round once.
 
 Everything listens on 127.0.0.1 (free ports); every wait is bounded; every process is ended in a
 finally block, and the last tests check that none is left.
@@ -109,6 +111,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
         out["ledger_a_after_kill"] = json.loads(
             (root / "state-a" / "ledger-site-a.json").read_text()
         )
+        site_a("client-a2")  # back at once, same key and state folder, coordinator still up
+        # Within ACTIVATION_WAIT (65 s) even if the coordinator still counts the old node online.
+        procs.wait_for("client-a2", "joined", timeout=180)
         _wait_round(run_dir, 2, procs, "server", timeout=300)
         procs.stop("server", sig=signal.SIGKILL)
         # The SuperLink dies with its parent; SuperExec and the ServerApp watch their parent's pid.
@@ -121,7 +126,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
         procs.wait_for("partner", "lost the coordinator", timeout=30)
         procs.start("server2", "server", "--resume", str(run_dir), "--certs", str(certs))
         procs.wait_for("server2", "waiting for", timeout=120)
-        site_a("client-a2")  # site a comes back: same key, same state folder
         out["resume_rc"] = procs.procs["server2"].wait(timeout=400)
         out["partner_rc"] = procs.procs["partner"].wait(timeout=60)
         out["plain_rc"] = procs.procs["plain"].wait(timeout=60)
@@ -140,6 +144,9 @@ def test_run_completes_and_learns(federation) -> None:
     assert "round 3:" in out and "final server test accuracy" in out
     assert "round 1: trained on" in federation["logs"]["client-a"]
     assert "round 3: trained on" in federation["logs"]["client-a2"]
+    # The site restarted before the coordinator went down rejoined the resumed one by itself.
+    assert federation["logs"]["client-a2"].count("joined") == 1
+    assert "Traceback" not in federation["logs"]["client-a2"]
     summary = json.loads((federation["run_dir"] / "summary.json").read_text())
     assert summary["rounds"] == 3
     for name in (

@@ -232,6 +232,38 @@ def test_budget_stops_before_the_round_that_would_pass_it_across_restarts(
         again.configure_train(3, _arrays(np.zeros(SIZE)), ConfigRecord(), _Grid(3))  # type: ignore[arg-type]
 
 
+def test_a_round_redone_after_a_resume_is_charged_again(tmp_path: Path) -> None:
+    # The server died after round 2 was charged, before its checkpoint: the resumed server
+    # (a new ClientLevelDP on the same ledger) runs round 2 again, a new noised release.
+    z = 2.0
+    cl = _cl(noise_multiplier=z)
+    mech = plan_federation(cl, FederationConfig(rounds=5, min_train_clients=3), num_clients=3)
+    dp = _dp(tmp_path, cl)
+    for r in (1, 2):
+        _round(dp, r, np.zeros(SIZE), [np.full(SIZE, 1e-3)] * 3)
+    resumed = _dp(tmp_path, cl)
+    _round(resumed, 2, np.zeros(SIZE), [np.full(SIZE, 1e-3)] * 3)
+    assert resumed.epsilon() == pytest.approx(mech.epsilon_after(3), abs=1e-12)
+    assert resumed.epsilon() == pytest.approx(
+        _closed_form_gaussian_epsilon(z, 3, mech.delta), rel=1e-6
+    )
+    assert [(r.round, r.attempt) for r in resumed.rounds] == [(2, 2)]
+    assert resumed.ledger.attempts() == {1: 1, 2: 2}
+    # A redo that would pass the budget is refused before anything is sent.
+    budget = (mech.epsilon_after(2) + mech.epsilon_after(3)) / 2
+    tight = _cl(noise_multiplier=z, budget_epsilon=budget)
+    again = _dp(tmp_path / "tight", tight)
+    for r in (1, 2):
+        _round(again, r, np.zeros(SIZE), [np.full(SIZE, 1e-3)] * 3)
+    with pytest.raises(FederationBudgetExhausted, match="round 2 would bring it"):
+        _dp(tmp_path / "tight", tight).configure_train(
+            2,
+            _arrays(np.zeros(SIZE)),
+            ConfigRecord(),
+            _Grid(3),  # type: ignore[arg-type]
+        )
+
+
 # Opacus 1.6's default RDP orders, copied (not imported) so a change in Opacus shows up here.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 

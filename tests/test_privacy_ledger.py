@@ -119,13 +119,53 @@ def test_unbounded_budget_never_refuses(tmp_path: Path) -> None:
     assert ledger.epsilon() > 10
 
 
-@pytest.mark.parametrize("again", [1, 0])
-def test_round_already_counted_is_refused(tmp_path: Path, again: int) -> None:
-    ledger = _open(tmp_path / "ledger.json")
-    ledger.record_round(round=1, **ROUND)
-    with pytest.raises(PrivacyError, match="already counted"):
-        ledger.record_round(round=again, **ROUND)
+def test_going_back_to_an_earlier_round_is_refused(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    ledger.record_round(round=2, **ROUND)
+    with pytest.raises(PrivacyError, match="before the last recorded round 2"):
+        ledger.record_round(round=1, **ROUND)
     assert len(ledger.entries) == 1
+
+
+def test_redone_round_is_charged_again(tmp_path: Path) -> None:
+    # A crash after round 2 was charged and before its checkpoint: the resumed run redoes round 2.
+    path = tmp_path / "ledger.json"
+    ledger = _open(path, budget_epsilon=None)
+    ledger.record_round(round=1, **ROUND)
+    ledger.record_round(round=2, **ROUND)
+    save_ledger(ledger, path)
+    ledger = _open(path, budget_epsilon=None)  # the restarted process
+    redo = ledger.record_round(round=2, noise_multiplier=1.3, sample_rate=0.02, steps=50)
+    save_ledger(ledger, path)
+    assert redo.attempt == 2
+    assert [(e.round, e.attempt) for e in ledger.entries] == [(1, 1), (2, 1), (2, 2)]
+    assert ledger.attempts() == {1: 1, 2: 2}
+    steps = [(1.0, 0.01, 100), (1.0, 0.01, 100), (1.3, 0.02, 50)]
+    assert ledger.history() == steps
+    # Every attempt counts: the accountant's epsilon over all three releases, not two.
+    assert ledger.epsilon() == epsilon_from_history(steps, delta=DELTA, accountant="rdp")
+    assert ledger.epsilon() == pytest.approx(1.42107, abs=1e-5)  # Opacus RDP, pinned
+    assert ledger.epsilon() > epsilon_from_history(steps[:2], delta=DELTA, accountant="rdp")
+    assert redo.epsilon_after == ledger.epsilon()
+    # A third attempt, then the next round starts again at attempt 1; the file round-trips.
+    ledger.record_round(round=2, **ROUND)
+    ledger.record_round(round=3, **ROUND)
+    save_ledger(ledger, path)
+    again = _open(path, budget_epsilon=None)
+    assert [(e.round, e.attempt) for e in again.entries] == [(1, 1), (2, 1), (2, 2), (2, 3), (3, 1)]
+    assert json.loads(path.read_text())["entries"][3]["attempt"] == 3
+
+
+def test_redo_past_the_budget_is_refused(tmp_path: Path) -> None:
+    two = epsilon_from_history([(1.0, 0.01, 100)] * 2, delta=DELTA, accountant="rdp")
+    three = epsilon_from_history([(1.0, 0.01, 100)] * 3, delta=DELTA, accountant="rdp")
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=(two + three) / 2)
+    ledger.record_round(round=1, **ROUND)
+    ledger.record_round(round=2, **ROUND)
+    with pytest.raises(BudgetExhaustedError, match="would bring it to"):
+        ledger.record_round(round=2, **ROUND)
+    assert [(e.round, e.attempt) for e in ledger.entries] == [(1, 1), (2, 1)]
+    assert ledger.epsilon() == two
 
 
 def test_invalid_round_settings_are_refused(tmp_path: Path) -> None:
@@ -219,6 +259,23 @@ def _valid_json(**changes: Any) -> str:
                 for r in (2, 2)
             ]
         },
+        *[
+            {
+                "entries": [
+                    {
+                        "round": r,
+                        "attempt": a,
+                        "noise_multiplier": 1.0,
+                        "sample_rate": 0.01,
+                        "steps": 10,
+                        "epsilon_after": 0.1,
+                        "recorded_at": "2025-01-01T00:00:00+00:00",
+                    }
+                    for r, a in bad
+                ]
+            }
+            for bad in ([(2, 1), (2, 3)], [(2, 2)], [(3, 1), (2, 2)], [(2, 1), (3, 2)])
+        ],
     ],
 )
 def test_invalid_ledger_content_is_refused(tmp_path: Path, changes: dict[str, Any]) -> None:
@@ -293,6 +350,28 @@ rounds_strategy = st.lists(
 
 @pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
 @settings(max_examples=12, deadline=None)
+@given(rounds=rounds_strategy, redo=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_redone_rounds_count_every_attempt(
+    rounds: list[tuple[float, float, int]], redo: list[bool]
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ledger.json"
+        released: list[tuple[float, float, int]] = []
+        r = 0
+        for i, (sigma, q, steps) in enumerate(rounds):
+            r += 0 if (redo[i] and r > 0) else 1  # a crash before the checkpoint: same round again
+            ledger = _open(path, budget_epsilon=None)  # a fresh process each time
+            ledger.record_round(round=r, noise_multiplier=sigma, sample_rate=q, steps=steps)
+            save_ledger(ledger, path)
+            released.append((sigma, q, steps))
+        final = _open(path, budget_epsilon=None)
+        assert final.history() == released
+        assert final.epsilon() == epsilon_from_history(released, delta=DELTA, accountant="rdp")
+        assert sum(final.attempts().values()) == len(rounds)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+@settings(max_examples=12, deadline=None)
 @given(rounds=rounds_strategy, budget=st.floats(min_value=0.5, max_value=6.0))
 def test_restarts_never_record_past_the_budget(
     rounds: list[tuple[float, float, int]], budget: float
@@ -312,3 +391,31 @@ def test_restarts_never_record_past_the_budget(
         assert final.epsilon() <= budget + 1e-9
         assert all(e.epsilon_after <= budget + 1e-9 for e in final.entries)
         assert len(final.entries) + refused == len(rounds)
+
+
+def test_report_lists_rounds_charged_again() -> None:
+    from privet.common.config import PrivetConfig
+    from privet.server.privacy import privacy_report
+    from privet.server.recording import RoundRecord
+    from privet.simulations.privacy_report import privacy_lines
+
+    history = [
+        RoundRecord(round=0),
+        RoundRecord(round=1, epsilon_per_client={"a": 1.0, "b": 1.0}),
+        # the resumed run's round 2: site a had trained it once before the crash
+        RoundRecord(round=2, epsilon_per_client={"a": 1.9, "b": 1.4}, charged_again={"a": 2}),
+    ]
+    report = privacy_report(
+        PrivetConfig(),
+        history=history,
+        client_names=["a", "b"],
+        examples_per_client={"a": 100, "b": 100},
+        client_level=None,
+        stopped=None,
+    )
+    clients = report["sample_level"]["clients"]
+    assert clients["a"]["charges_per_round"] == {"2": 2}
+    assert clients["b"]["charges_per_round"] == {}
+    lines = privacy_lines(report)
+    assert "joined rounds [1, 2], round 2 charged 2 times (redone after a resume)" in lines[0]
+    assert "charged" not in lines[1]

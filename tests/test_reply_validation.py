@@ -128,3 +128,13 @@ def test_server_optimizer_output_keeps_the_sent_dtype() -> None:
     list(s.configure_train(2, out, ConfigRecord({}), NodesGrid([1, 2])))
     s.aggregate_train(2, [_good(1, 1.0), _good(2, 3.0)])
     assert s.current.rejected == {}
+
+
+def test_a_round_a_client_was_charged_for_again_is_recorded() -> None:
+    s = _strategy()
+    values = {"a": [1.0, 1.0], "b": [[1.0], [1.0]]}
+    again = reply(2, values, n=10, partition=1, extra={"epsilon": 1.5, "privacy-attempt": 2})
+    once = reply(1, values, n=10, partition=0, extra={"epsilon": 1.0, "privacy-attempt": 1})
+    s.aggregate_train(1, [once, again])
+    assert s.current.charged_again == {"client-1": 2}
+    assert s.current.epsilon_per_client == {"client-0": 1.0, "client-1": 1.5}

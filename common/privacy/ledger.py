@@ -12,6 +12,12 @@ Use it in this order in each round::
     ...train...
     ledger.record_round(round=r, noise_multiplier=s, sample_rate=q, steps=n_taken)
     save_ledger(ledger, path)                                        # before the update leaves
+
+A round can be *redone*: a process that dies after a round was charged but before its checkpoint
+runs that round again after a resume.  The redone round releases a new, independently noised
+update, so it is a new release and is charged again (composition): the ledger keeps one entry per
+attempt (``attempt`` 1, 2, ...) and the cumulative epsilon counts every one of them.  Nothing is
+skipped or overwritten, and a redo that would pass the budget is refused like any other round.
 """
 
 from __future__ import annotations
@@ -65,6 +71,9 @@ class LedgerEntry(BaseModel):
         Cumulative epsilon after this round, for people reading the file; the code recomputes it.
     recorded_at
         When the round was recorded (ISO 8601, UTC).
+    attempt
+        1 for the first release of this round number, 2, 3, ... for each redo of it (after a
+        crash and resume); every attempt is charged.
 
     """
 
@@ -76,6 +85,7 @@ class LedgerEntry(BaseModel):
     steps: int = Field(ge=1)
     epsilon_after: float = Field(ge=0)
     recorded_at: str
+    attempt: int = Field(default=1, ge=1)
 
     @field_validator("recorded_at")
     @classmethod
@@ -107,7 +117,8 @@ class Ledger(BaseModel):
     planned_noise_multiplier
         The noise multiplier calibrated at the client's first round, reused after restarts.
     entries
-        The recorded rounds, in increasing round order.
+        The recorded rounds in increasing round order; a redone round repeats its round number
+        with the next ``attempt``.
 
     """
 
@@ -133,10 +144,24 @@ class Ledger(BaseModel):
 
     @model_validator(mode="after")
     def _rounds_increase(self) -> Ledger:
-        rounds = [e.round for e in self.entries]
-        if any(b <= a for a, b in itertools.pairwise(rounds)):
-            raise ValueError(f"ledger rounds must strictly increase, got {rounds}")
+        for a, b in itertools.pairwise(self.entries):
+            expected = a.attempt + 1 if b.round == a.round else 1
+            if b.round < a.round or b.attempt != expected:
+                rounds = [(e.round, e.attempt) for e in self.entries]
+                raise ValueError(
+                    "ledger rounds must increase, a repeated round with the next attempt number; "
+                    f"got (round, attempt) = {rounds}"
+                )
+        if self.entries and self.entries[0].attempt != 1:
+            raise ValueError("the first ledger entry must be attempt 1")
         return self
+
+    def attempts(self) -> dict[int, int]:
+        """How many times each recorded round was charged (more than 1: it was redone)."""
+        out: dict[int, int] = {}
+        for e in self.entries:
+            out[e.round] = e.attempt
+        return out
 
     def history(self) -> list[HistoryEntry]:
         """The recorded rounds as Opacus accountant history entries."""
@@ -213,10 +238,14 @@ class Ledger(BaseModel):
         if it raises, the update must be discarded (an update that is never released spends no
         privacy, so refusing here keeps the budget).  Nothing is appended when it raises.
 
+        The last recorded round number may come again (the round was redone after a crash and
+        resume): that is a new release and is recorded as the next attempt of that round, charged
+        in full.
+
         Parameters
         ----------
         round
-            The federated round number; must be above every recorded round.
+            The federated round number; not below the last recorded round.
         noise_multiplier, sample_rate, steps
             The settings the round actually ran with.
 
@@ -230,19 +259,22 @@ class Ledger(BaseModel):
         BudgetExhaustedError
             When the round would pass the budget.
         PrivacyError
-            When the round was already recorded, the settings are out of range, or the round gives
-            no finite guarantee.
+            When the round is before the last recorded one, the settings are out of range, or the
+            round gives no finite guarantee.
 
         """
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise PrivacyError(f"round must be an integer >= 0, got {round!r}")
-        if self.entries and round <= self.entries[-1].round:
+        last = self.entries[-1] if self.entries else None
+        if last is not None and round < last.round:
+            # Fail-closed: a resume redoes at most the round that was in flight, so going further
+            # back means this ledger belongs to another run (or the clock of rounds was reset).
             raise PrivacyError(
-                f"client {self.client_id!r}: round {round} is not after the last recorded round "
-                f"{self.entries[-1].round}: that round was already counted (recording it again "
-                "would double-count, and going back in time suggests a stale ledger)",
+                f"client {self.client_id!r}: round {round} is before the last recorded round "
+                f"{last.round}: going back in time suggests a stale ledger of another run",
                 fix="check that the client state dir belongs to this federation run",
             )
+        attempt = last.attempt + 1 if last is not None and round == last.round else 1
         projected = self.check_round(
             noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
         )
@@ -259,8 +291,18 @@ class Ledger(BaseModel):
             steps=steps,
             epsilon_after=projected,
             recorded_at=datetime.now(UTC).isoformat(),
+            attempt=attempt,
         )
         self.entries.append(entry)
+        if attempt > 1:
+            log.warning(
+                "%s: round %d redone (attempt %d, after a crash and resume): charged again, "
+                "cumulative eps=%.4f",
+                self.client_id,
+                round,
+                attempt,
+                projected,
+            )
         return entry
 
 
