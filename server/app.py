@@ -115,11 +115,12 @@ def make_server_app(
                 restore_server_state(run_dir, done, strategy)
                 first_round = done + 1
                 log.info("resuming after round %d of %d", done, fed_cfg.rounds)
+        if simulated_nodes is not None and simulated_nodes < len(names):
+            # Innermost, on Flower's own grid: it pushes and pulls itself to track busy nodes.
+            grid = PopulationGrid(grid, population=len(names), nodes=simulated_nodes)
         wire = TransportGrid(grid, fed_cfg.transport) if fed_cfg.transport != "float32" else None
         if wire is not None:
             grid = wire
-        if simulated_nodes is not None and simulated_nodes < len(names):
-            grid = PopulationGrid(grid, population=len(names), nodes=simulated_nodes)
         secagg: SecAggGrid | None = None
         if cfg.privacy.secure_aggregation:
             sa = cfg.privacy.secagg
