@@ -76,7 +76,7 @@ def main() -> int:
                 and s.current_round >= args.rounds
                 and s.phase == "evaluate"
             ):
-                print(f"done: trained {s.current_round} round(s), ε = {s.epsilon:.3f}", flush=True)
+                print(f"done: reached round {s.current_round}, ε = {s.epsilon:.3f}", flush=True)
                 return 0
             time.sleep(2.0)
         print("timed out", flush=True)
