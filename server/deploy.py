@@ -237,7 +237,16 @@ def serve(
 def _register(key: Path, *, env: dict[str, str], cwd: Path) -> None:
     """Register one node public key with the SuperLink (an already registered key is fine)."""
     res = subprocess.run(
-        [flower_executable("flwr"), "supernode", "register", str(key), CONNECTION],
+        # The key's file name (certs/nodes/NAME.pub) names the site in the records and the table.
+        [
+            flower_executable("flwr"),
+            "supernode",
+            "register",
+            str(key),
+            CONNECTION,
+            "--name",
+            key.stem,
+        ],
         env=env,
         cwd=cwd,
         capture_output=True,

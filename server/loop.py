@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
@@ -54,6 +55,9 @@ def run_rounds(
     evaluation is skipped for a round in which a client died after training, instead of hanging.
     """
     evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
+    # The "still waiting" lines name the missing sites as the records do (RecordingStrategy).
+    name_of = getattr(strategy, "name_of", None)
+    label = (lambda node: str(name_of(None, node))) if callable(name_of) else None
     on_round_end(first_round - 1, arrays)
     for server_round in range(first_round, last_round + 1):
         _wait_for_nodes(grid, min_nodes, timeout=timeout, server_round=server_round)
@@ -61,6 +65,7 @@ def run_rounds(
             grid,
             strategy.configure_train(server_round, arrays, train_config, grid),
             timeout=timeout,
+            label=label,
         )
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
@@ -83,20 +88,26 @@ def run_rounds(
                 strategy.configure_evaluate(server_round, arrays, evaluate_config, grid)
             )
         if eval_messages:
-            eval_replies = send_and_receive(grid, eval_messages, timeout=timeout)
+            eval_replies = send_and_receive(grid, eval_messages, timeout=timeout, label=label)
             strategy.aggregate_evaluate(server_round, eval_replies)
         on_round_end(server_round, arrays)
     return arrays
 
 
 def send_and_receive(
-    grid: Grid, messages: Iterable[Message], *, timeout: float, poll: float = 0.25
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float,
+    poll: float = 0.25,
+    label: Callable[[int], str] | None = None,
 ) -> list[Message]:
     """Flower's ``Grid.send_and_receive`` with a short poll.
 
     The deployed grid (``HttpGrid``) sleeps 3 s between pulls, which adds up to 3 s to every train
     and every evaluate step; pulling every ``poll`` seconds costs one small local request instead.
     Returns the replies that arrived within ``timeout`` seconds (stragglers are left out).
+    ``label`` names a node in the "still waiting" lines (default ``node-<id>``).
 
     A grid that changes messages on their way (``TransportGrid``) or delivers them itself
     (the in-process engine) says so with ``owns_delivery = True``; its own ``send_and_receive``
@@ -118,7 +129,8 @@ def send_and_receive(
         if pending and time.monotonic() >= note:
             # A long wait must not look like a hang: say who is missing and until when.
             note = time.monotonic() + WAIT_NOTE_SECONDS
-            nodes = ", ".join(sorted(f"node-{dest.get(mid, '?')}" for mid in pending))
+            name = label or (lambda node: f"node-{node}")
+            nodes = ", ".join(sorted(name(dest[mid]) if mid in dest else "?" for mid in pending))
             log.warning(
                 "%s %d of %d replies (%s); giving up on them at %s (federation.round_timeout)",
                 WAITING,
@@ -184,6 +196,9 @@ class WrappedGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:  # noqa: D102
+        return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
         return self.inner.push_messages(messages)

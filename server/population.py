@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
 from privet.server.loop import WrappedGrid, send_and_receive
@@ -72,6 +73,10 @@ class PopulationGrid(WrappedGrid):
         if len(list(self.inner.get_node_ids())) < self.nodes:
             return []
         return range(1, self.population + 1)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        """None: the logical clients are not Flower nodes (they are named by partition id)."""
+        return []
 
     def busy_nodes(self) -> set[int]:
         """Physical nodes still working on a message whose step gave up on it."""

@@ -114,6 +114,8 @@ class RecordingStrategy(Strategy):
         self.current = RoundRecord(round=0)
         self._round_start = time.perf_counter()
         self._sent = ArrayRecord()
+        #: Deployed sites by node id: the names their keys were registered under.
+        self.node_names: dict[int, str] = {}
 
     def summary(self) -> None:
         """Delegate to the wrapped strategy."""
@@ -124,12 +126,28 @@ class RecordingStrategy(Strategy):
         return time.perf_counter() - self._round_start
 
     def name_of(self, metrics: MetricRecord | None, node_id: int) -> str:
-        """The client's name from its ``partition-id`` metric, else ``node-<id>``."""
+        """The client's name.
+
+        From its ``partition-id`` metric in a simulation; in a deployment, the name its node key
+        was registered under (``certs/nodes/NAME.pub``); else ``node-<id>``.
+        """
         if metrics is not None and "partition-id" in metrics:
             pid = int(metrics["partition-id"])  # type: ignore[arg-type]
             if 0 <= pid < len(self.client_names):
                 return self.client_names[pid]
-        return f"node-{node_id}"
+        return self.node_names.get(node_id, f"node-{node_id}")
+
+    def learn_node_names(self, grid: Grid) -> None:
+        """Read the registered names of the grid's nodes (a deployed SuperLink knows them)."""
+        try:
+            nodes = list(grid.get_nodes())
+        except Exception as exc:  # only the display name depends on it: never fail a round here
+            log.debug("node names unavailable: %s", exc)
+            return
+        for node in nodes:
+            name = getattr(node, "name", "")
+            if name:
+                self.node_names[int(node.node_id)] = str(name)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -138,6 +156,7 @@ class RecordingStrategy(Strategy):
         self.current = RoundRecord(round=server_round)
         self._round_start = time.perf_counter()
         self._sent = arrays
+        self.learn_node_names(grid)
         if self.observer is not None:
             self.observer.round_started(server_round)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
@@ -169,7 +188,7 @@ class RecordingStrategy(Strategy):
         for msg in replies:
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
-                rec.errors[f"node-{msg.metadata.src_node_id}"] = reason
+                rec.errors[self.name_of(None, msg.metadata.src_node_id)] = reason
                 log.warning("round %d: client replied with an error: %s", server_round, reason)
                 # Flower's strategies skip error replies themselves; keep them so a DP wrapper sees
                 # the true count of replies.
@@ -244,7 +263,8 @@ class RecordingStrategy(Strategy):
         correct, total = 0.0, 0.0
         for msg in replies:
             if msg.has_error():
-                rec.errors[f"node-{msg.metadata.src_node_id}-eval"] = msg.error.reason or "error"
+                who = self.name_of(None, msg.metadata.src_node_id)
+                rec.errors[f"{who}-eval"] = msg.error.reason or "error"
                 continue
             metrics = msg.content.metric_records.get("metrics")
             if metrics is None:

@@ -156,6 +156,25 @@ def test_a_long_wait_for_replies_names_the_missing_nodes(
     assert notes[0].endswith("(federation.round_timeout)")
 
 
+def test_the_wait_names_missing_sites_as_the_records_do(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(loop, "WAIT_NOTE_SECONDS", 0.05)
+    caplog.set_level(logging.WARNING, logger="privet")
+    with run_identity():
+        messages = [instruction(7), instruction(9)]
+    names = {7: "site-a"}
+    loop.send_and_receive(
+        _SilentGrid([7, 9]),
+        messages,
+        timeout=0.2,
+        poll=0.02,
+        label=lambda node: names.get(node, f"node-{node}"),
+    )
+    notes = [r.getMessage() for r in caplog.records if loop.WAITING in r.getMessage()]
+    assert notes and "2 of 2 replies (node-9, site-a);" in notes[0]
+
+
 def test_a_long_wait_for_clients_says_how_many_are_connected(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

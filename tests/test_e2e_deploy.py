@@ -158,11 +158,11 @@ def test_run_completes_and_learns(federation) -> None:
 
 
 def test_round_two_completed_without_the_killed_client(federation) -> None:
-    # Deployed sites are named by their node ids in the records.
+    # Deployed sites are named by their registered keys (certs/nodes/NAME.pub) in the records.
     r1, r2, r3 = read_metrics(federation["run_dir"])[1:]
-    assert len(r1["clients_trained"]) == 2 and not r1["errors"]
-    assert len(r2["clients_trained"]) == 1
-    assert len(r3["clients_trained"]) == 2  # site a rejoined
+    assert sorted(r1["clients_trained"]) == ["site-a", "site-b"] and not r1["errors"]
+    assert r2["clients_trained"] == ["site-b"]
+    assert sorted(r3["clients_trained"]) == ["site-a", "site-b"]  # site a rejoined
 
 
 def test_resume_starts_from_the_round_two_adapter(federation) -> None:
@@ -195,8 +195,8 @@ def test_each_site_ledger_holds_cumulative_epsilon(federation) -> None:
         assert eps[0] > 0 and eps == sorted(eps) and eps[-1] <= 20.0 + 1e-6
         assert f"{eps[-1]:.3f}" in federation["logs"][log]
     final = read_metrics(federation["run_dir"])[-1]["epsilon_per_client"]
-    ours = [after["entries"][-1]["epsilon_after"], ledger_b["entries"][-1]["epsilon_after"]]
-    assert sorted(final.values()) == pytest.approx(sorted(ours), rel=1e-9)
+    assert final["site-a"] == pytest.approx(after["entries"][-1]["epsilon_after"], rel=1e-9)
+    assert final["site-b"] == pytest.approx(ledger_b["entries"][-1]["epsilon_after"], rel=1e-9)
 
 
 def test_unregistered_node_and_plain_client_are_refused(federation) -> None:

@@ -138,3 +138,42 @@ def test_a_round_a_client_was_charged_for_again_is_recorded() -> None:
     s.aggregate_train(1, [once, again])
     assert s.current.charged_again == {"client-1": 2}
     assert s.current.epsilon_per_client == {"client-0": 1.0, "client-1": 1.5}
+
+
+class _NamedNodesGrid(NodesGrid):
+    """A deployed SuperLink's view: node 1 was registered as "site-a", node 2 without a name."""
+
+    def get_nodes(self):  # type: ignore[no-untyped-def,override]
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=1, name="site-a"), NodeInfo(node_id=2)]
+
+
+def test_deployed_sites_are_named_by_their_registered_keys() -> None:
+    from flwr.app import ConfigRecord, Error, Message
+
+    s = RecordingStrategy(FedAvg(min_train_nodes=1, min_available_nodes=1), client_names=NAMES)
+    list(s.configure_train(1, arrays(SENT), ConfigRecord({}), _NamedNodesGrid([1, 2, 3])))
+    values = {"a": [1.0, 1.0], "b": [[1.0], [1.0]]}
+    failed = Message(Error(code=1, reason="boom"), reply_to=_ins(3))
+    s.aggregate_train(
+        1,
+        [
+            reply(1, values, extra={"epsilon": 2.0}),
+            reply(2, values, extra={"epsilon": 0.0}),
+            failed,
+        ],
+    )
+    # no partition-id metric (a deployed site): the registered name, else the node id
+    assert s.current.clients_trained == ["site-a", "node-2"]
+    assert s.current.epsilon_per_client["site-a"] == 2.0
+    assert s.current.errors == {"node-3": "boom"}
+    # a grid that cannot list nodes (the in-process engine) leaves the names as they were
+    list(s.configure_train(2, arrays(SENT), ConfigRecord({}), NodesGrid([1, 2])))
+    assert s.name_of(None, 1) == "site-a"
+
+
+def _ins(node: int):  # type: ignore[no-untyped-def]
+    from .flower_fakes import instruction
+
+    return instruction(node)
