@@ -9,6 +9,7 @@ final adapter saved with PEFT's ``save_pretrained``.
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,7 @@ def make_server_app(
     observer = with_tracking(cfg, run_dir=run_dir, observer=observer)
     app = ServerApp()
 
-    @app.main()
-    def _main(grid: Grid, context: Context) -> None:
+    def _run(grid: Grid, context: Context) -> None:
         fed = cached_federated_data(cfg.data)
         names = [c.name for c in fed.clients]
         built = build_model(cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed)
@@ -204,6 +204,22 @@ def make_server_app(
         write_json(run_dir / "summary.json", summary)
         if isinstance(observer, Tracking):
             observer.close(final_adapter=run_dir / "final_adapter")
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        if simulated_nodes is None:
+            # A deployment: Flower samples clients with Python's `random`, seeded by the OS, so
+            # no one who knows the configuration can predict which sites a round asks.
+            _run(grid, context)
+            return
+        # A simulation repeats: its clients' batches and noise are seeded from train.seed, and so
+        # is the client sampling here; the caller's RNG is given back afterwards.
+        caller = random.getstate()
+        random.seed(cfg.train.seed)
+        try:
+            _run(grid, context)
+        finally:
+            random.setstate(caller)
 
     return app
 

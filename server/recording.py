@@ -116,6 +116,7 @@ class RecordingStrategy(Strategy):
         self._sent = ArrayRecord()
         #: Deployed sites by node id: the names their keys were registered under.
         self.node_names: dict[int, str] = {}
+        self._seen: dict[int, str] = {}  # simulated nodes by the client they reported playing
 
     def summary(self) -> None:
         """Delegate to the wrapped strategy."""
@@ -128,14 +129,19 @@ class RecordingStrategy(Strategy):
     def name_of(self, metrics: MetricRecord | None, node_id: int) -> str:
         """The client's name.
 
-        From its ``partition-id`` metric in a simulation; in a deployment, the name its node key
-        was registered under (``certs/nodes/NAME.pub``); else ``node-<id>``.
+        In a deployment, the name its node key was registered under (``certs/nodes/NAME.pub``,
+        authenticated by the SuperLink); in a simulation, the name of the ``partition-id`` its
+        reply reports, remembered for the node (a simulated node keeps its client); else
+        ``node-<id>``.
         """
+        if node_id in self.node_names:
+            return self.node_names[node_id]
         if metrics is not None and "partition-id" in metrics:
             pid = int(metrics["partition-id"])  # type: ignore[arg-type]
             if 0 <= pid < len(self.client_names):
+                self._seen[node_id] = self.client_names[pid]
                 return self.client_names[pid]
-        return self.node_names.get(node_id, f"node-{node_id}")
+        return self._seen.get(node_id, f"node-{node_id}")
 
     def learn_node_names(self, grid: Grid) -> None:
         """Read the registered names of the grid's nodes (a deployed SuperLink knows them)."""

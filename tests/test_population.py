@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -234,9 +235,14 @@ def test_a_population_of_six_played_by_two_nodes_keeps_every_clients_own_ledger(
         ],
     )
     assert simulated_nodes(cfg, 6) == 2
+    random.seed(12345)
+    caller = random.getstate()
     run_dir = simulate(cfg)
+    assert random.getstate() == caller  # the simulation gave the caller's RNG back
     records = read_metrics(run_dir)[1:]
     trained = [r["clients_trained"] for r in records]
+    # a simulation samples its clients from train.seed (0): the same clients on every run
+    assert trained == [["client-3", "client-5"], ["client-0", "client-2"], ["client-4", "client-3"]]
     assert all(len(t) == 2 and len(set(t)) == 2 for t in trained)
     names = {n for t in trained for n in t}
     assert len(names) > 2  # two nodes played more than two clients

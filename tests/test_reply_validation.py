@@ -177,3 +177,12 @@ def _ins(node: int):  # type: ignore[no-untyped-def]
     from .flower_fakes import instruction
 
     return instruction(node)
+
+
+def test_a_simulated_node_is_named_by_the_client_it_reported_playing() -> None:
+    s = _strategy()
+    assert s.name_of(None, 3) == "node-3"  # nothing known before its first reply
+    s.aggregate_train(1, [_good(3, 1.0)])  # node 3 played partition 2
+    # later lines about that node (the "still waiting" notes) use the client's name
+    assert s.name_of(None, 3) == "client-2"
+    assert s.name_of(None, 4) == "node-4"
