@@ -140,15 +140,23 @@ class _SilentGrid(NodesGrid):
         return []
 
 
-def test_a_long_wait_for_replies_names_the_missing_nodes(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def _reply_wait_notes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, **kwargs: Any
+) -> list[str]:
+    """The "still waiting" lines of a wait for two replies (nodes 7 and 9) that never come."""
     monkeypatch.setattr(loop, "WAIT_NOTE_SECONDS", 0.05)
     caplog.set_level(logging.WARNING, logger="privet")
     with run_identity():
         messages = [instruction(7), instruction(9)]
-    assert loop.send_and_receive(_SilentGrid([7, 9]), messages, timeout=0.3, poll=0.02) == []
-    notes = [r.getMessage() for r in caplog.records if loop.WAITING in r.getMessage()]
+    replies = loop.send_and_receive(_SilentGrid([7, 9]), messages, timeout=0.3, poll=0.02, **kwargs)
+    assert replies == []
+    return [r.getMessage() for r in caplog.records if loop.WAITING in r.getMessage()]
+
+
+def test_a_long_wait_for_replies_names_the_missing_nodes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    notes = _reply_wait_notes(monkeypatch, caplog)
     assert notes, caplog.text
     assert notes[0].startswith(
         "still waiting for 2 of 2 replies (node-7, node-9); giving up on them at "
@@ -159,19 +167,10 @@ def test_a_long_wait_for_replies_names_the_missing_nodes(
 def test_the_wait_names_missing_sites_as_the_records_do(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(loop, "WAIT_NOTE_SECONDS", 0.05)
-    caplog.set_level(logging.WARNING, logger="privet")
-    with run_identity():
-        messages = [instruction(7), instruction(9)]
     names = {7: "site-a"}
-    loop.send_and_receive(
-        _SilentGrid([7, 9]),
-        messages,
-        timeout=0.2,
-        poll=0.02,
-        label=lambda node: names.get(node, f"node-{node}"),
+    notes = _reply_wait_notes(
+        monkeypatch, caplog, label=lambda node: names.get(node, f"node-{node}")
     )
-    notes = [r.getMessage() for r in caplog.records if loop.WAITING in r.getMessage()]
     assert notes and "2 of 2 replies (node-9, site-a);" in notes[0]
 
 
