@@ -12,6 +12,7 @@ mismatched certificate or an unreachable address give one clear line instead of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -103,8 +104,8 @@ def _load_prctl() -> Any:
 _PRCTL = _load_prctl()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send it SIGTERM when its parent dies.
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In the child, before exec: ask Linux to send it ``sig`` when its parent dies.
 
     A ``privet client`` that is SIGKILLed cannot stop its SuperNode; without this the SuperNode
     would stay registered and hold the federation's rounds until they time out. With SIGTERM the
@@ -112,14 +113,14 @@ def _die_with_parent() -> None:
     node's pending messages with errors at once (Linux only; a no-op elsewhere).
     """
     if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        _PRCTL(1, int(sig))  # 1 = PR_SET_PDEATHSIG
 
 
 class Child:
     """A child process in its own process group, logging to a file; :meth:`stop` ends its tree.
 
-    It gets SIGTERM when the thread that started it ends (Linux ``PR_SET_PDEATHSIG``), so start
-    it from a thread that lives as long as the child should.
+    It gets ``death_signal`` (SIGTERM unless told otherwise) when the thread that started it ends
+    (Linux ``PR_SET_PDEATHSIG``), so start it from a thread that lives as long as the child should.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class Child:
         log_file: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        death_signal: int = signal.SIGTERM,
     ) -> None:
         self.name = name
         self.log_file = Path(log_file)
@@ -143,7 +145,7 @@ class Child:
             env=env,
             cwd=cwd,
             start_new_session=True,  # own group: Ctrl-C in the terminal reaches us, not it
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_die_with_parent, death_signal),
         )
 
     @property

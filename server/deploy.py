@@ -21,6 +21,7 @@ reads the configuration from the run directory and runs :func:`privet.server.mak
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -174,6 +175,7 @@ def serve(
         tls = ["--insecure"]
     app_dir = _write_app(work / "app", cfg, run_dir=run_dir, resume=resume)
     _write_connection(home, address=address, certs=certs)
+    _wait_for_previous_superlink(work / "superlink.db")
     children: list[Child] = []
     try:
         link = Child(
@@ -194,6 +196,10 @@ def serve(
             log_file=work / "superlink.log",
             env=env,
             cwd=work,
+            # If privet dies, its SuperLink dies at once: its state is in SQLite (durable at each
+            # commit), while a graceful stop waits for the sites' open connections (a minute was
+            # seen), holding the port and the database a resumed coordinator needs.
+            death_signal=signal.SIGKILL,
         )
         children.append(link)
         wait_healthy(health, child=link, timeout=dep.startup_timeout)
@@ -234,30 +240,78 @@ def serve(
             child.stop()
 
 
+#: Seconds a coordinator waits for an earlier SuperLink on the same run to finish exiting.
+PREVIOUS_LINK_WAIT = 30.0
+
+
+def _superlinks_on(database: Path) -> list[int]:
+    """Process ids of running ``flower-superlink`` processes that use ``database``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("flower-superlink" in part for part in cmd[:2]) and str(database) in cmd:
+            found.append(int(proc.info["pid"]))
+    return found
+
+
+def _wait_for_previous_superlink(database: Path) -> None:
+    """Refuse to start a second SuperLink on one run's state while an earlier one still runs.
+
+    Two SuperLinks on one database would each answer the sites (and the health check) for the
+    same run; a crashed coordinator's SuperLink can also take a while to exit. Flower has no
+    lock for this, so we look for the process.
+    """
+    deadline = time.monotonic() + PREVIOUS_LINK_WAIT
+    while pids := _superlinks_on(database):
+        if time.monotonic() >= deadline:
+            raise DeploymentError(
+                f"a SuperLink (pid {', '.join(map(str, pids))}) still serves this run's state "
+                f"{database}: another `privet server` for this run directory is running or "
+                "did not finish exiting",
+                fix="stop that coordinator (or that process) first, then start this one again",
+            )
+        log.info("waiting for the previous SuperLink (pid %s) of this run to exit", pids)
+        time.sleep(1.0)
+
+
+#: Tries to register one node key while the SuperLink's Control API is still coming up, and the
+#: pause between them (its health service can answer SERVING a moment before that API accepts).
+REGISTER_TRIES = 6
+REGISTER_PAUSE = 2.0
+
+
 def _register(key: Path, *, env: dict[str, str], cwd: Path) -> None:
     """Register one node public key with the SuperLink (an already registered key is fine)."""
-    res = subprocess.run(
-        # The key's file name (certs/nodes/NAME.pub) names the site in the records and the table.
-        [
-            flower_executable("flwr"),
-            "supernode",
-            "register",
-            str(key),
-            CONNECTION,
-            "--name",
-            key.stem,
-        ],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    out = res.stdout + res.stderr
-    if res.returncode != 0 and "already" not in out.lower():
-        raise DeploymentError(f"registering node key {key.name} failed: {out.strip()[-500:]}")
-    log.info("node key %s registered", key.name)
+    for attempt in range(1, REGISTER_TRIES + 1):
+        res = subprocess.run(
+            [
+                flower_executable("flwr"),
+                "supernode",
+                "register",
+                str(key),
+                CONNECTION,
+                # The key's file name (certs/nodes/NAME.pub) names the site in the records.
+                "--name",
+                key.stem,
+            ],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        out = res.stdout + res.stderr
+        if res.returncode == 0 or "already" in out.lower():
+            log.info("node key %s registered", key.name)
+            return
+        if "unavailable" not in out.lower() or attempt == REGISTER_TRIES:
+            break
+        log.info("the SuperLink is not taking registrations yet (try %d); again soon", attempt)
+        time.sleep(REGISTER_PAUSE)
+    raise DeploymentError(f"registering node key {key.name} failed: {out.strip()[-500:]}")
 
 
 def _follow(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +280,116 @@ def test_the_site_reads_a_dropped_message_from_the_supernode_log(tmp_path: Path)
     assert not site.dropped("def456")
     site.child = _DeadChild("ERROR :     Failed to receive message def456: boom\n")  # type: ignore[assignment]
     assert site.dropped("def456")
+
+
+def _fake_flwr(monkeypatch: pytest.MonkeyPatch, answers: list[tuple[int, str]]) -> list[list[str]]:
+    """``flwr supernode register`` answering ``answers`` in turn; returns the argv of each call."""
+    import subprocess
+
+    from privet.server import deploy as server_deploy
+
+    calls: list[list[str]] = []
+
+    def run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(list(argv))
+        code, text = answers[len(calls) - 1]
+        return subprocess.CompletedProcess(argv, code, stdout=text, stderr="")
+
+    monkeypatch.setattr(server_deploy.subprocess, "run", run)
+    monkeypatch.setattr(server_deploy, "REGISTER_PAUSE", 0.0)
+    return calls
+
+
+UNAVAILABLE = (1, "Connection to the SuperLink is unavailable. Please check your network")
+
+
+def test_node_keys_are_registered_under_their_file_names_once_the_link_takes_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from privet.server.deploy import _register
+
+    calls = _fake_flwr(monkeypatch, [UNAVAILABLE, UNAVAILABLE, (0, "registered")])
+    _register(tmp_path / "client-0.pub", env={}, cwd=tmp_path)
+    assert len(calls) == 3  # a restarted SuperLink's Control API came up after its health check
+    assert calls[-1][-2:] == ["--name", "client-0"]
+
+
+def test_node_key_registration_gives_up_bounded_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from privet.server import deploy as server_deploy
+    from privet.server.deploy import _register
+
+    calls = _fake_flwr(monkeypatch, [UNAVAILABLE] * server_deploy.REGISTER_TRIES)
+    with pytest.raises(DeploymentError, match="registering node key site-a.pub failed"):
+        _register(tmp_path / "site-a.pub", env={}, cwd=tmp_path)
+    assert len(calls) == server_deploy.REGISTER_TRIES
+    # any other failure stops at once; an already registered key (a resumed run) is fine
+    calls = _fake_flwr(monkeypatch, [(1, "invalid public key")])
+    with pytest.raises(DeploymentError, match="invalid public key"):
+        _register(tmp_path / "site-a.pub", env={}, cwd=tmp_path)
+    assert len(calls) == 1
+    _fake_flwr(monkeypatch, [(1, "Node already registered")])
+    _register(tmp_path / "site-a.pub", env={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_child_gets_its_death_signal_when_its_starting_thread_ends(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    from privet.common.deployment import Child
+
+    started: list[Child] = []
+
+    def start() -> None:
+        started.append(
+            Child(
+                "sleeper",
+                [sys.executable, "-c", "import time; time.sleep(60)"],
+                log_file=tmp_path / "sleeper.log",
+                death_signal=sig,
+            )
+        )
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    # The thread that started it is gone: Linux signals the child (the SuperLink gets SIGKILL).
+    assert started[0].proc.wait(timeout=20) == -sig
+
+
+def test_a_second_coordinator_waits_for_the_first_superlink_then_refuses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from privet.server import deploy as server_deploy
+
+    db = tmp_path / "run" / "flower" / "superlink.db"
+    script = tmp_path / "flower-superlink"  # looks like Flower's SuperLink on this run's state
+    script.write_text("import time\ntime.sleep(float(__import__('sys').argv[1]))\n")
+    monkeypatch.setattr(server_deploy, "PREVIOUS_LINK_WAIT", 1.0)
+    stuck = subprocess.Popen([sys.executable, str(script), "60", "--database", str(db)])
+    try:
+        deadline = time.monotonic() + 10
+        while not server_deploy._superlinks_on(db) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(DeploymentError, match=f"SuperLink \\(pid {stuck.pid}\\) still serves"):
+            server_deploy._wait_for_previous_superlink(db)
+    finally:
+        stuck.kill()
+        stuck.wait()
+    # one that exits within the wait is waited for; another run's SuperLink is not in the way
+    other = tmp_path / "other" / "superlink.db"
+    monkeypatch.setattr(server_deploy, "PREVIOUS_LINK_WAIT", 20.0)
+    leaving = subprocess.Popen([sys.executable, str(script), "1.5", "--database", str(db)])
+    elsewhere = subprocess.Popen([sys.executable, str(script), "60", "--database", str(other)])
+    try:
+        time.sleep(0.3)
+        start = time.monotonic()
+        server_deploy._wait_for_previous_superlink(db)
+        assert leaving.poll() is not None and time.monotonic() - start < 15
+    finally:
+        for p in (leaving, elsewhere):
+            p.kill()
+            p.wait()
