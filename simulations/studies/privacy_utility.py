@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,7 +32,7 @@ from rich.console import Console
 
 from privet.common.config import load_config
 from privet.server.rundir import read_metrics
-from privet.simulations.studies.robustness import study_progress
+from privet.simulations.studies.robustness import study_progress, timed_run
 
 __all__ = ["COMMON", "ROWS", "UtilityRow", "collect_row", "run_privacy_utility_study"]
 
@@ -200,8 +199,6 @@ def run_privacy_utility_study(
         The rows with their outcomes.
 
     """
-    from privet.simulations.run import simulate
-
     rows = _fresh(names)
     out.mkdir(parents=True, exist_ok=True)
     with study_progress(console) as progress:
@@ -210,19 +207,11 @@ def run_privacy_utility_study(
             progress.update(task, description=f"{row.name:<13} {row.dp:<18}")
             run_dir = runs_dir / row.name
             if train:
-                cfg = load_config(
-                    None,
-                    [
-                        *COMMON,
-                        *row.overrides,
-                        *(extra or []),
-                        f"simulation.output_dir='{runs_dir}'",
-                        f"simulation.run_name='{row.name}'",
-                    ],
+                run_dir, row.seconds = timed_run(
+                    [*COMMON, *row.overrides, *(extra or [])],
+                    output_dir=runs_dir,
+                    run_name=row.name,
                 )
-                start = time.perf_counter()
-                run_dir = simulate(cfg)
-                row.seconds = time.perf_counter() - start
             elif not (run_dir / "summary.json").is_file():
                 raise typer.BadParameter(f"{run_dir} holds no finished run (no summary.json)")
             collect_row(row, run_dir)

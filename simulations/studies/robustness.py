@@ -132,8 +132,6 @@ def run_robustness_study(
         The runs with their per-round server accuracy.
 
     """
-    from privet.simulations.run import simulate
-
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in plan_runs() if r.part in parts]
     # Every client of every run would announce that DP is off (the study says so once, here) and
@@ -152,20 +150,11 @@ def run_robustness_study(
                 progress.update(
                     task, description=f"{run.part} {run.strategy:<13} {run.setting:<16}"
                 )
-                cfg = load_config(
-                    None,
-                    [
-                        *BASE,
-                        *run.overrides,
-                        *seeds,
-                        *(extra or []),
-                        f"simulation.output_dir='{tmp}'",
-                        f"simulation.run_name='run{i:02d}'",
-                    ],
+                run_dir, run.seconds = timed_run(
+                    [*BASE, *run.overrides, *seeds, *(extra or [])],
+                    output_dir=tmp,
+                    run_name=f"run{i:02d}",
                 )
-                start = time.perf_counter()
-                run_dir = simulate(cfg)
-                run.seconds = time.perf_counter() - start
                 records = read_metrics(run_dir)
                 run.accuracy = [float(r["server_accuracy"]) for r in records]
                 run.rejected = sum(len(r.get("rejected", {})) for r in records)
@@ -174,6 +163,26 @@ def run_robustness_study(
         log.setLevel(level)
     write_outputs(runs, out=out, seed=seed, extra=extra or [])
     return runs
+
+
+def timed_run(overrides: list[str], *, output_dir: str | Path, run_name: str) -> tuple[Path, float]:
+    """Run one study federation (defaults plus ``overrides``) into ``output_dir/run_name``.
+
+    Returns the run directory and the seconds the run took.
+    """
+    from privet.simulations.run import simulate  # torch and Flower load only when a study runs
+
+    cfg = load_config(
+        None,
+        [
+            *overrides,
+            f"simulation.output_dir='{output_dir}'",
+            f"simulation.run_name='{run_name}'",
+        ],
+    )
+    start = time.perf_counter()
+    run_dir = simulate(cfg)
+    return run_dir, time.perf_counter() - start
 
 
 def study_progress(console: Console | None) -> Progress:
