@@ -51,7 +51,6 @@ class RoundRecord:
     bytes_received: int = 0
     seconds: float = 0.0
     federation_epsilon: float | None = None
-    stopped: str | None = None
     #: Largest cold start among this round's clients (a worker loading the model, a client
     #: tokenizing its data): part of ``seconds``, shown apart so round 1 is not misread.
     startup_seconds: float = 0.0

@@ -31,6 +31,7 @@ __all__ = [
     "create_run_dir",
     "load_checkpoint",
     "read_metrics",
+    "read_rounds",
     "resume_point",
     "save_checkpoint",
     "write_json",
@@ -80,6 +81,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [
         json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
+
+
+def read_rounds(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The per-round records of ``metrics.jsonl`` and why the run stopped early (``None``: it did not).
+
+    A run the federation's budget stopped ends with one marker line ``{"round": n, "stopped": why}``.
+    Only a line whose ``stopped`` holds a reason is that marker: run directories written before
+    the field left the round records carry ``"stopped": null`` on every round, and those are rounds.
+    """
+    rounds: list[dict[str, Any]] = []
+    stopped: str | None = None
+    for record in read_metrics(run_dir):
+        if record.get("stopped"):
+            stopped = str(record["stopped"])
+        else:
+            rounds.append(record)
+    return rounds, stopped
 
 
 def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Tensor]) -> Path:

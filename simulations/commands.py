@@ -101,4 +101,4 @@ def runs_cmd(
     if not runs:
         console.print(f"no runs in {output_dir}")
         return
-    console.print(runs_table(runs))
+    console.print(runs_table(runs, width=console.width))

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from privet.server.rundir import read_metrics
+from privet.server.rundir import read_rounds
 
 __all__ = ["PLOTS", "write_report"]
 
@@ -63,11 +63,9 @@ def _load(run_dir: Path) -> _Run:
     text = config_path.read_text(encoding="utf-8")
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    # A run stopped by the federation's budget ends with a line {"round": n, "stopped": why}.
-    raw = read_metrics(run_dir)
+    records, stopped = read_rounds(run_dir)
     if summary.get("stopped") is None:
-        summary["stopped"] = next((r["stopped"] for r in raw if "stopped" in r), None)
-    records = [r for r in raw if "stopped" not in r]
+        summary["stopped"] = stopped
     return _Run(run_dir, records, text, tomllib.loads(text), summary)
 
 
@@ -156,7 +154,10 @@ def _figures(run: _Run) -> dict[str, bytes]:
     if clients and budget:
         ax.axhline(float(budget), color="#b00020", linestyle="--", label=f"budget {budget}")
     if not clients:
-        ax.text(0.5, 0.5, "DP off", ha="center", va="center", transform=ax.transAxes)
+        # Say why the plot is empty: the config decides whether DP was on, not the missing points.
+        dp_on = bool((run.config.get("privacy") or {}).get("enabled", True))
+        why = "no trained round yet" if dp_on else "DP off"
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
     else:
         ax.set_ylim(bottom=0)
     _finish(fig, ax, "epsilon", "cumulative ε", "Privacy spent per client")

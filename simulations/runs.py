@@ -12,7 +12,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from privet.server.rundir import read_metrics
+from privet.server.rundir import read_rounds
 
 __all__ = ["RunInfo", "find_runs", "runs_table"]
 
@@ -41,7 +41,7 @@ def _read_run(path: Path) -> RunInfo:
     except (OSError, tomllib.TOMLDecodeError):
         config = {}
     try:
-        records = read_metrics(path)
+        records, _ = read_rounds(path)
     except (OSError, json.JSONDecodeError):
         records = []
     summary_path = path / "summary.json"
@@ -53,8 +53,6 @@ def _read_run(path: Path) -> RunInfo:
             summary = {}
     planned = (config.get("federation") or {}).get("rounds")
     done = max((int(r.get("round", 0)) for r in records), default=0)
-    # A budget stop appends {"round": n, "stopped": why} to metrics.jsonl and sets summary["stopped"].
-    records = [r for r in records if "stopped" not in r]
     if summary.get("stopped"):
         status = "stopped early"
     elif summary:
@@ -92,43 +90,72 @@ def find_runs(output_dir: Path) -> list[RunInfo]:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2%}"
+    return "-" if x is None else f"{x:.1%}"
 
 
-def runs_table(runs: list[RunInfo]) -> Table:
-    """A rich table, one row per run."""
-    table = Table(title="privet runs", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name, justify in (
-        ("run", "left"),
-        ("started (UTC)", "left"),
-        ("status", "left"),
-        ("rounds", "right"),
-        ("server acc", "right"),
-        ("untrained", "right"),
-        ("client acc", "right"),
-        ("max ε", "right"),
-        ("minutes", "right"),
-        ("model", "left"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=name != "model")  # type: ignore[arg-type]
-    for r in runs:
-        status = {
-            "finished": "[green]finished[/green]",
-            "unfinished": "[yellow]unfinished[/yellow]",
-        }
-        planned = "?" if r.rounds_planned is None else str(r.rounds_planned)
-        table.add_row(
-            r.path.name,
-            r.started.strftime("%Y-%m-%d %H:%M"),
-            status.get(r.status, r.status),
-            f"{r.rounds_done}/{planned}",
-            _pct(r.server_accuracy),
-            _pct(r.initial_accuracy),
-            _pct(r.client_accuracy),
-            ("-" if r.max_epsilon is None else f"{r.max_epsilon:.3f}")
-            if r.dp
-            else "[red]DP off[/red]",
-            f"{r.seconds / 60:.1f}",
-            r.model,
-        )
+#: The columns of ``privet runs``, left to right, with their alignment.
+COLUMNS = (
+    ("run", "left"),
+    ("started (UTC)", "left"),
+    ("status", "left"),
+    ("rounds", "right"),
+    ("server acc", "right"),
+    ("untrained", "right"),
+    ("client acc", "right"),
+    ("max ε", "right"),
+    ("min", "right"),
+    ("model", "left"),
+)
+#: Dropped in this order while the table is wider than the terminal: rich would otherwise shrink
+#: every cell to "…" and nothing would be readable.
+OPTIONAL_COLUMNS = ("model", "started (UTC)", "min", "client acc")
+
+
+def _row(r: RunInfo) -> dict[str, str]:
+    planned = "?" if r.rounds_planned is None else str(r.rounds_planned)
+    status = {"finished": "[green]finished[/green]", "unfinished": "[yellow]unfinished[/yellow]"}
+    eps = (
+        ("-" if r.max_epsilon is None else f"{r.max_epsilon:.3f}") if r.dp else "[red]DP off[/red]"
+    )
+    return {
+        "run": r.path.name,
+        "started (UTC)": r.started.strftime("%Y-%m-%d %H:%M"),
+        "status": status.get(r.status, r.status),
+        "rounds": f"{r.rounds_done}/{planned}",
+        "server acc": _pct(r.server_accuracy),
+        "untrained": _pct(r.initial_accuracy),
+        "client acc": _pct(r.client_accuracy),
+        "max ε": eps,
+        "min": f"{r.seconds / 60:.1f}",
+        "model": r.model,
+    }
+
+
+def runs_table(runs: list[RunInfo], *, width: int | None = None) -> Table:
+    """A rich table, one row per run.
+
+    Parameters
+    ----------
+    runs
+        The runs, one row each.
+    width
+        The terminal's width: the optional columns (model, start time, minutes, client
+        accuracy, in that order) are left out until the table fits. ``None``: all columns.
+
+    """
+    from rich.console import Console
+
+    rows = [_row(r) for r in runs]
+    names = [name for name, _ in COLUMNS]
+    measure = Console(width=10_000, color_system=None)
+    for drop in range(len(OPTIONAL_COLUMNS) + 1):
+        shown = [n for n in names if n not in OPTIONAL_COLUMNS[:drop]]
+        table = Table(title="privet runs", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for name, justify in COLUMNS:
+            if name in shown:
+                table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        for row in rows:
+            table.add_row(*(row[n] for n in shown))
+        if width is None or measure.measure(table).maximum <= width:
+            break
     return table

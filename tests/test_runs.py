@@ -54,7 +54,7 @@ def test_cli_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     res = CliRunner().invoke(app, ["runs", str(tmp_path)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     row = next(line for line in res.output.splitlines() if "only" in line)
-    for text in ("finished", "2/2", "87.50%", "50.00%", "81.25%", "2.750"):
+    for text in ("finished", "2/2", "87.5%", "50.0%", "81.2%", "2.750"):
         assert text in row, (text, row)
     res = CliRunner().invoke(app, ["runs", str(tmp_path / "nothing")])
     assert res.exit_code == 0 and "no runs" in res.output
