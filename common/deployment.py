@@ -29,6 +29,7 @@ from privet.common.errors import DeploymentError
 
 __all__ = [
     "Child",
+    "adopt_orphans",
     "flower_env",
     "flower_executable",
     "free_port",
@@ -114,6 +115,20 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> None:
     """
     if _PRCTL is not None:
         _PRCTL(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+
+
+def adopt_orphans(enabled: bool) -> bool:
+    """Make this process adopt its descendants' orphans (Linux ``PR_SET_CHILD_SUBREAPER``).
+
+    Ray's workers are children of its raylet; when ``ray.shutdown()`` ends the raylet, a worker
+    still exiting (or one the raylet started during the shutdown) is handed to init, where no one
+    ends it: it was seen alive 15 s later on a loaded machine. As a subreaper this process gets
+    those orphans instead, so it can end and reap every process a run started. Returns whether
+    the setting took (``False`` off Linux).
+    """
+    if _PRCTL is None:
+        return False
+    return bool(_PRCTL(36, int(enabled)) == 0)  # 36 = PR_SET_CHILD_SUBREAPER
 
 
 class Child:

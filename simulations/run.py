@@ -20,6 +20,7 @@ from typing import Any
 from privet.client import make_client_app
 from privet.common.config import PrivetConfig
 from privet.common.data import cached_federated_data
+from privet.common.deployment import adopt_orphans
 from privet.common.modeling import check_model_loads
 from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import create_run_dir, write_json
@@ -58,19 +59,25 @@ def _ray_shutdown(spawned_before: set[int] | None = None) -> None:
 
     ``ray.shutdown()`` stops the GCS and the raylet, but the dashboard and runtime-env agents and
     the actor workers exit on their own once they notice, which took over 15 s on a loaded 2-core
-    machine; by then they are orphans, no longer our children. So the processes Ray started are
-    listed *before* the shutdown (every descendant not present in ``spawned_before``) and the
-    ones still alive a few seconds after it are terminated. Processes this one had started for
-    other reasons are left alone.
+    machine. This process adopts orphans while Ray runs (:func:`adopt_orphans`), so those workers
+    stay its descendants: every descendant not present in ``spawned_before`` (listed before and
+    after the shutdown) still alive a few seconds after it is terminated, then killed, and reaped.
+    Processes this one had started for other reasons are left alone.
     """
     import psutil
 
-    ours: list[psutil.Process] = []
-    if spawned_before is not None:
+    def ours() -> dict[int, psutil.Process]:
+        if spawned_before is None:
+            return {}
         with contextlib.suppress(psutil.Error):
-            ours = [
-                p for p in psutil.Process().children(recursive=True) if p.pid not in spawned_before
-            ]
+            return {
+                p.pid: p
+                for p in psutil.Process().children(recursive=True)
+                if p.pid not in spawned_before
+            }
+        return {}
+
+    started = ours()
     try:
         import ray
 
@@ -78,10 +85,12 @@ def _ray_shutdown(spawned_before: set[int] | None = None) -> None:
             ray.shutdown()
     except Exception:
         log.debug("ray shutdown failed", exc_info=True)
-    if not ours:
-        return
-    _, alive = psutil.wait_procs(ours, timeout=5.0)
-    _end(alive)
+    started.update(ours())  # orphans adopted during the shutdown, and any worker started in it
+    if started:
+        _, alive = psutil.wait_procs(list(started.values()), timeout=5.0)
+        _end(alive)
+        # A worker that orphaned while the others were ended is ours now too.
+        _end(list(ours().values()))
 
 
 def _end(procs: list[Any], timeout: float = 5.0) -> None:
@@ -187,6 +196,7 @@ def simulate(
         return run_dir
     previous = _install_interrupt_handler()
     spawned_before = _descendant_pids()
+    adopted = adopt_orphans(True)
     try:
         # Ray is started here, timed, rather than inside round 1 (Flower reuses a running Ray).
         ray_seconds = _start_ray(backend_config["init_args"])  # type: ignore[arg-type]
@@ -201,6 +211,8 @@ def simulate(
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         _ray_shutdown(spawned_before)
+        if adopted:
+            adopt_orphans(False)
     _add_to_summary(run_dir, ray_start_seconds=ray_seconds)
     return run_dir
 

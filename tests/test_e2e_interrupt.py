@@ -9,26 +9,13 @@ from pathlib import Path
 
 import pytest
 
-# Ray runs share one pytest-xdist worker: they start and count machine-wide Ray processes.
+from .processes import ProcessWatch, wait_for_descendant
+
+# Ray runs share one pytest-xdist worker (two Ray heads at once would halve each one's CPUs).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
-def _ray_pids() -> set[int]:
-    out = subprocess.run(
-        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
-    ).stdout
-    pids = set()
-    for line in out.splitlines()[1:]:
-        pid, _, args = line.strip().partition(" ")
-        if (
-            "ray::" in args or "raylet" in args or "gcs_server" in args
-        ) and "<defunct>" not in args:
-            pids.add(int(pid))
-    return pids
-
-
 def test_sigint_stops_the_run_and_ray(tmp_path: Path) -> None:
-    before = _ray_pids()
     privet = Path(sys.executable).parent / "privet"
     cmd = [
         str(privet),
@@ -52,22 +39,25 @@ def test_sigint_stops_the_run_and_ray(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
-    deadline = time.monotonic() + 120
-    seen = ""
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        seen += line
-        if "round 0" in line or not line:
-            break
-    assert "round 0" in seen, seen
-    time.sleep(3)  # round 1 is training in the Ray workers now
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # Only the processes this run started are checked: another job on the machine may run Ray too.
+    with ProcessWatch(proc.pid) as watch:
+        try:
+            deadline = time.monotonic() + 120
+            seen = ""
+            assert proc.stdout is not None
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                seen += line
+                if "round 0" in line or not line:
+                    break
+            assert "round 0" in seen, seen
+            # Interrupt while round 1 trains: once a Ray worker plays a client.
+            assert wait_for_descendant(proc.pid, "ray::ClientAppActor.run", timeout=90), seen
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert rc == 130
-    time.sleep(2)
-    assert _ray_pids() - before == set()
+    assert watch.matching("ray::", "raylet", "gcs_server"), "the watch saw no Ray process"
+    assert watch.wait_gone("ray::", "raylet", "gcs_server", timeout=10.0) == []

@@ -5,8 +5,6 @@ clients (``server/population.py``), so every node plays more than one client ove
 """
 
 import json
-import subprocess
-import time
 
 import pytest
 import torch
@@ -22,20 +20,13 @@ from privet.server.rundir import load_checkpoint, read_metrics
 from privet.simulations import simulate
 from privet.simulations.run import simulated_nodes
 
-# Ray runs share one pytest-xdist worker: they start and count machine-wide Ray processes.
+from .processes import ProcessWatch
+
+# Ray runs share one pytest-xdist worker (two Ray heads at once would halve each one's CPUs).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
-
-def _ray_processes() -> list[str]:
-    out = subprocess.run(
-        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
-    ).stdout
-    # zombies (<defunct>) have exited already; only live processes count
-    return [
-        line
-        for line in out.splitlines()
-        if ("ray::" in line or "raylet" in line or "gcs_server" in line) and "<defunct>" not in line
-    ]
+#: Command-line marks of Ray's processes: workers, raylet, GCS.
+RAY = ("ray::", "raylet", "gcs_server")
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +52,10 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         ],
     )
     assert simulated_nodes(cfg, 3) == 2  # two nodes play three clients
-    before = set(_ray_processes())
-    run_dir = simulate(cfg)
-    return cfg, run_dir, before
+    # Only the processes this run started are checked: another job on the machine may run Ray too.
+    with ProcessWatch() as watch:
+        run_dir = simulate(cfg)
+    return cfg, run_dir, watch
 
 
 def test_writes_every_output_file(run) -> None:
@@ -157,10 +149,8 @@ def test_final_adapter_loads_with_peft(run) -> None:
 
 
 def test_no_ray_process_left_behind(run) -> None:
-    _, _, before = run
-    # Ray's workers exit asynchronously after ray.shutdown(); allow them a few seconds (bounded),
-    # then none of the processes this run started may remain.
-    deadline = time.monotonic() + 15.0
-    while (left := set(_ray_processes()) - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert left == set()
+    _, _, watch = run
+    assert watch.matching(*RAY), "the watch saw no Ray process: it would prove nothing"
+    # simulate() ends the processes Ray started before it returns (SIGKILL as a last resort), so
+    # none may be left; the bound only covers the kernel reaping them.
+    assert watch.wait_gone(*RAY, timeout=5.0) == []
