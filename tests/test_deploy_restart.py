@@ -385,7 +385,11 @@ def test_a_second_coordinator_waits_for_the_first_superlink_then_refuses(
     leaving = subprocess.Popen([sys.executable, str(script), "1.5", "--database", str(db)])
     elsewhere = subprocess.Popen([sys.executable, str(script), "60", "--database", str(other)])
     try:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not (server_deploy._superlinks_on(db) and server_deploy._superlinks_on(other)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
         start = time.monotonic()
         server_deploy._wait_for_previous_superlink(db)
         assert leaving.poll() is not None and time.monotonic() - start < 15
