@@ -282,7 +282,10 @@ def make_client_app(
                     run=run,
                     server_round=server_round,
                     content=msg.content,
-                    config_json=cfg.model_dump_json(),
+                    # What the update is computed from; not where the run is served or logged.
+                    config_json=cfg.model_dump_json(
+                        include={"model", "adapter", "privacy", "train"}
+                    ),
                     client_id=loaded.data.name,
                     data=loaded.data.train,
                 )
