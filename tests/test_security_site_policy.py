@@ -308,3 +308,19 @@ def test_privacy_json_takes_each_sites_own_example_count() -> None:
     assert clients["client-0"]["examples"] == 405
     assert clients["client-0"]["sample_rate"] == pytest.approx(64 / 405)
     assert clients["site-x"]["examples"] == 320 and clients["site-x"]["final_epsilon"] == 2.0
+
+
+def test_a_participant_takes_its_own_privacy_or_the_safe_defaults(tmp_path: Path) -> None:
+    from privet.client import Participant
+    from privet.common.config import PrivacyConfig
+
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(10)]
+    common: dict[str, Any] = {"server": "127.0.0.1:9092", "data": rows, "insecure": True}
+    p = Participant(state_dir=tmp_path / "a", privacy=PrivacyConfig(target_epsilon=20), **common)
+    assert p._settings.policy.privacy.budget == 20.0
+    assert p._settings.policy.model == SiteModel()  # no remote code, the embedded model
+    assert Participant(state_dir=tmp_path / "b", **common)._settings.policy == SitePolicy()
+    with pytest.raises(ConfigError, match="not both"):
+        Participant(
+            state_dir=tmp_path / "c", privacy=PrivacyConfig(), policy=SitePolicy(), **common
+        )
