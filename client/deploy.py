@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from privet.client.policy import SitePolicy, apply_policy
+from privet.client.policy import SitePolicy, apply_policy, check_model_files
 from privet.common.config import PrivetConfig, format_validation_error
 from privet.common.data import ClientData, Examples, load_table, train_test_split
 from privet.common.deployment import (
@@ -170,6 +170,7 @@ def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> tuple[PrivetCo
 
     """
     cfg, floor = apply_policy(server_cfg, site.policy)
+    check_model_files(site.policy.model)  # before the model is loaded
     if site.num_threads is not None:
         cfg = cfg.model_copy(
             update={"train": cfg.train.model_copy(update={"num_threads": site.num_threads})}

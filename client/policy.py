@@ -16,6 +16,7 @@ site's budget is refused before it trains.
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -30,7 +31,15 @@ from privet.common.config import (
 )
 from privet.common.errors import ConfigError, ModelError, PrivacyError
 
-__all__ = ["DEFAULT_MIN_NOISE", "SiteModel", "SitePolicy", "SitePrivacy", "apply_policy"]
+__all__ = [
+    "DEFAULT_MIN_NOISE",
+    "SiteModel",
+    "SitePolicy",
+    "SitePrivacy",
+    "apply_policy",
+    "check_model_files",
+    "model_sha256",
+]
 
 ClippingKind = Literal["flat", "ghost", "bookkeeping"]
 
@@ -144,6 +153,12 @@ class SiteModel(_Strict):
         False,
         description="Let the model's own Python code run on this site (off: a coordinator "
         "asking for it is refused).",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Pin the model's files: the sha256 of its folder (model_sha256; a "
+        "mismatch names the actual one). A site refuses to load anything else. None: no pin.",
     )
 
 
@@ -315,3 +330,55 @@ def apply_policy(cfg: PrivetConfig, policy: SitePolicy) -> tuple[PrivetConfig, f
         secagg=asked.secagg,
     )
     return cfg.model_copy(update={"privacy": privacy, "model": model}), floor
+
+
+def model_sha256(name: str) -> str:
+    """sha256 over a model's files (relative paths and contents, sorted), before anything loads.
+
+    ``name`` is a ``model.name``: the embedded model, a local folder, or a hub name already in the
+    local cache (nothing is downloaded).
+
+    Raises
+    ------
+    ModelError
+        When the model's files cannot be found on this machine.
+
+    """
+    from privet.common.modeling import resolve_model_path
+
+    source = Path(resolve_model_path(name))
+    if not source.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            source = Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # any failure means: not on this machine
+            raise ModelError(
+                f"model.name {name!r} is not on this machine, so model.sha256 cannot be checked",
+                fix="download the model into a folder and name that folder",
+            ) from None
+    h = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        rel = path.relative_to(source).as_posix()
+        if rel.startswith(".") or "__pycache__" in rel:
+            continue
+        h.update(rel.encode() + b"\0")
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def check_model_files(model: SiteModel) -> None:
+    """Refuse a model whose files are not the ones the site pinned (``model.sha256``)."""
+    if model.sha256 is None:
+        return
+    actual = model_sha256(model.name)
+    if actual != model.sha256:
+        raise ModelError(
+            f"model.name {model.name!r} holds files with sha256 {actual}, not this site's "
+            f"model.sha256 {model.sha256}; this site loads nothing else",
+            fix="restore the model this site pinned, or set model.sha256 to the new hash if the "
+            "site trusts it",
+        )

@@ -324,3 +324,18 @@ def test_a_participant_takes_its_own_privacy_or_the_safe_defaults(tmp_path: Path
         Participant(
             state_dir=tmp_path / "c", privacy=PrivacyConfig(), policy=SitePolicy(), **common
         )
+
+
+def test_a_pinned_model_with_other_files_is_refused_before_it_loads(
+    tmp_path: Path, start_state: dict[str, torch.Tensor]
+) -> None:
+    from privet.client.policy import model_sha256
+
+    actual = model_sha256("embedded:all-MiniLM-L6-v2")
+    pinned = SitePolicy(model=SiteModel(sha256="0" * 64))
+    reply = _ask(_site(tmp_path, pinned), start_state)
+    assert reply.error.code == ERROR_POLICY
+    assert f"holds files with sha256 {actual}, not this site's model.sha256" in reply.error.reason
+    assert not (tmp_path / "state").exists()
+    good = _ask(_site(tmp_path, SitePolicy(model=SiteModel(sha256=actual))), start_state)
+    assert not good.has_error()
