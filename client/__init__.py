@@ -7,6 +7,7 @@ Flower. ``make_client_app`` (the only Flower-facing name) is imported lazily, on
 from typing import TYPE_CHECKING, Any
 
 from privet.client.participant import DataSource, Participant, ParticipantStatus, to_examples
+from privet.client.policy import SitePolicy
 from privet.client.privacy import RoundPrivacy, ledger_path, plan_round, record_round
 from privet.client.training import DPSettings, EvalResult, TrainResult, evaluate, plan_steps, train
 
@@ -20,6 +21,7 @@ __all__ = [
     "Participant",
     "ParticipantStatus",
     "RoundPrivacy",
+    "SitePolicy",
     "TrainResult",
     "evaluate",
     "ledger_path",

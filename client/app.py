@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -22,7 +23,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from privet.client.client_level import client_level_mods
-from privet.client.privacy import plan_round, record_round
+from privet.client.privacy import ledger_path, plan_round, record_round
+from privet.client.releases import load_release, release_fingerprint, save_release
 from privet.client.secagg import secagg_mod
 from privet.client.training import evaluate, train
 from privet.common.arrays import state_to_arrayrecord
@@ -37,15 +39,19 @@ from privet.common.modeling import (
     load_trainable_state,
     pick_device,
 )
-from privet.common.transport import message_encoding, read_arrays, write_arrays
+from privet.common.privacy import Ledger
+from privet.common.transport import Encoding, message_encoding, read_arrays, write_arrays
 
-__all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "make_client_app", "message_partition"]
+__all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "RUN_KEY", "make_client_app", "message_partition"]
 
 log = logging.getLogger("privet")
 
 # Error codes in replies (Flower reserves small numbers for its own).
 ERROR_BUDGET = 1001
 ERROR_CLIENT = 1002
+
+#: Run-config key naming the coordinator's run (its run directory; the same after a resume).
+RUN_KEY = "privet-run-dir"
 
 
 @dataclass
@@ -172,6 +178,44 @@ def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
     return Message(Error(code=code, reason=f"[{partition}] {reason}"), reply_to=msg)
 
 
+def _kept_release(
+    state_dir: Path, client_id: str, release: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The kept update for ``release`` when the ledger holds its charge, else ``None``."""
+    path = ledger_path(state_dir, client_id)
+    try:
+        ledger = Ledger.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # no (readable) ledger: train as usual; plan_round fails closed if it must
+    entry = ledger.released(release)
+    if entry is None:
+        return None
+    kept = load_release(state_dir, client_id, release)
+    if kept is None:
+        return None
+    metrics = dict(kept.metrics)
+    metrics.update({"epsilon": ledger.epsilon(), "replayed": 1, "startup-seconds": 0.0})
+    return kept.state, metrics
+
+
+def _train_reply(
+    msg: Message,
+    state: dict[str, torch.Tensor],
+    metrics: dict[str, Any],
+    encoding: Encoding,
+    received: dict[str, torch.Tensor],
+) -> Message:
+    """A train reply holding ``state`` (encoded as the message was) and ``metrics``."""
+    record = MetricRecord(metrics)
+    if encoding == "float32":
+        return Message(
+            RecordDict({"arrays": state_to_arrayrecord(state), "metrics": record}), reply_to=msg
+        )
+    content = RecordDict({"metrics": record})
+    write_arrays(content, state, encoding, reference=received)
+    return Message(content, reply_to=msg)
+
+
 def make_client_app(
     cfg: PrivetConfig,
     *,
@@ -179,6 +223,8 @@ def make_client_app(
     local: ClientData | None = None,
     train_mods: Sequence[Mod] = (),
     data_hook: DataHook | None = None,
+    min_noise_multiplier: float | None = None,
+    keep_releases: bool = False,
 ) -> ClientApp:
     """Build the ClientApp for a federation configured by ``cfg``.
 
@@ -196,6 +242,13 @@ def make_client_app(
         Flower mods around the train function (the simulation's fault injection).
     data_hook
         Changes a client's data once, after loading (the simulation's label flipping).
+    min_noise_multiplier
+        The least noise a deployed site trains with (its policy; ``None``: no floor).
+    keep_releases
+        Keep each released update in ``state_dir`` and send it again, uncharged, when the same
+        round comes again with the same inputs (``client/releases.py``). On for deployed sites;
+        a simulation's redone round is charged again instead (its state folder belongs to one run,
+        and keeping every simulated client's update would cost disk for a whole population).
 
     """
     app = ClientApp()
@@ -218,10 +271,34 @@ def make_client_app(
                 )
             server_round = int(str(conf["server-round"]))
             total_rounds = int(str(conf.get("total-rounds", cfg.federation.rounds)))
+            run = str(context.run_config[RUN_KEY]) if RUN_KEY in context.run_config else None
             model = loaded.built.model
             # The weights exactly as this client decoded them: its update is relative to these.
             received = read_arrays(msg.content)
             encoding = message_encoding(msg.content)  # the reply travels as the message did
+            release: str | None = None
+            if keep_releases and cfg.privacy.enabled:
+                release = release_fingerprint(
+                    run=run,
+                    server_round=server_round,
+                    content=msg.content,
+                    # What the update is computed from; not where the run is served or logged.
+                    config_json=cfg.model_dump_json(
+                        include={"model", "adapter", "privacy", "train"}
+                    ),
+                    client_id=loaded.data.name,
+                    data=loaded.data.train,
+                )
+                again = _kept_release(state_dir, loaded.data.name, release)
+                if again is not None:
+                    state, kept_metrics = again
+                    log.info(
+                        "client %s: round %d asked again with the same inputs: sending the "
+                        "update already released (no privacy charged)",
+                        loaded.data.name,
+                        server_round,
+                    )
+                    return _train_reply(msg, state, kept_metrics, encoding, received)
             load_trainable_state(model, received)
             # FedEx-LoRA's residuals into the frozen base weights (none: the base as built).
             fold_residuals(model, message_residuals(msg.content))
@@ -233,6 +310,7 @@ def make_client_app(
                 total_rounds=total_rounds,
                 state_dir=state_dir,
                 client_id=loaded.data.name,
+                min_noise_multiplier=min_noise_multiplier,
             )
             # A client's first round calibrates its noise (seconds with the RDP accountant): a
             # one-time cost like the model load, reported with it.
@@ -252,35 +330,38 @@ def make_client_app(
                 # Flower's FedProx sends its mu in the train config; other strategies send none.
                 proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             )
-            epsilon = record_round(plan, server_round=server_round, result=result)
+            epsilon = record_round(
+                plan, server_round=server_round, result=result, run=run, release=release
+            )
         except Exception as exc:  # every failure becomes an error reply the server logs
             return _error_reply(msg, partition, exc)
-        metrics = MetricRecord(
-            {
-                "num-examples": result.num_examples,
-                # deployed clients are named by node id on the server, not by a data share
-                **({"partition-id": partition} if local is None else {}),
-                "train-loss": result.train_loss,
-                "steps": result.steps,
-                "examples-seen": result.examples_seen,
-                "epsilon": epsilon,
-                # 2, 3, ...: this round was redone after a resume and charged again.
-                "privacy-attempt": plan.ledger.entries[-1].attempt
-                if plan.ledger is not None and plan.ledger.entries
-                else 1,
-                "noise-multiplier": plan.dp.noise_multiplier if plan.dp else 0.0,
-                "train-seconds": result.seconds,
-                # Cold start of this worker (model load) or of this client (tokenization, noise
-                # calibration), reported apart so that start-up does not hide in round 1's time.
-                "startup-seconds": startup,
-            }
-        )
-        if encoding == "float32":
-            content = RecordDict({"arrays": state_to_arrayrecord(result.state), "metrics": metrics})
-        else:
-            content = RecordDict({"metrics": metrics})
-            write_arrays(content, result.state, encoding, reference=received)
-        return Message(content, reply_to=msg)
+        metrics: dict[str, Any] = {
+            "num-examples": result.num_examples,
+            # deployed clients are named by node id on the server, not by a data share
+            **({"partition-id": partition} if local is None else {}),
+            "train-loss": result.train_loss,
+            "steps": result.steps,
+            "examples-seen": result.examples_seen,
+            "epsilon": epsilon,
+            # 2, 3, ...: this round was redone after a resume and charged again.
+            "privacy-attempt": plan.ledger.entries[-1].attempt
+            if plan.ledger is not None and plan.ledger.entries
+            else 1,
+            "noise-multiplier": plan.dp.noise_multiplier if plan.dp else 0.0,
+            "train-seconds": result.seconds,
+            # Cold start of this worker (model load) or of this client (tokenization, noise
+            # calibration), reported apart so that start-up does not hide in round 1's time.
+            "startup-seconds": startup,
+        }
+        if release is not None:
+            # After the ledger holds the charge: a kept update is always one that was paid for.
+            try:
+                save_release(
+                    state_dir, loaded.data.name, release, state=result.state, metrics=metrics
+                )
+            except OSError as exc:  # not kept: a redo of this round is charged again, no more
+                log.warning("could not keep the released update of round %d: %s", server_round, exc)
+        return _train_reply(msg, result.state, metrics, encoding, received)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

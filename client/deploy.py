@@ -7,9 +7,11 @@ coordinator (reachable, certificate trusted, TLS as asked), writes the site's ow
 for each message; it reads the federation's configuration from the run config the coordinator
 sent, the site's settings from ``client.json``, and trains on the site's own data file only.
 
-Privacy is the site's: its ``[privacy]`` settings (when given) replace the coordinator's, its ledger
-lives in its state folder, and a coordinator that asks for training without DP is refused unless
-the site itself turned DP off.
+Privacy and code are the site's: its :class:`~privet.client.policy.SitePolicy` (its own settings,
+or safe defaults: DP on, epsilon 8, the embedded model, no remote code) decides the privacy it
+grants and the model it loads; a run that asks for less privacy, another model or remote code is
+refused before anything is loaded or trained (error code :data:`ERROR_POLICY`), and the site's
+ledger, budget and kept updates live in its state folder.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from privet.common.config import PrivacyConfig, PrivetConfig, format_validation_error
+from privet.client.policy import SitePolicy, apply_policy, check_model_files
+from privet.common.config import PrivetConfig, format_validation_error
 from privet.common.data import ClientData, Examples, load_table, train_test_split
 from privet.common.deployment import (
     Child,
@@ -41,9 +44,17 @@ from privet.common.deployment import (
     probe_server,
     wait_healthy,
 )
-from privet.common.errors import ConfigError, DataError, DeploymentError, PrivacyError
+from privet.common.errors import (
+    ConfigError,
+    DataError,
+    DeploymentError,
+    ModelError,
+    PrivacyError,
+    PrivetError,
+)
 
 __all__ = [
+    "ERROR_POLICY",
     "SiteClient",
     "SiteSettings",
     "client_app",
@@ -75,9 +86,12 @@ ADMITTED_FILE = "admitted.json"
 #: Node-config key naming the site's settings file, and the run-config key of the federation config.
 SETTINGS_KEY, CONFIG_KEY = "privet-client", "privet-config"
 
+#: Error code of a reply refusing a run that asks for more than the site's policy grants.
+ERROR_POLICY = 1007
+
 
 class SiteSettings(BaseModel):
-    """What a site decides for itself: its data, its privacy budget, where its state lives."""
+    """What a site decides for itself: its data, its policy (privacy, model), where its state lives."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -93,8 +107,10 @@ class SiteSettings(BaseModel):
         0.1, ge=0, lt=1, description="Share of the site's rows kept for evaluation."
     )
     state_dir: Path = Field(description="Folder of the site's privacy ledger; must persist.")
-    privacy: PrivacyConfig | None = Field(
-        None, description="The site's DP settings; None: the coordinator's."
+    policy: SitePolicy = Field(
+        default_factory=SitePolicy,
+        description="The privacy this site grants and the model it loads (never the "
+        "coordinator's); default: DP on at epsilon 8, the embedded model, no remote code.",
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads for training.")
     reconnect_timeout: float | None = Field(
@@ -144,25 +160,32 @@ def load_site_data(settings: SiteSettings, *, num_labels: int | None) -> ClientD
     )
 
 
-def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> PrivetConfig:
-    """The coordinator's configuration with the site's own privacy and threads (fail-closed)."""
-    privacy = site.privacy if site.privacy is not None else server_cfg.privacy
-    if not privacy.enabled and (site.privacy is None or site.privacy.enabled):
-        raise PrivacyError(
-            "the coordinator asks for training without differential privacy",
-            fix="this site refuses; set privacy.enabled = false in the site's own settings to allow it",
-        )
-    update: dict[str, object] = {"privacy": privacy}
+def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> tuple[PrivetConfig, float | None]:
+    """The configuration this site trains with, and its noise floor (its policy applied).
+
+    Raises
+    ------
+    PrivacyError, ModelError
+        When the coordinator's run asks for more than the site's policy grants.
+
+    """
+    cfg, floor = apply_policy(server_cfg, site.policy)
+    check_model_files(site.policy.model)  # before the model is loaded
     if site.num_threads is not None:
-        update["train"] = server_cfg.train.model_copy(update={"num_threads": site.num_threads})
-    return server_cfg.model_copy(update=update)
+        cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"num_threads": site.num_threads})}
+        )
+    return cfg, floor
 
 
 def make_site_app(site: SiteSettings | None = None, examples: Examples | None = None) -> ClientApp:
-    """The ClientApp a site runs: the coordinator's configuration, the site's privacy and data.
+    """The ClientApp a site runs: the coordinator's recipe, the site's policy and data.
 
-    The coordinator's configuration comes with the run (its run config); the site's own privacy
-    settings replace the coordinator's, and it trains only on its own data.
+    The coordinator's configuration comes with the run (its run config); the site's policy checks
+    it (a run asking for less privacy, another model or remote code is answered with an
+    :data:`ERROR_POLICY` error reply, nothing loaded, trained or charged), and the site trains
+    only on its own data. Released updates are kept in the state folder, so a round asked again
+    after a coordinator's crash is answered with the same update at no privacy cost.
 
     Parameters
     ----------
@@ -176,6 +199,7 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
     from privet.client.app import make_client_app
 
     built: dict[str, ClientApp] = {}
+    refused: dict[str, PrivetError] = {}
 
     def app_for(context: Context) -> ClientApp:
         raw = str(context.run_config[CONFIG_KEY])
@@ -186,10 +210,19 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
             key = raw + "\0" + s.model_dump_json()
             if key in built:
                 return built[key]
+            if key in refused:
+                raise refused[key]
             server_cfg = PrivetConfig.model_validate(tomllib.loads(raw))
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc)) from None
-        cfg = _site_config(server_cfg, s)
+        try:
+            cfg, floor = _site_config(server_cfg, s)
+        except PrivetError as exc:
+            # Said once per run on the site's console; every message of the run is refused.
+            log.error("refusing this run: %s", exc)
+            refused.clear()
+            refused[key] = exc
+            raise
         if examples is None:
             local = load_site_data(s, num_labels=cfg.data.num_labels)
         else:
@@ -204,18 +237,32 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
                 examples, name=s.name, test_fraction=s.test_fraction, where="the site's data"
             )
         built.clear()  # one federation at a time: drop the model of an older run
-        built[key] = make_client_app(cfg, state_dir=s.state_dir, local=local)
+        built[key] = make_client_app(
+            cfg,
+            state_dir=s.state_dir,
+            local=local,
+            min_noise_multiplier=floor,
+            keep_releases=True,
+        )
         return built[key]
+
+    def handle(msg: Message, context: Context) -> Message:
+        try:
+            inner = app_for(context)
+        except (PrivacyError, ModelError) as exc:
+            # Before anything is loaded or trained: the coordinator learns why, nothing is spent.
+            return Message(Error(code=ERROR_POLICY, reason=str(exc)), reply_to=msg)
+        return inner(msg, context)
 
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return app_for(context)(msg, context)
+        return handle(msg, context)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return app_for(context)(msg, context)
+        return handle(msg, context)
 
     return app
 

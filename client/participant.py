@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from privet.client.policy import SitePolicy
 from privet.common.config import PrivacyConfig
 from privet.common.data import Examples, load_table
-from privet.common.errors import DataError, DeploymentError, PrivetError
+from privet.common.errors import ConfigError, DataError, DeploymentError, PrivetError
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -140,8 +141,12 @@ class Participant:
     state_dir
         Folder for the privacy ledger and Flower's files; keep it across restarts.
     privacy
-        This site's DP settings and budget; ``None``: the coordinator's (a coordinator that asks
-        for no DP is refused unless ``privacy.enabled`` is explicitly false here).
+        This site's DP settings and budget (a shorthand for ``policy``); ``None``: ``policy``.
+    policy
+        What this site grants (privacy, least noise, clipping kinds, the model it loads);
+        ``None``: the safe defaults of :class:`~privet.client.policy.SitePolicy` (DP on at
+        epsilon 8, the embedded model, no remote code). Never taken from the coordinator: a run
+        asking for more is refused.
     name
         The site's name (its ledger's client id).
     ca, key
@@ -169,6 +174,7 @@ class Participant:
         data: Any,
         state_dir: Path | str,
         privacy: PrivacyConfig | None = None,
+        policy: SitePolicy | None = None,
         name: str = "participant",
         ca: Path | str | None = None,
         key: Path | str | None = None,
@@ -182,11 +188,17 @@ class Participant:
     ) -> None:
         from privet.client.deploy import SiteClient, SiteSettings
 
+        if privacy is not None and policy is not None:
+            raise ConfigError(
+                "give privacy= or policy=, not both", fix="put the privacy into the policy"
+            )
+        if privacy is not None:
+            policy = SitePolicy.from_privacy(privacy)
         self._examples = to_examples(data, text_key=text_key, label_key=label_key)
         self._settings = SiteSettings(
             name=name,
             state_dir=Path(state_dir).resolve(),
-            privacy=privacy,
+            policy=policy or SitePolicy(),
             test_fraction=test_fraction,
             num_threads=num_threads,
             reconnect_timeout=reconnect_timeout,

@@ -50,12 +50,15 @@ def plan_round(
     total_rounds: int,
     state_dir: Path,
     client_id: str,
+    min_noise_multiplier: float | None = None,
 ) -> RoundPrivacy:
     """Open the ledger, fix the noise and check the budget for the next round.
 
     The noise multiplier is calibrated once, at the client's first round, so that taking part in
     all ``total_rounds`` rounds spends exactly ``privacy.target_epsilon``; it is stored in the
-    ledger and reused, so a restarted client keeps the same mechanism.
+    ledger and reused, so a restarted client keeps the same mechanism. A deployed site's
+    ``min_noise_multiplier`` (its policy) raises a calibrated noise below it to it: more noise
+    than planned spends less than the target, never more.
 
     Raises
     ------
@@ -110,6 +113,14 @@ def plan_round(
         )
         ledger.planned_noise_multiplier = sigma
         save_ledger(ledger, path)
+    if min_noise_multiplier is not None and sigma < min_noise_multiplier:
+        log.info(
+            "client %s: calibrated noise multiplier %.4f raised to this site's floor %.4f",
+            client_id,
+            sigma,
+            min_noise_multiplier,
+        )
+        sigma = min_noise_multiplier
     before = ledger.epsilon()
     ledger.check_round(noise_multiplier=sigma, sample_rate=q, steps=steps)
     dp = DPSettings(
@@ -122,11 +133,19 @@ def plan_round(
     return RoundPrivacy(ledger=ledger, path=path, dp=dp, epsilon_before=before)
 
 
-def record_round(plan: RoundPrivacy, *, server_round: int, result: TrainResult) -> float:
+def record_round(
+    plan: RoundPrivacy,
+    *,
+    server_round: int,
+    result: TrainResult,
+    run: str | None = None,
+    release: str | None = None,
+) -> float:
     """Write the round's steps to the ledger (atomically) and return the cumulative epsilon.
 
     Called after training and before the update is released: a crash in between loses an update,
-    never the record of privacy spent.
+    never the record of privacy spent. ``run`` and ``release`` label the entry (the coordinator's
+    run, the fingerprint of the inputs of an update the site keeps for a resend).
     """
     if plan.ledger is None or plan.dp is None or plan.path is None:
         return 0.0
@@ -135,6 +154,8 @@ def record_round(plan: RoundPrivacy, *, server_round: int, result: TrainResult) 
         noise_multiplier=plan.dp.noise_multiplier,
         sample_rate=plan.dp.sample_rate,
         steps=result.steps,
+        run=run,
+        release=release,
     )
     save_ledger(plan.ledger, plan.path)
     return plan.ledger.epsilon()

@@ -570,7 +570,8 @@ def privacy_report(
     client_names
         All clients, by partition id.
     examples_per_client
-        Training examples per client (for each client's sampling rate).
+        Training examples per client as the server sees the data (for each client's sampling
+        rate), used only for clients that never reported their own count (``num-examples``).
     client_level
         The client-level wrapper, when client-level DP is on.
     stopped
@@ -586,8 +587,13 @@ def privacy_report(
     """
     p = cfg.privacy
     clients: dict[str, dict[str, Any]] = {}
-    for name in client_names:
-        n = examples_per_client.get(name, 0)
+    # What each client reported training on wins over the server's view of the data: a deployed
+    # site trains on its own split, and its ledger's sampling rate comes from that count.
+    reported: dict[str, int] = {}
+    for rec in history:
+        reported.update(getattr(rec, "examples_per_client", {}))
+    for name in [*client_names, *sorted(set(reported) - set(client_names))]:
+        n = reported.get(name, examples_per_client.get(name, 0))
         q = min(1.0, cfg.train.batch_size / n) if n else None
         clients[name] = {
             "examples": n,

@@ -57,6 +57,9 @@ class RoundRecord:
     #: Clients whose privacy ledger charged this round more than once (it was redone after a
     #: crash and resume): client -> how many times.
     charged_again: dict[str, int] = field(default_factory=dict)
+    #: Training examples each client reported (``num-examples``): its sampling rate is the
+    #: batch size over this count, as its own ledger has it (a site's data is not the server's).
+    examples_per_client: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The record as a JSON-ready dictionary."""
@@ -217,6 +220,7 @@ class RecordingStrategy(Strategy):
             loss = float(metrics.get("train-loss", float("nan")))  # type: ignore[arg-type]
             rec.train_loss_per_client[name] = loss
             rec.epsilon_per_client[name] = float(metrics.get("epsilon", 0.0))  # type: ignore[arg-type]
+            rec.examples_per_client[name] = int(metrics.get("num-examples", 0))  # type: ignore[arg-type]
             attempt = int(metrics.get("privacy-attempt", 1))  # type: ignore[arg-type]
             if attempt > 1:
                 rec.charged_again[name] = attempt

@@ -14,13 +14,16 @@ from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
-from privet.common.config import PrivetConfig, load_config
+from privet.common.config import PrivetConfig, format_validation_error, load_config
 from privet.common.errors import ConfigError, DeploymentError
 
 if TYPE_CHECKING:
     from flwr.app import Message
+
+    from privet.client.policy import SitePolicy
 
 __all__ = ["certs_app", "client", "server", "sites"]
 
@@ -208,9 +211,20 @@ def client(
         typer.Option(
             "--config",
             "-c",
-            help="TOML with this site's own \\[privacy] section (its budget); default: the "
-            "coordinator's privacy settings.",
+            help="TOML with this site's policy: \\[privacy] and \\[model] (docs/security.md); "
+            "default: DP on at ε 8, the embedded model, no remote code. Never the coordinator's.",
         ),
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option("--epsilon", help="privacy.target_epsilon this site grants a run."),
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option("--budget", help="privacy.budget_epsilon: this site's cap over all runs."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="model.name: the only model this site loads.")
     ] = None,
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch threads for training.")
@@ -224,7 +238,7 @@ def client(
         ),
     ] = 600.0,
 ) -> None:
-    """Join a federation with this site's own data, privacy budget and ledger (a Flower SuperNode).
+    """Join a federation with this site's own data, policy and ledger (a Flower SuperNode).
 
     Runs until Ctrl-C; prints each round this site trains with its cumulative ε.
     """
@@ -234,14 +248,14 @@ def client(
     _quiet_libraries(False)
     if insecure:
         err_console.print(INSECURE_WARNING)
-    privacy = load_config(config).privacy if config is not None else None
+    policy = _site_policy(config, epsilon=epsilon, budget=budget, model=model)
     settings = SiteSettings(
         name=name or data.stem,
         data_file=data.resolve(),
         text_column=text_column,
         label_column=label_column,
         state_dir=state_dir.resolve(),
-        privacy=privacy,
+        policy=policy,
         num_threads=threads,
         reconnect_timeout=reconnect_timeout,
     )
@@ -269,6 +283,29 @@ def client(
         raise DeploymentError(site.exit_reason(), fix=refused)
     finally:
         site.stop()
+
+
+def _site_policy(
+    config: Path | None, *, epsilon: float | None, budget: float | None, model: str | None
+) -> SitePolicy:
+    """The site's policy: its ``--config`` file (or the safe defaults), then the options."""
+    from privet.client.policy import SitePolicy
+
+    policy = SitePolicy.load(config) if config is not None else SitePolicy()
+    privacy: dict[str, object] = {}
+    if epsilon is not None:
+        privacy["target_epsilon"] = epsilon
+    if budget is not None:
+        privacy["budget_epsilon"] = budget
+    try:
+        return SitePolicy.model_validate(
+            {
+                "privacy": policy.privacy.model_dump() | privacy,
+                "model": policy.model.model_dump() | ({"name": model} if model else {}),
+            }
+        )
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
 
 
 def sites(

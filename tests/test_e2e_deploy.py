@@ -12,7 +12,9 @@ A TLS coordinator with node authentication and two sites, DP on, three rounds:
 - the coordinator is SIGKILLed after round 2 and restarted with ``privet server --resume``; the
   restarted site a and the Participant of site b reconnect by themselves (the Participant sees the
   coordinator go, ``connected=False`` with ``last_error``, and come back, ``reconnects=1``); round 3
-  trains on the round-2 adapter with both sites and metrics.jsonl holds each round once.
+  trains on the round-2 adapter with both sites and metrics.jsonl holds each round once; a site
+  asked for round 3 again (it may have gone out before the kill) resends the update it kept, so
+  every ledger charges each round once.
 
 Everything listens on 127.0.0.1 (free ports); every wait is bounded; every process is ended in a
 finally block, and the last tests check that none is left.
@@ -74,6 +76,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
             proc,
             "client", "--server", f"127.0.0.1:{port}", *tls, "--key", str(keys[0]),
             "--data", str(sites[0]), "--state-dir", str(root / "state-a"), "--threads", "1",
+            "--epsilon", "20",  # the site grants the coordinator's epsilon (its default is 8)
         )  # fmt: skip
 
     out: dict[str, object] = {"root": root, "run_dir": run_dir, "port": port}
@@ -191,12 +194,26 @@ def test_each_site_ledger_holds_cumulative_epsilon(federation) -> None:
     assert ledger_b["budget_epsilon"] == 20.0  # the partner's own budget
     assert [e["round"] for e in ledger_b["entries"]] == [1, 2, 3]
     for ledger, log in ((after, "client-a2"), (ledger_b, "partner")):
+        # Each round charged once: a round 3 redone after the coordinator's resume was answered
+        # with the update already released (kept in the state folder), not trained again.
+        assert all(e["attempt"] == 1 for e in ledger["entries"]), ledger["entries"]
         eps = [e["epsilon_after"] for e in ledger["entries"]]
         assert eps[0] > 0 and eps == sorted(eps) and eps[-1] <= 20.0 + 1e-6
         assert f"{eps[-1]:.3f}" in federation["logs"][log]
-    final = read_metrics(federation["run_dir"])[-1]["epsilon_per_client"]
-    assert final["site-a"] == pytest.approx(after["entries"][-1]["epsilon_after"], rel=1e-9)
-    assert final["site-b"] == pytest.approx(ledger_b["entries"][-1]["epsilon_after"], rel=1e-9)
+    final = read_metrics(federation["run_dir"])[-1]
+    assert final["epsilon_per_client"]["site-a"] == pytest.approx(
+        after["entries"][-1]["epsilon_after"], rel=1e-9
+    )
+    assert final["epsilon_per_client"]["site-b"] == pytest.approx(
+        ledger_b["entries"][-1]["epsilon_after"], rel=1e-9
+    )
+    assert not final["charged_again"]
+    # privacy.json takes each site's own example count (its train split), as its ledger does.
+    report = json.loads((federation["run_dir"] / "privacy.json").read_text())
+    for name, ledger in (("site-a", after), ("site-b", ledger_b)):
+        info = report["sample_level"]["clients"][name]
+        assert info["sample_rate"] == pytest.approx(ledger["entries"][-1]["sample_rate"])
+        assert info["final_epsilon"] == pytest.approx(ledger["entries"][-1]["epsilon_after"])
 
 
 def test_unregistered_node_and_plain_client_are_refused(federation) -> None:

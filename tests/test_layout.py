@@ -104,6 +104,7 @@ PUBLIC = {
         "Participant",
         "ParticipantStatus",
         "RoundPrivacy",
+        "SitePolicy",
         "TrainResult",
         "evaluate",
         "ledger_path",

@@ -119,12 +119,36 @@ def test_unbounded_budget_never_refuses(tmp_path: Path) -> None:
     assert ledger.epsilon() > 10
 
 
-def test_going_back_to_an_earlier_round_is_refused(tmp_path: Path) -> None:
-    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+def test_a_round_far_ahead_or_going_back_never_locks_the_ledger(tmp_path: Path) -> None:
+    # Round numbers are the coordinator's labels: round 1000 then round 2 (a coordinator poisoning
+    # the order, or a new run in the same state folder) are two releases, both charged, and the
+    # ledger keeps taking rounds; only the budget refuses.
+    path = tmp_path / "ledger.json"
+    ledger = _open(path, budget_epsilon=None)
+    ledger.record_round(round=1000, **ROUND)
     ledger.record_round(round=2, **ROUND)
-    with pytest.raises(PrivacyError, match="before the last recorded round 2"):
-        ledger.record_round(round=1, **ROUND)
-    assert len(ledger.entries) == 1
+    ledger.record_round(round=1, run="another run", **ROUND)
+    save_ledger(ledger, path)
+    again = _open(path, budget_epsilon=None)
+    assert [(e.round, e.attempt, e.run) for e in again.entries] == [
+        (1000, 1, None),
+        (2, 1, None),
+        (1, 1, "another run"),
+    ]
+    assert again.epsilon() == epsilon_from_history(
+        [(1.0, 0.01, 100)] * 3, delta=DELTA, accountant="rdp"
+    )
+
+
+def test_a_ledger_with_miscounted_attempts_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path, budget_epsilon=None)
+    ledger.record_round(round=1, **ROUND)
+    data = json.loads(ledger.model_dump_json())
+    data["entries"][0]["attempt"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(PrivacyError, match="cannot be read"):
+        _open(path, budget_epsilon=None)
 
 
 def test_redone_round_is_charged_again(tmp_path: Path) -> None:

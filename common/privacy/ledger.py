@@ -13,17 +13,23 @@ Use it in this order in each round::
     ledger.record_round(round=r, noise_multiplier=s, sample_rate=q, steps=n_taken)
     save_ledger(ledger, path)                                        # before the update leaves
 
-A round can be *redone*: a process that dies after a round was charged but before its checkpoint
-runs that round again after a resume.  The redone round releases a new, independently noised
-update, so it is a new release and is charged again (composition): the ledger keeps one entry per
-attempt (``attempt`` 1, 2, ...) and the cumulative epsilon counts every one of them.  Nothing is
-skipped or overwritten, and a redo that would pass the budget is refused like any other round.
+A round can be *redone*: a coordinator that dies after a round was charged but before its
+checkpoint asks for that round again after a resume.  A site that kept the update it released
+sends the same update again (the same output released twice costs nothing more; the entry's
+``release`` names it).  A redo whose update was not kept, or whose inputs differ, releases a new,
+independently noised update: a new release, charged again (composition), as the next ``attempt``
+of that round.  Nothing is skipped or overwritten, and a release that would pass the budget is
+refused like any other round.
+
+Round numbers are the coordinator's *labels*, not the ledger's order: the ledger's own order is
+the order of its entries, and a round number far ahead or going back (another run in the same
+state folder, or a coordinator that wants to lock the site out) is charged like any other release
+and never blocks the rounds after it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import tempfile
@@ -72,8 +78,13 @@ class LedgerEntry(BaseModel):
     recorded_at
         When the round was recorded (ISO 8601, UTC).
     attempt
-        1 for the first release of this round number, 2, 3, ... for each redo of it (after a
-        crash and resume); every attempt is charged.
+        1 for the first release of this round number (in this run), 2, 3, ... for each redo of it
+        (after a crash and resume); every attempt is charged.
+    run
+        The coordinator's run this round belonged to (a label; ``None``: not known).
+    release
+        The fingerprint of the inputs the released update was trained on (``None``: not kept); a
+        kept update with this fingerprint may be sent again at no further cost.
 
     """
 
@@ -86,6 +97,8 @@ class LedgerEntry(BaseModel):
     epsilon_after: float = Field(ge=0)
     recorded_at: str
     attempt: int = Field(default=1, ge=1)
+    run: str | None = None
+    release: str | None = None
 
     @field_validator("recorded_at")
     @classmethod
@@ -117,8 +130,8 @@ class Ledger(BaseModel):
     planned_noise_multiplier
         The noise multiplier calibrated at the client's first round, reused after restarts.
     entries
-        The recorded rounds in increasing round order; a redone round repeats its round number
-        with the next ``attempt``.
+        The releases in the order they were made; a redone round repeats its round number (and
+        run) with the next ``attempt``.
 
     """
 
@@ -143,25 +156,30 @@ class Ledger(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _rounds_increase(self) -> Ledger:
-        for a, b in itertools.pairwise(self.entries):
-            expected = a.attempt + 1 if b.round == a.round else 1
-            if b.round < a.round or b.attempt != expected:
+    def _attempts_count(self) -> Ledger:
+        seen: dict[tuple[str | None, int], int] = {}
+        for e in self.entries:
+            expected = seen.get((e.run, e.round), 0) + 1
+            if e.attempt != expected:
                 rounds = [(e.round, e.attempt) for e in self.entries]
                 raise ValueError(
-                    "ledger rounds must increase, a repeated round with the next attempt number; "
+                    "ledger attempts must count the releases of each (run, round): 1, 2, ...; "
                     f"got (round, attempt) = {rounds}"
                 )
-        if self.entries and self.entries[0].attempt != 1:
-            raise ValueError("the first ledger entry must be attempt 1")
+            seen[(e.run, e.round)] = expected
         return self
 
-    def attempts(self) -> dict[int, int]:
-        """How many times each recorded round was charged (more than 1: it was redone)."""
+    def attempts(self, run: str | None = None) -> dict[int, int]:
+        """How many times each round of ``run`` was charged (more than 1: it was redone)."""
         out: dict[int, int] = {}
         for e in self.entries:
-            out[e.round] = e.attempt
+            if e.run == run:
+                out[e.round] = e.attempt
         return out
+
+    def released(self, release: str) -> LedgerEntry | None:
+        """The entry that charged the release with this fingerprint (``None``: never charged)."""
+        return next((e for e in self.entries if e.release == release), None)
 
     def history(self) -> list[HistoryEntry]:
         """The recorded rounds as Opacus accountant history entries."""
@@ -230,24 +248,35 @@ class Ledger(BaseModel):
         return projected
 
     def record_round(
-        self, *, round: int, noise_multiplier: float, sample_rate: float, steps: int
+        self,
+        *,
+        round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        run: str | None = None,
+        release: str | None = None,
     ) -> LedgerEntry:
-        """Append a round, after checking it against the budget.
+        """Append a release, after checking it against the budget.
 
         Call it after training and *before* the update leaves the client, then :func:`save_ledger`;
         if it raises, the update must be discarded (an update that is never released spends no
         privacy, so refusing here keeps the budget).  Nothing is appended when it raises.
 
-        The last recorded round number may come again (the round was redone after a crash and
-        resume): that is a new release and is recorded as the next attempt of that round, charged
-        in full.
+        ``round`` is the coordinator's label: any round number is charged in the order it comes,
+        one already recorded for ``run`` (a redo after a crash and resume) as its next attempt.
+        No round number makes the ledger refuse later ones; only the budget does.
 
         Parameters
         ----------
         round
-            The federated round number; not below the last recorded round.
+            The coordinator's round number.
         noise_multiplier, sample_rate, steps
             The settings the round actually ran with.
+        run
+            The coordinator's run (a label).
+        release
+            The fingerprint of the inputs of the released update, when the site keeps it.
 
         Returns
         -------
@@ -259,22 +288,12 @@ class Ledger(BaseModel):
         BudgetExhaustedError
             When the round would pass the budget.
         PrivacyError
-            When the round is before the last recorded one, the settings are out of range, or the
-            round gives no finite guarantee.
+            When the settings are out of range, or the round gives no finite guarantee.
 
         """
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise PrivacyError(f"round must be an integer >= 0, got {round!r}")
-        last = self.entries[-1] if self.entries else None
-        if last is not None and round < last.round:
-            # Fail-closed: a resume redoes at most the round that was in flight, so going further
-            # back means this ledger belongs to another run (or the clock of rounds was reset).
-            raise PrivacyError(
-                f"client {self.client_id!r}: round {round} is before the last recorded round "
-                f"{last.round}: going back in time suggests a stale ledger of another run",
-                fix="check that the client state dir belongs to this federation run",
-            )
-        attempt = last.attempt + 1 if last is not None and round == last.round else 1
+        attempt = self.attempts(run).get(round, 0) + 1
         projected = self.check_round(
             noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
         )
@@ -292,12 +311,14 @@ class Ledger(BaseModel):
             epsilon_after=projected,
             recorded_at=datetime.now(UTC).isoformat(),
             attempt=attempt,
+            run=run,
+            release=release,
         )
         self.entries.append(entry)
         if attempt > 1:
             log.warning(
-                "%s: round %d redone (attempt %d, after a crash and resume): charged again, "
-                "cumulative eps=%.4f",
+                "%s: round %d released again (attempt %d, new inputs or no kept update): charged "
+                "again, cumulative eps=%.4f",
                 self.client_id,
                 round,
                 attempt,
