@@ -127,3 +127,20 @@ def test_the_guard_ends_a_grandchild_in_another_session(tmp_path: Path) -> None:
     finally:
         if guard.poll() is None:
             guard.kill()
+
+
+def test_rejections_and_skipped_rounds_reach_the_coordinators_console(tmp_path: Path) -> None:
+    from privet.server.deploy import _Notes
+
+    log = tmp_path / "run.log"
+    log.write_text(
+        "INFO: something else\n"
+        "12/04 WARNING privet: round 1: rejected the update of site-c: update norm 4183 exceeds\n"
+        "12/04 WARNING privet: round 2: not aggregated: 1 valid train replies, fewer than 2\n"
+    )
+    seen: list[str] = []
+    _Notes(log, seen.append, offset=0).poll()
+    assert seen == [
+        "round 1: rejected the update of site-c: update norm 4183 exceeds",
+        "round 2: not aggregated: 1 valid train replies, fewer than 2",
+    ]

@@ -168,6 +168,9 @@ def _port_free(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        # as a restarted coordinator's nginx binds: the sites' closed connections may linger in
+        # TIME_WAIT, but nothing may still listen there
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
