@@ -276,3 +276,23 @@ def test_a_deployed_site_is_never_named_by_the_partition_it_reports() -> None:
     s.aggregate_train(1, [reply(1, values, partition=0), reply(2, values, partition=0)])
     # node 2 claims to play client-0; it is named by its (unnamed) key instead
     assert s.current.clients_trained == ["site-a", "node-2"]
+
+
+def test_a_deployed_site_that_fails_is_named_by_its_key_even_if_it_joined_late() -> None:
+    from flwr.app import ConfigRecord, Error, Message
+    from flwr.proto.node_pb2 import NodeInfo
+
+    known = [NodeInfo(node_id=1, name="site-a")]
+
+    class _Late(NodesGrid):
+        def get_nodes(self):  # type: ignore[no-untyped-def,override]
+            return list(known)
+
+    grid = _Late([1, 3])
+    s = RecordingStrategy(
+        FedAvg(min_train_nodes=1, min_available_nodes=1), client_names=NAMES, deployed=True
+    )
+    list(s.configure_train(1, arrays(SENT), ConfigRecord({}), grid))
+    known.append(NodeInfo(node_id=3, name="site-c"))  # listed after the round began
+    s.aggregate_train(1, [Message(Error(code=1, reason="boom"), reply_to=_ins(3))])
+    assert s.current.errors == {"site-c": "boom"}
