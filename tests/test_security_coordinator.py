@@ -144,3 +144,41 @@ def test_rejections_and_skipped_rounds_reach_the_coordinators_console(tmp_path: 
         "round 1: rejected the update of site-c: update norm 4183 exceeds",
         "round 2: not aggregated: 1 valid train replies, fewer than 2",
     ]
+
+
+def test_a_round_with_fewer_replies_than_min_train_clients_keeps_the_model(tmp_path: Path) -> None:
+    """Seed 3: in round 1 one of the two clients drops out, in round 2 both reply."""
+    import torch
+
+    from privet.common.config import load_config
+    from privet.server.rundir import checkpoint_path, load_checkpoint, read_metrics
+    from privet.simulations.run import simulate
+
+    cfg = load_config(
+        None,
+        [
+            "model.num_hidden_layers=1",
+            "model.max_length=32",
+            "data.max_examples=200",
+            "data.num_clients=2",
+            "federation.rounds=2",
+            "federation.min_train_clients=2",
+            "federation.fraction_evaluate=0",
+            "privacy.enabled=false",
+            "train.local_epochs=0.5",
+            "train.num_threads=1",
+            "faults.dropout=0.5",
+            "faults.seed=3",
+            "simulation.engine='inprocess'",
+            f"simulation.output_dir='{tmp_path}'",
+        ],
+    )
+    run_dir = simulate(cfg)
+    r0, r1, r2 = read_metrics(run_dir)
+    assert r1["aggregated"] is False and len(r1["errors"]) == 1
+    assert "fewer than the 2 needed (federation.min_train_clients)" in r1["skipped"]
+    assert r2["aggregated"] is True and r2["skipped"] is None
+    # round 1 left the global model as it was: the same server evaluation as round 0's
+    assert (r1["server_loss"], r1["server_accuracy"]) == (r0["server_loss"], r0["server_accuracy"])
+    one, two = (load_checkpoint(checkpoint_path(run_dir, n)) for n in (1, 2))
+    assert any(not torch.equal(one[k], two[k]) for k in one)  # round 2 trained
