@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 	@# strict editable installs list files at install time: refresh so new modules are found
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict >/dev/null 2>&1 || true
+	@# `privet server` puts nginx in front of Flower's SuperLink (only the Fleet API is public)
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo "note: \`privet server\` needs nginx: apt-get install nginx-light"
 
 demo: install
 	$(VENV)/bin/privet simulate $(ARGS)

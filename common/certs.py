@@ -25,6 +25,9 @@ __all__ = [
     "CertPaths",
     "cert_paths",
     "check_certificate",
+    "check_key_pair",
+    "check_node_key",
+    "check_private_files",
     "init_certs",
     "make_node_key",
     "node_public_keys",
@@ -249,3 +252,60 @@ def check_certificate(path: Path, *, now: dt.datetime | None = None) -> x509.Cer
     if t < cert.not_valid_before_utc:
         raise DeploymentError(f"certificate {path} is not valid before {cert.not_valid_before_utc}")
     return cert
+
+
+def check_key_pair(cert_path: Path, key_path: Path) -> None:
+    """Refuse a server key that is not the private half of the server certificate (one line)."""
+    cert = check_certificate(cert_path)
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise DeploymentError(f"private key {key_path} does not exist") from None
+    except (ValueError, TypeError) as exc:
+        raise DeploymentError(f"{key_path} is not an unencrypted PEM private key ({exc})") from None
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, fmt
+    ) != cert.public_key().public_bytes(serialization.Encoding.DER, fmt):
+        raise DeploymentError(
+            f"{key_path} is not the private key of the certificate {cert_path} (they come from "
+            "different `privet certs init` runs)",
+            fix="use the server.pem and server.key of one certificate folder, or make both again "
+            "with `privet certs init --overwrite`",
+        )
+
+
+def check_node_key(path: Path) -> None:
+    """Refuse a node public key that cannot be parsed, naming the file (not "not registered")."""
+    try:
+        serialization.load_ssh_public_key(Path(path).read_bytes())
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise DeploymentError(
+            f"node key {path} cannot be parsed as an OpenSSH public key ({exc})",
+            fix="replace it with the .pub file `privet certs node NAME` wrote",
+        ) from None
+
+
+def check_private_files(paths: list[Path]) -> list[str]:
+    """Warnings for private keys others may read; raises for one others may write.
+
+    A key anyone on the machine can overwrite (a world- or group-writable ``ca.key``) lets them
+    mint certificates the sites trust: refused. One they can read is a warning (some operators
+    share keys within a group on purpose).
+    """
+    warnings = []
+    for path in paths:
+        try:
+            mode = Path(path).stat().st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if mode & 0o022:
+            raise DeploymentError(
+                f"private key {path} can be written by other users (mode {mode:o})",
+                fix=f"chmod 600 {path}, and check nobody replaced it",
+            )
+        if mode & 0o044:
+            warnings.append(
+                f"private key {path} can be read by other users (mode {mode:o}); `chmod 600 {path}`"
+            )
+    return warnings

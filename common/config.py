@@ -8,6 +8,7 @@ description that doubles as the config reference (``privet config-reference`` pr
 from __future__ import annotations
 
 import inspect
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -724,6 +725,27 @@ class FederationConfig(_Section):
         ),
     )
 
+    update_norm_factor: float | Literal["auto"] | None = Field(
+        "auto",
+        description=(
+            "Reject a train reply whose update norm exceeds this multiple of the median update norm "
+            "of the round's other valid replies (at least one other needed), so one site cannot "
+            "outvote the rest by scaling its update. 'auto': 10 in a deployment (`privet server`), "
+            "off in a simulation (whose [faults] studies measure attacks on the strategies); none: "
+            "off. Not applied under secure aggregation (the server never sees single updates)."
+        ),
+    )
+    max_examples_per_client: int | None = Field(
+        100_000,
+        ge=1,
+        description=(
+            "Reject a train reply that reports more num-examples than this: a reply's weight in the "
+            "average is its num-examples, so an unbounded claim would outvote every other site. Set "
+            "it to the largest honest site's training set (none: no bound, not advised in a "
+            "deployment)."
+        ),
+    )
+
     transport: Literal["float32", "float16", "int8"] = Field(
         "float32",
         description=(
@@ -732,6 +754,27 @@ class FederationConfig(_Section):
             "updates survive the rounding."
         ),
     )
+
+    @model_validator(mode="after")
+    def _norm_factor(self) -> FederationConfig:
+        f = self.update_norm_factor
+        if isinstance(f, float) and not (math.isfinite(f) and f > 1):
+            raise ValueError(
+                f"federation.update_norm_factor = {f} must be a number above 1 (e.g. 10), 'auto' "
+                "or none"
+            )
+        return self
+
+    def norm_factor(self, *, deployed: bool) -> float | None:
+        """The update-norm factor in force: ``'auto'`` is 10 in a deployment, off in a simulation."""
+        if self.update_norm_factor == "auto":
+            return AUTO_NORM_FACTOR if deployed else None
+        return self.update_norm_factor
+
+
+#: ``federation.update_norm_factor = 'auto'`` in a deployment: an honest site's update norm is
+#: within a small multiple of its peers' (same model, data size and DP noise); a 10x outlier is not.
+AUTO_NORM_FACTOR = 10.0
 
 
 class AggregationConfig(_Section):
@@ -967,9 +1010,14 @@ class DeploymentConfig(_Section):
     """The coordinator's network side when federating across machines (`privet server`)."""
 
     host: str = Field(
-        "0.0.0.0",
+        "127.0.0.1",
         min_length=1,
-        description="Interface the coordinator listens on (0.0.0.0: all; 127.0.0.1: this machine only).",
+        description=(
+            "Interface the sites' address listens on: 127.0.0.1 (this machine only, the default), "
+            "a public address of this machine, or 0.0.0.0 (all interfaces; `privet server --public "
+            "HOST`). Only the federation protocol is served there (a TLS proxy in front of Flower's "
+            "SuperLink); run control stays on loopback."
+        ),
     )
     port: int = Field(9092, ge=1, le=65535, description="Port clients connect to (HTTPS).")
     health_port: int = Field(

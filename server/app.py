@@ -51,7 +51,7 @@ from privet.server.secagg import SecAggGrid
 from privet.server.strategies import build_strategy
 from privet.server.tracking import Tracking, check_tracking, with_tracking
 from privet.server.transport import TransportGrid
-from privet.server.validation import make_reply_checks
+from privet.server.validation import make_reply_checks, make_round_checks
 
 __all__ = ["make_server_app"]
 
@@ -65,6 +65,7 @@ def make_server_app(
     observer: RoundObserver | None = None,
     resume: bool = False,
     simulated_nodes: int | None = None,
+    deployed: bool = False,
 ) -> ServerApp:
     """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``.
 
@@ -72,6 +73,7 @@ def make_server_app(
     checkpoint and a metrics line, with that round's global adapter (``server/rundir.py``).
     ``simulated_nodes`` (a simulation with fewer Flower nodes than clients) makes the strategy see
     the whole population while those nodes play the sampled clients (``server/population.py``).
+    ``deployed`` (``privet server``) turns ``federation.update_norm_factor = 'auto'`` on.
     """
     check_tracking(cfg.tracking)  # a missing tracker package stops here, before any round
     observer = with_tracking(cfg, run_dir=run_dir, observer=observer)
@@ -98,7 +100,16 @@ def make_server_app(
             checks=make_reply_checks(
                 max_update_norm=fed_cfg.max_update_norm,
                 max_examples={i: len(c.train) for i, c in enumerate(fed.clients)},
+                max_per_client=fed_cfg.max_examples_per_client,
             ),
+            # Under SecAgg+ every reply carries the same unmasked mean: nothing to compare.
+            round_checks=make_round_checks(
+                norm_factor=None
+                if cfg.privacy.secure_aggregation
+                else fed_cfg.norm_factor(deployed=deployed)
+            ),
+            min_replies=fed_cfg.min_train_clients,
+            deployed=deployed,
         )
         client_level = client_level_of(inner)
 

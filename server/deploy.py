@@ -6,9 +6,12 @@ This is privet's only server module that knows how Flower deploys; it:
    components point at :data:`server_app` and ``privet.client.deploy:client_app`` (installed with
    privet on both sides, so the app bundle carries no code) and whose run config carries the run
    directory and the federation's configuration for the clients;
-2. starts ``flower-superlink`` (TLS with the given certificates, node authentication, its database
-   in the run directory) and waits for its gRPC health service to say SERVING;
-3. registers the public keys in ``certs/nodes/`` (``flwr supernode register``);
+2. starts ``flower-superlink`` on a free loopback port (TLS with a per-start loopback certificate,
+   node authentication, its database in the run directory) and waits for its gRPC health service;
+3. registers the public keys in ``certs/nodes/`` (``flwr supernode register``, over loopback; a
+   second key for a name already bound in this run is refused) and starts nginx on
+   ``deployment.host:port`` with the federation's certificate, forwarding the Fleet API only
+   (``server/proxy.py``): run control and registration are not reachable from the sites' network;
 4. submits the run with ``flwr run --stream`` (runtime dependency installation off: privet is
    already installed), and follows ``metrics.jsonl`` so the terminal shows the same per-round
    table as a simulation;
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,12 +36,27 @@ import tomli_w
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from privet.common.certs import CertPaths, check_certificate, node_public_keys
+from privet.common.certs import (
+    CertPaths,
+    check_certificate,
+    check_key_pair,
+    check_node_key,
+    check_private_files,
+    init_certs,
+    node_public_keys,
+)
 from privet.common.config import PrivetConfig, dump_config, load_config
-from privet.common.deployment import Child, flower_env, flower_executable, wait_healthy
+from privet.common.deployment import (
+    Child,
+    flower_env,
+    flower_executable,
+    free_port,
+    wait_healthy,
+)
 from privet.common.errors import DeploymentError
 from privet.server.loop import WAITING
-from privet.server.recording import RoundObserver, RoundRecord
+from privet.server.proxy import start_proxy
+from privet.server.recording import NOTE_MARKS, RoundObserver, RoundRecord
 from privet.server.rundir import read_metrics
 
 __all__ = ["ServeResult", "serve", "server_app"]
@@ -59,7 +78,7 @@ def _main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config[RUN_DIR_KEY]))
     cfg = load_config(run_dir / "config.toml")
     resume = bool(context.run_config.get(RESUME_KEY, False))
-    make_server_app(cfg, run_dir=run_dir, resume=resume)(grid, context)
+    make_server_app(cfg, run_dir=run_dir, resume=resume, deployed=True)(grid, context)
 
 
 def _write_app(folder: Path, cfg: PrivetConfig, *, run_dir: Path, resume: bool) -> Path:
@@ -157,36 +176,60 @@ def serve(
     work = run_dir / "flower"
     home = work / "home"
     env = flower_env(home)
-    address = f"{'127.0.0.1' if dep.host in ('0.0.0.0', '::') else dep.host}:{dep.port}"
+    # The SuperLink serves run control and node registration beside the Fleet API on one port:
+    # it listens on loopback only, and nginx forwards the Fleet API from the public address.
+    upstream = free_port("127.0.0.1")
+    address = f"127.0.0.1:{upstream}"
     health = f"127.0.0.1:{dep.health_port}"
+    loopback: CertPaths | None = None
     if certs is not None:
-        check_certificate(certs.cert)
+        check_key_pair(certs.cert, certs.key)
         check_certificate(certs.ca)
+        for line in check_private_files([certs.ca_key, certs.key]):
+            log.warning("%s", line)
+        keys = node_public_keys(certs.ca.parent)
+        if not keys:
+            raise DeploymentError(
+                f"no node keys in {certs.nodes}: with node authentication no client could join",
+                fix=f"make one per site with `privet certs node SITE --out {certs.ca.parent}`",
+            )
+        for key in keys:
+            check_node_key(key)
+        _bind_names(keys, work / "node-names.json")
+        # The loopback hop has its own certificate for 127.0.0.1, made per start: the federation's
+        # may name only the public host, and nothing outside this machine needs to trust it.
+        loopback = init_certs(work / "loopback-certs", hosts=["127.0.0.1"], overwrite=True)
         tls = [
             "--ssl-ca-certfile",
-            str(certs.ca),
+            str(loopback.ca),
             "--ssl-certfile",
-            str(certs.cert),
+            str(loopback.cert),
             "--ssl-keyfile",
-            str(certs.key),
+            str(loopback.key),
             "--enable-supernode-auth",
         ]
     else:
         tls = ["--insecure"]
     app_dir = _write_app(work / "app", cfg, run_dir=run_dir, resume=resume)
-    _write_connection(home, address=address, certs=certs)
+    _write_connection(home, address=address, certs=loopback)
     _wait_for_previous_superlink(work / "superlink.db")
     children: list[Child] = []
     try:
         link = Child(
             "flower-superlink",
             [
+                # The guard ends the SuperExec and ServerApp processes the SuperLink starts in
+                # sessions of their own, which outlived a killed coordinator (common/guard.py).
+                sys.executable,
+                "-m",
+                "privet.common.guard",
+                "--",
                 flower_executable("flower-superlink"),
                 *tls,
                 "--host",
-                dep.host,
+                "127.0.0.1",
                 "--port",
-                str(dep.port),
+                str(upstream),
                 "--health-server-address",
                 health,
                 "--database",
@@ -196,22 +239,27 @@ def serve(
             log_file=work / "superlink.log",
             env=env,
             cwd=work,
-            # If privet dies, its SuperLink dies at once: its state is in SQLite (durable at each
-            # commit), while a graceful stop waits for the sites' open connections (a minute was
-            # seen), holding the port and the database a resumed coordinator needs.
-            death_signal=signal.SIGKILL,
+            # If privet dies, its SuperLink dies at once (the guard SIGKILLs its whole tree): its
+            # state is in SQLite (durable at each commit), while a graceful stop waits for the
+            # sites' open connections (a minute was seen), holding the port and the database a
+            # resumed coordinator needs.
+            death_signal=signal.SIGTERM,
         )
         children.append(link)
         wait_healthy(health, child=link, timeout=dep.startup_timeout)
         if certs is not None:
-            keys = node_public_keys(certs.ca.parent)
-            if not keys:
-                raise DeploymentError(
-                    f"no node keys in {certs.nodes}: with node authentication no client could join",
-                    fix=f"make one per site with `privet certs node SITE --out {certs.ca.parent}`",
-                )
-            for key in keys:
+            for key in node_public_keys(certs.ca.parent):
                 _register(key, env=env, cwd=work)
+        children.append(
+            start_proxy(
+                folder=work / "proxy",
+                host=dep.host,
+                port=dep.port,
+                upstream_port=upstream,
+                certs=certs,
+                upstream_ca=None if loopback is None else loopback.ca,
+            )
+        )
         if on_ready is not None:
             on_ready()
         # A resumed run appends to the same log: only this run's lines are notes.
@@ -274,6 +322,31 @@ def _wait_for_previous_superlink(database: Path) -> None:
             )
         log.info("waiting for the previous SuperLink (pid %s) of this run to exit", pids)
         time.sleep(1.0)
+
+
+def _bind_names(keys: list[Path], record: Path) -> None:
+    """Bind each site name to its key for the life of the run: another key for a name is refused.
+
+    The SuperLink would accept a second key under an existing name (names are labels to Flower),
+    and the records name sites by it; so the first key registered for a name in this run directory
+    stays that name's key (``node-names.json``), whatever later appears in ``certs/nodes/``.
+    """
+    import hashlib
+    import json
+
+    known: dict[str, str] = {}
+    if record.exists():
+        known = json.loads(record.read_text(encoding="utf-8"))
+    for key in keys:
+        digest = hashlib.sha256(key.read_bytes().split()[1]).hexdigest()
+        if known.setdefault(key.stem, digest) != digest:
+            raise DeploymentError(
+                f"site {key.stem!r} is already registered in this run with another key; {key} is a "
+                "second key for that name and is refused",
+                fix=f"restore the site's original key in {key}, or give the new key another name",
+            )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
 
 
 #: Tries to register one node key while the SuperLink's Control API is still coming up, and the
@@ -395,6 +468,10 @@ class _Notes:
         for line in chunk.decode("utf-8", errors="replace").splitlines():
             if WAITING in line:
                 self.on_note(line[line.index(WAITING) :])
+            elif mark := next((m for m in NOTE_MARKS if m in line), None):
+                # A dropped reply or a skipped round: the operator must see it, not only the file.
+                at = line.find("round ")
+                self.on_note(line[at:] if 0 <= at < line.index(mark) else line[line.index(mark) :])
 
 
 def _record(rec: dict[str, object]) -> RoundRecord:

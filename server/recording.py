@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,13 +19,28 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["RecordingStrategy", "ReplyCheck", "RoundObserver", "RoundRecord"]
+__all__ = [
+    "NOTE_MARKS",
+    "RecordingStrategy",
+    "ReplyCheck",
+    "RoundCheck",
+    "RoundObserver",
+    "RoundRecord",
+]
 
 log = logging.getLogger("privet")
 
 #: Inspects one successful train reply against the arrays that were sent; returns the reason to
 #: reject it, or None to accept it.
 ReplyCheck = Callable[[Message, ArrayRecord], "str | None"]
+#: Inspects the round's replies that passed every :data:`ReplyCheck` together (e.g. a norm far
+#: above the others'); returns one reason to reject, or None, per reply.
+RoundCheck = Callable[[Sequence[Message], ArrayRecord], "list[str | None]"]
+
+#: How the log lines start that a deployed coordinator shows on its console (``privet server``
+#: reads them from the ServerApp's log): a dropped reply, a round that was not aggregated.
+REJECTED, NOT_AGGREGATED = "rejected the update of", "not aggregated"
+NOTE_MARKS = (REJECTED, NOT_AGGREGATED)
 
 
 @dataclass
@@ -60,6 +75,8 @@ class RoundRecord:
     #: Training examples each client reported (``num-examples``): its sampling rate is the
     #: batch size over this count, as its own ledger has it (a site's data is not the server's).
     examples_per_client: dict[str, int] = field(default_factory=dict)
+    #: Why the round kept the previous global model, when it did (``aggregated`` is False).
+    skipped: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The record as a JSON-ready dictionary."""
@@ -93,9 +110,16 @@ class RecordingStrategy(Strategy):
     checks
         Reply checks run on every successful train reply before aggregation; a reply any check
         rejects is dropped, logged and recorded in ``RoundRecord.rejected``.
+    round_checks
+        Run on the replies that passed ``checks``, together (a norm far above the others');
+        rejections are handled the same way.
     min_replies
-        Fewest valid replies a round aggregates; with fewer the global model stays as it was and
-        ``RoundRecord.aggregated`` is False.
+        Fewest valid replies a round aggregates (``federation.min_train_clients``); with fewer
+        the global model stays as it was, ``RoundRecord.aggregated`` is False and
+        ``RoundRecord.skipped`` says why.
+    deployed
+        Sites are real (``privet server``): a reply is named only by the name its node key was
+        registered under, never by the ``partition-id`` it reports (a site could claim another's).
 
     """
 
@@ -106,9 +130,14 @@ class RecordingStrategy(Strategy):
         client_names: list[str],
         observer: RoundObserver | None = None,
         checks: Iterable[ReplyCheck] = (),
+        round_checks: Iterable[RoundCheck] = (),
         min_replies: int = 1,
+        deployed: bool = False,
     ) -> None:
         self.inner = inner
+        self.round_checks = list(round_checks)
+        self.deployed = deployed
+        self._grid: Grid | None = None
         self.min_replies = min_replies
         self.client_names = client_names
         self.observer = observer
@@ -136,8 +165,13 @@ class RecordingStrategy(Strategy):
         reply reports, remembered for the node (a simulated node keeps its client); else
         ``node-<id>``.
         """
+        if self.deployed and node_id not in self.node_names and self._grid is not None:
+            # A node that joined (or failed) after the round's list was read: ask again.
+            self.learn_node_names(self._grid)
         if node_id in self.node_names:
             return self.node_names[node_id]
+        if self.deployed:
+            return f"node-{node_id}"
         if metrics is not None and "partition-id" in metrics:
             pid = int(metrics["partition-id"])  # type: ignore[arg-type]
             if 0 <= pid < len(self.client_names):
@@ -164,6 +198,7 @@ class RecordingStrategy(Strategy):
         self.current = RoundRecord(round=server_round)
         self._round_start = time.perf_counter()
         self._sent = arrays
+        self._grid = grid
         self.learn_node_names(grid)
         if self.observer is not None:
             self.observer.round_started(server_round)
@@ -191,8 +226,7 @@ class RecordingStrategy(Strategy):
         """Record each reply (or error) per client, drop rejected ones, aggregate the rest."""
         rec = self.current
         kept: list[Message] = []
-        losses: list[float] = []
-        weights: list[float] = []
+        candidates: list[tuple[str, Message]] = []
         for msg in replies:
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
@@ -207,13 +241,29 @@ class RecordingStrategy(Strategy):
             if "arrays" in msg.content.array_records:
                 rec.bytes_received += msg.content.array_records["arrays"].count_bytes()
             rejection = self._first_rejection(msg)
+            if rejection is None and any(name == other for other, _ in candidates):
+                # One name, one vote: a second reply under a name already heard this round.
+                rejection = f"a second reply under the name {name!r} in this round"
             if rejection is not None:
-                rec.rejected[name] = rejection
-                log.warning(
-                    "round %d: rejected the update of %s: %s", server_round, name, rejection
-                )
+                self._reject(server_round, name, rejection)
                 continue
+            candidates.append((name, msg))
+        for check in self.round_checks:
+            try:
+                reasons = check([m for _, m in candidates], self._sent)
+            except Exception as exc:  # a malformed reply must not end the round
+                reasons = [
+                    f"the replies could not be compared ({type(exc).__name__}: {exc})"
+                ] * len(candidates)
+            for (name, _), why in zip(candidates, reasons, strict=True):
+                if why:
+                    self._reject(server_round, name, why)
+            candidates = [c for c, r in zip(candidates, reasons, strict=True) if not r]
+        losses: list[float] = []
+        weights: list[float] = []
+        for name, msg in candidates:
             kept.append(msg)
+            metrics = msg.content.metric_records.get("metrics")
             if metrics is None:
                 continue
             rec.clients_trained.append(name)
@@ -235,16 +285,25 @@ class RecordingStrategy(Strategy):
         valid = sum(1 for m in kept if not m.has_error())
         if valid < self.min_replies:
             rec.aggregated = False
+            rec.skipped = (
+                f"{valid} valid train replies, fewer than the {self.min_replies} needed "
+                "(federation.min_train_clients)"
+            )
             log.warning(
-                "round %d: %d valid replies, fewer than the %d needed; the global model stays",
+                "round %d: %s: %s; the global model stays",
                 server_round,
-                valid,
-                self.min_replies,
+                NOT_AGGREGATED,
+                rec.skipped,
             )
             return None, None
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
         rec.aggregated = arrays is not None
         return _same_dtypes(arrays, self._sent), metrics
+
+    def _reject(self, server_round: int, name: str, reason: str) -> None:
+        """Record and log (on the coordinator's console too) one dropped reply."""
+        self.current.rejected[name] = reason
+        log.warning("round %d: %s %s: %s", server_round, REJECTED, name, reason)
 
     def _first_rejection(self, msg: Message) -> str | None:
         """The first check's reason to reject ``msg``; a check that fails counts as a rejection."""

@@ -9,16 +9,23 @@ raises) or a huge update as readily as a good one. Hence our own checks, on top 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from privet.common.arrays import arrayrecord_to_state, check_update
 from privet.common.errors import UpdateError
-from privet.server.recording import ReplyCheck
+from privet.server.recording import ReplyCheck, RoundCheck
 
-__all__ = ["check_num_examples", "check_structure", "make_reply_checks", "update_norm"]
+__all__ = [
+    "check_num_examples",
+    "check_structure",
+    "make_reply_checks",
+    "make_round_checks",
+    "norm_outliers",
+    "update_norm",
+]
 
 
 def check_structure(msg: Message, sent: ArrayRecord) -> str | None:
@@ -47,12 +54,17 @@ def update_norm(reply: ArrayRecord, sent: ArrayRecord) -> float:
 
 
 def check_num_examples(
-    msg: Message, *, max_examples: Mapping[int, int] | None = None
+    msg: Message,
+    *,
+    max_examples: Mapping[int, int] | None = None,
+    max_per_client: int | None = None,
 ) -> str | None:
     """``num-examples`` is a positive whole number, at most the client's known training set size.
 
     ``max_examples`` maps a ``partition-id`` to the size of that client's training split, where the
     server knows it (a simulation); a client that claims more inflates its weight in the average.
+    ``max_per_client`` (``federation.max_examples_per_client``) bounds every claim, also where the
+    server cannot know a site's data (a deployment).
     """
     metrics = msg.content.metric_records.get("metrics")
     raw = None if metrics is None else metrics.get("num-examples")
@@ -61,6 +73,10 @@ def check_num_examples(
     n = float(raw)  # type: ignore[arg-type]
     if not math.isfinite(n) or n <= 0 or n != int(n):
         return f"num-examples = {raw!r} is not a positive whole number"
+    if max_per_client is not None and n > max_per_client:
+        return (
+            f"num-examples = {int(n)} exceeds federation.max_examples_per_client = {max_per_client}"
+        )
     if max_examples is not None and metrics is not None and "partition-id" in metrics:
         limit = max_examples.get(int(metrics["partition-id"]))  # type: ignore[arg-type]
         if limit is not None and n > limit:
@@ -69,7 +85,10 @@ def check_num_examples(
 
 
 def make_reply_checks(
-    *, max_update_norm: float | None = None, max_examples: Mapping[int, int] | None = None
+    *,
+    max_update_norm: float | None = None,
+    max_examples: Mapping[int, int] | None = None,
+    max_per_client: int | None = None,
 ) -> list[ReplyCheck]:
     """The checks of ``federation``: structure, num-examples, then the optional norm bound.
 
@@ -79,6 +98,8 @@ def make_reply_checks(
         Reject an update whose L2 distance to the weights sent exceeds this (``None``: no bound).
     max_examples
         Training split size per ``partition-id``, where known.
+    max_per_client
+        Largest ``num-examples`` any reply may report (``federation.max_examples_per_client``).
 
     Returns
     -------
@@ -88,7 +109,7 @@ def make_reply_checks(
     """
 
     def _examples(msg: Message, sent: ArrayRecord) -> str | None:
-        return check_num_examples(msg, max_examples=max_examples)
+        return check_num_examples(msg, max_examples=max_examples, max_per_client=max_per_client)
 
     checks: list[ReplyCheck] = [check_structure, _examples]
     if max_update_norm is not None:
@@ -103,3 +124,54 @@ def make_reply_checks(
 
         checks.append(_norm)
     return checks
+
+
+def norm_outliers(norms: Sequence[float], *, factor: float) -> list[str | None]:
+    """For each update norm, the reason to reject it as an outlier among its round's, or None.
+
+    A norm is an outlier when it exceeds ``factor`` times the median of the *other* norms. Leaving
+    the norm itself out of its median is what makes the rule hold with two sites: a site that
+    scales its update 1000x is compared with the honest one and dropped, while the honest one,
+    compared with the attacker, stays. A round with a single reply has nothing to compare with.
+    """
+    out: list[str | None] = []
+    for i, norm in enumerate(norms):
+        others = [n for j, n in enumerate(norms) if j != i]
+        if not others:
+            out.append(None)
+            continue
+        median = float(np.median(others))
+        if norm > factor * median:
+            out.append(
+                f"update norm {norm:.4g} exceeds federation.update_norm_factor = {factor:g} times "
+                f"the median {median:.4g} of the round's other replies"
+            )
+        else:
+            out.append(None)
+    return out
+
+
+def make_round_checks(*, norm_factor: float | None) -> list[RoundCheck]:
+    """Checks that compare a round's replies with each other (after :func:`make_reply_checks`).
+
+    Parameters
+    ----------
+    norm_factor
+        ``federation.update_norm_factor`` in force (``None``: no relative norm bound).
+
+    Returns
+    -------
+    list
+        Checks for ``RecordingStrategy(round_checks=...)``; each returns one reason or None per
+        reply.
+
+    """
+    if norm_factor is None:
+        return []
+    factor = norm_factor
+
+    def _relative_norm(replies: Sequence[Message], sent: ArrayRecord) -> list[str | None]:
+        norms = [update_norm(m.content.array_records["arrays"], sent) for m in replies]
+        return norm_outliers(norms, factor=factor)
+
+    return [_relative_norm]

@@ -76,6 +76,14 @@ def server(
             "--resume", help="Continue the run in this run directory after its last round."
         ),
     ] = None,
+    public: Annotated[
+        str | None,
+        typer.Option(
+            "--public",
+            help="Listen for sites on this address of the machine (0.0.0.0: all interfaces); "
+            "the default, deployment.host = 127.0.0.1, admits sites on this machine only.",
+        ),
+    ] = None,
 ) -> None:
     """Start the coordinator: Flower's SuperLink, privet's ServerApp, and a live per-round table.
 
@@ -129,6 +137,10 @@ def server(
         )
         cfg = cfg.model_copy(update={"data": data})
         run_dir = create_run_dir(cfg)
+    if public is not None:
+        cfg = cfg.model_copy(
+            update={"deployment": cfg.deployment.model_copy(update={"host": public})}
+        )
     _announce_privacy(cfg)
     where = f"{cfg.deployment.host}:{cfg.deployment.port}"
     console.print(f"starting the coordinator on {where}; run directory {run_dir}")
@@ -237,6 +249,21 @@ def client(
             help="Seconds to keep trying to reach a coordinator that went away before leaving.",
         ),
     ] = 600.0,
+    test_attack: Annotated[
+        str | None,
+        typer.Option(
+            "--test-attack",
+            hidden=True,
+            help="TESTING ONLY: play a malicious site ([faults] attack: scale, sign_flip, ...).",
+        ),
+    ] = None,
+    test_attack_scale: Annotated[
+        float, typer.Option("--test-attack-scale", hidden=True, help="TESTING ONLY.")
+    ] = 1000.0,
+    test_claim_examples: Annotated[
+        int | None,
+        typer.Option("--test-claim-examples", hidden=True, help="TESTING ONLY: num-examples sent."),
+    ] = None,
 ) -> None:
     """Join a federation with this site's own data, policy and ledger (a Flower SuperNode).
 
@@ -260,6 +287,16 @@ def client(
         reconnect_timeout=reconnect_timeout,
     )
     site = SiteClient(settings, server=server_address, ca=ca, key=key, insecure=insecure)
+    if test_attack is not None:
+        from privet.simulations.faults import AttackingApp
+
+        err_console.print(f"[bold red]TESTING: this site attacks ({test_attack})[/bold red]")
+        site.app = AttackingApp(  # type: ignore[assignment]
+            site.app,
+            attack=test_attack,
+            scale=test_attack_scale,
+            claim_examples=test_claim_examples,
+        )
     site.preflight()
     _sigterm_as_interrupt()
     refused = (

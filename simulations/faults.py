@@ -1,7 +1,6 @@
 """Misbehaving federations on demand: dropouts, stragglers and Byzantine clients, from ``[faults]``.
 
-Simulation only: a Flower mod around the ClientApp's train function plus a data hook for label
-flipping, both deterministic in ``faults.seed`` (who attacks, who is slow, who drops out in which
+A Flower mod around the ClientApp's train function plus a data hook for label flipping, both deterministic in ``faults.seed`` (who attacks, who is slow, who drops out in which
 round). The honest client code is untouched; the server sees only what a real federation would send
 it. Flower ships no fault injection for its simulation engine; hence our own.
 
@@ -32,7 +31,7 @@ from privet.client.app import message_partition
 from privet.common.config import FaultsConfig
 from privet.common.data import ClientData, Examples
 
-__all__ = ["ERROR_DROPOUT", "ERROR_LATE", "FaultPlan"]
+__all__ = ["ERROR_DROPOUT", "ERROR_LATE", "AttackingApp", "FaultPlan"]
 
 log = logging.getLogger("privet")
 
@@ -183,3 +182,46 @@ class FaultPlan:
             return reply
 
         return _faults
+
+
+class AttackingApp:
+    """A deployed site's ClientApp that attacks every round: for tests only.
+
+    ``privet client --test-attack ...`` (hidden options) wraps the site's real app in it, so a
+    test can play a malicious site against a real coordinator: the honest update is trained (and
+    charged to the ledger), then replaced as ``[faults] attack`` says, and ``num-examples`` can be
+    inflated (``claim_examples``) to outvote the other sites.
+    """
+
+    def __init__(
+        self,
+        app: ClientAppCallable,
+        *,
+        attack: str,
+        scale: float = 1000.0,
+        claim_examples: int | None = None,
+    ) -> None:
+        self.app = app
+        faults = FaultsConfig.model_validate(
+            {"byzantine_fraction": 0.5, "attack": attack, "attack_scale": scale}
+        )
+        self.plan = FaultPlan(faults, num_clients=1, round_timeout=float("inf"))
+        self.claim_examples = claim_examples
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        """Run the real app; corrupt a successful train reply before it leaves."""
+        sent = message.content.array_records.get("arrays")
+        reply = self.app(message=message, context=context)  # type: ignore[call-arg]
+        if message.metadata.message_type != "train" or reply.has_error() or sent is None:
+            return reply
+        if "arrays" in reply.content.array_records and self.plan.faults.attack != "label_flip":
+            conf = message.content.config_records.get("config")
+            server_round = int(str(conf.get("server-round", 0))) if conf is not None else 0
+            reply.content["arrays"] = self.plan.corrupt(
+                sent, reply.content.array_records["arrays"], partition=0, server_round=server_round
+            )
+        metrics = reply.content.metric_records.get("metrics")
+        if self.claim_examples is not None and metrics is not None:
+            metrics["num-examples"] = self.claim_examples
+        log.warning("test attack: sent a %s update", self.plan.faults.attack)
+        return reply

@@ -186,3 +186,113 @@ def test_a_simulated_node_is_named_by_the_client_it_reported_playing() -> None:
     # later lines about that node (the "still waiting" notes) use the client's name
     assert s.name_of(None, 3) == "client-2"
     assert s.name_of(None, 4) == "node-4"
+
+
+# --- bounded replies (issue 13): one site cannot outvote the rest --------------------------------
+
+
+def test_an_outlier_is_judged_against_the_median_of_the_others() -> None:
+    from privet.server.validation import norm_outliers
+
+    # two sites: the 1000x one is compared with the honest one and dropped; the honest one stays
+    reasons = norm_outliers([1.771, 1771.0], factor=10.0)
+    assert reasons[0] is None
+    assert reasons[1] is not None and "1771" in reasons[1] and "1.771" in reasons[1]
+    # exactly at the bound is kept; just over it is not
+    assert norm_outliers([1.0, 10.0], factor=10.0) == [None, None]
+    assert norm_outliers([1.0, 10.01], factor=10.0)[1] is not None
+    # one reply has nothing to compare with
+    assert norm_outliers([1e9], factor=10.0) == [None]
+    # the median of the others, not their mean: one huge peer does not lift the bound
+    out = norm_outliers([1.0, 1.0, 1.0, 50.0], factor=10.0)
+    assert out[:3] == [None, None, None] and out[3] is not None
+
+
+def test_a_scaled_update_with_a_huge_num_examples_is_dropped_and_the_rest_aggregated() -> None:
+    from flwr.app import ConfigRecord
+
+    from privet.server.validation import make_round_checks
+
+    s = RecordingStrategy(
+        FedAvg(min_train_nodes=1, min_available_nodes=1),
+        client_names=NAMES,
+        checks=make_reply_checks(max_per_client=100_000),
+        round_checks=make_round_checks(norm_factor=10.0),
+        min_replies=2,
+    )
+    list(s.configure_train(1, arrays(SENT), ConfigRecord({}), NodesGrid(range(1, 5))))
+    scaled = reply(3, {"a": [1000.0, 1000.0], "b": [[1000.0], [1000.0]]}, n=10, partition=2)
+    huge = reply(4, {"a": [1.0, 1.0], "b": [[1.0], [1.0]]}, n=10**9, partition=3)
+    out, _ = s.aggregate_train(1, [_good(1, 1.0), _good(2, 3.0), scaled, huge])
+    assert out is not None and out["a"].numpy().tolist() == [2.0, 2.0]
+    assert "update_norm_factor" in s.current.rejected["client-2"]
+    assert "max_examples_per_client = 100000" in s.current.rejected["client-3"]
+    assert s.current.clients_trained == ["client-0", "client-1"]
+
+
+def test_the_norm_bound_is_on_by_default_in_a_deployment_only() -> None:
+    from privet.common.config import FederationConfig, load_config
+
+    fed = FederationConfig()
+    assert fed.norm_factor(deployed=True) == 10.0
+    assert fed.norm_factor(deployed=False) is None
+    assert FederationConfig(update_norm_factor=3.0).norm_factor(deployed=False) == 3.0
+    assert FederationConfig(update_norm_factor=None).norm_factor(deployed=True) is None
+    assert fed.max_examples_per_client == 100_000
+    with pytest.raises(Exception, match="update_norm_factor"):
+        load_config(None, ["federation.update_norm_factor=0.5"])
+
+
+def test_fewer_valid_replies_than_min_train_clients_skip_the_round_with_a_reason() -> None:
+    s = _strategy(min_replies=2)
+    out, _ = s.aggregate_train(1, [_good(1, 1.0)])
+    assert out is None
+    assert s.current.aggregated is False
+    assert s.current.skipped is not None
+    assert "1 valid train replies, fewer than the 2 needed" in s.current.skipped
+    assert "min_train_clients" in s.current.skipped
+    assert "skipped" in s.current.as_json()
+
+
+def test_a_name_never_trains_twice_in_a_round() -> None:
+    s = _strategy()
+    # two nodes both claim partition 0 (a simulation names by the reported partition)
+    out, _ = s.aggregate_train(
+        1, [_good(1, 1.0), reply(2, {"a": [3.0, 3.0], "b": [[3.0], [3.0]]}, n=10, partition=0)]
+    )
+    assert s.current.clients_trained == ["client-0"]
+    assert "second reply under the name 'client-0'" in s.current.rejected["client-0"]
+    assert out is not None and out["a"].numpy().tolist() == [1.0, 1.0]
+
+
+def test_a_deployed_site_is_never_named_by_the_partition_it_reports() -> None:
+    from flwr.app import ConfigRecord
+
+    s = RecordingStrategy(
+        FedAvg(min_train_nodes=1, min_available_nodes=1), client_names=NAMES, deployed=True
+    )
+    list(s.configure_train(1, arrays(SENT), ConfigRecord({}), _NamedNodesGrid([1, 2])))
+    values = {"a": [1.0, 1.0], "b": [[1.0], [1.0]]}
+    s.aggregate_train(1, [reply(1, values, partition=0), reply(2, values, partition=0)])
+    # node 2 claims to play client-0; it is named by its (unnamed) key instead
+    assert s.current.clients_trained == ["site-a", "node-2"]
+
+
+def test_a_deployed_site_that_fails_is_named_by_its_key_even_if_it_joined_late() -> None:
+    from flwr.app import ConfigRecord, Error, Message
+    from flwr.proto.node_pb2 import NodeInfo
+
+    known = [NodeInfo(node_id=1, name="site-a")]
+
+    class _Late(NodesGrid):
+        def get_nodes(self):  # type: ignore[no-untyped-def,override]
+            return list(known)
+
+    grid = _Late([1, 3])
+    s = RecordingStrategy(
+        FedAvg(min_train_nodes=1, min_available_nodes=1), client_names=NAMES, deployed=True
+    )
+    list(s.configure_train(1, arrays(SENT), ConfigRecord({}), grid))
+    known.append(NodeInfo(node_id=3, name="site-c"))  # listed after the round began
+    s.aggregate_train(1, [Message(Error(code=1, reason="boom"), reply_to=_ins(3))])
+    assert s.current.errors == {"site-c": "boom"}
