@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +29,12 @@ from privet.common.data import TokenizedExamples, collate, length_sorted_microba
 from privet.common.errors import PrivacyError
 from privet.common.evaluation import EvalResult, autocast_for, evaluate
 from privet.common.modeling import trainable_state
+
+# torch warns once per process that a full backward hook "is firing when gradients are computed
+# with respect to module outputs since no inputs require gradients": with frozen embeddings that
+# is the expected case for every Opacus-wrapped model, and it reached host applications' stderr
+# as if something were wrong.  Filtered by its text, so other warnings still show.
+warnings.filterwarnings("ignore", message=r"Full backward hook is firing", category=UserWarning)
 
 __all__ = [
     "DPSettings",
