@@ -26,3 +26,15 @@ def test_train_locally_runs_with_a_quiet_stderr() -> None:
     # No "Loading weights" bar, no transformers FutureWarning, no Opacus/torch hook warning:
     # a partner's application gets privet's training without noise on its stderr.
     assert done.stderr == "", done.stderr
+
+
+def test_demo_config_is_the_readme_config() -> None:
+    from privet.common.config import load_config
+
+    demo = load_config(ROOT / "examples" / "demo.toml", [])
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```toml\n", readme.index("A config file is TOML")) + len("```toml\n")
+    block = readme[start : readme.index("```", start)]
+    # README's `privet plan --config examples/demo.toml` names this file: same settings.
+    assert block in (ROOT / "examples" / "demo.toml").read_text(encoding="utf-8")
+    assert demo.federation.rounds == 3 and demo.data.num_clients == 4
