@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -175,6 +175,7 @@ def train(
     mixed_precision: str = "auto",
     seed: int | None = None,
     proximal_mu: float = 0.0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train the model's trainable weights on ``data`` for one round; return the new weights.
 
@@ -199,6 +200,9 @@ def train(
     proximal_mu
         FedProx: add ``(mu/2) * ||w - w_start||^2`` to the loss, where ``w_start`` are the trainable
         weights the round starts from (the global model the server sent); 0 turns it off.
+    on_step
+        Called as ``on_step(steps_done, steps)`` after each step (progress display); it must be
+        quick and must not raise.
 
     Returns
     -------
@@ -291,6 +295,8 @@ def train(
                         add_proximal_gradient(params, anchors, proximal_mu)
                         dp_opt.original_optimizer.step()
                     dp_opt.zero_grad(set_to_none=True)
+                if on_step is not None:
+                    on_step(done, steps)
         finally:
             if ghost is not None:
                 ghost.close()

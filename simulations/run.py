@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -155,6 +156,11 @@ def simulate(
     run_dir = create_run_dir(cfg)
     state_dir = cfg.simulation.state_dir or (run_dir / "clients")
     state_dir.mkdir(parents=True, exist_ok=True)
+    # The clients' progress inside a round (client/app.py), for a reporter that shows it.
+    shutil.rmtree(state_dir / "progress", ignore_errors=True)
+    watch = getattr(observer, "watch_progress", None)
+    if callable(watch):
+        watch(state_dir / "progress")
     sim = cfg.simulation
     total_cpus = sim.num_cpus or os.cpu_count() or 1
     # Each client runs torch with as many threads as Ray gives it CPUs, so the cores are used

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from privet.common.config import load_config
 from privet.simulations.export import export_run
+from privet.simulations.report import round_progress
 from privet.simulations.run import simulate
 
 
@@ -48,6 +49,23 @@ def test_named_labels_by_file_end_to_end(tmp_path: Path) -> None:
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = rounds[-1]
     assert set(trained["clients_trained"]) == {"bern", "aarau"}, trained
+    # The clients' progress files, which the console polls inside a round.
+    progress = run_dir / "clients" / "progress"
+    assert round_progress(progress, 1) == "2 of 2 clients done"
+    steps = json.loads((progress / "bern.json").read_text())
+    assert steps["done"] and steps["round"] == 1 and steps["step"] == steps["steps"] > 0
     out = export_run(run_dir, out=tmp_path / "model")
     config = json.loads((out.out / "config.json").read_text())
     assert config["id2label"] == {"0": "ham", "1": "spam"}
+
+
+def test_round_progress_line(tmp_path: Path) -> None:
+    def put(name: str, **rec: object) -> None:
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+
+    assert round_progress(tmp_path, 2) == ""
+    put("client-0", round=2, step=40, steps=40, done=True)
+    put("client-1", round=2, step=12, steps=40, done=False)
+    put("client-2", round=1, step=40, steps=40, done=True)  # last round's file: not counted
+    (tmp_path / "client-3.json").write_text('{"round": 2, "st')  # half-written: skipped
+    assert round_progress(tmp_path, 2) == "1 of 2 clients done, client-1 12/40 steps"
