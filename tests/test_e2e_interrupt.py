@@ -27,7 +27,11 @@ def _ray_pids() -> set[int]:
     return pids
 
 
-def test_sigint_stops_the_run_and_ray(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_signal_stops_the_run_and_ray(tmp_path: Path, signum: int, status: int) -> None:
+    """Ctrl-C, and SIGTERM (a scheduler, systemd, `kill`) the same way: no Ray dump, no traceback."""
     before = _ray_pids()
     privet = Path(sys.executable).parent / "privet"
     cmd = [
@@ -62,12 +66,14 @@ def test_sigint_stops_the_run_and_ray(tmp_path: Path) -> None:
             break
     assert "round 0" in seen, seen
     time.sleep(3)  # round 1 is training in the Ray workers now
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     try:
         rc = proc.wait(timeout=60)
+        rest = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert rc == 130
+    assert rc == status, seen + rest
+    assert "SIGTERM received" not in rest and "Traceback" not in rest, rest
     time.sleep(2)
     assert _ray_pids() - before == set()
