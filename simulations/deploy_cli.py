@@ -363,6 +363,6 @@ def certs_node(
         f"channel, then delete it here), public {public}.\n"
         f"Registration: `privet server --certs {out}` registers every key in {public.parent} "
         f"when it starts. The site joins with:\n"
-        f"  privet client --server HOST:PORT --ca {out / 'ca.pem'} --key {private.name} "
+        f"  privet client --server HOST:PORT --ca {out / 'ca.pem'} --key {private} "
         "--data FILE --state-dir DIR"
     )

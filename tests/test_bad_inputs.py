@@ -394,3 +394,31 @@ def test_missing_local_model(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         f'model.name="{tmp_path / "no-such-model"}"',
         needles=("no-such-model", "Fix:"),
     )
+
+
+def test_certs_node_prints_the_key_path_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = privet(capsys, "certs", "node", "site-a", "--out", str(tmp_path / "certs"))
+    assert code == 0, err
+    key = tmp_path / "certs" / "site-a.key"
+    assert key.is_file()
+    assert f"--key {key} " in " ".join(out.split()), out
+
+
+def test_uncached_hub_model_offline_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = files_config(tmp_path, write(tmp_path / "a.csv", "text,label\n" + GOOD_ROWS))
+    refused(
+        capsys,
+        "plan",
+        "--config",
+        str(cfg),
+        "--set",
+        'model.name="someorg/not-cached"',
+        needles=("model.name 'someorg/not-cached'", "not in the Hugging Face cache", "Fix:"),
+    )
