@@ -5,8 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.privet-installed
-# The CPU build of torch is installed first and pinned: an unpinned torch pulls gigabytes of CUDA wheels.
+# torch is installed first and pinned. On an ordinary Linux machine PyPI's torch==2.13.0 is the CUDA
+# build (about 20 extra nvidia-* packages, gigabytes); a CPU-only machine can take the CPU build from
+# PyTorch's index without editing this file:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export FLWR_TELEMETRY_ENABLED ?= 0
@@ -17,7 +21,7 @@ export PYTHONUNBUFFERED ?= 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 

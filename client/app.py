@@ -6,7 +6,9 @@ Ray actor serves many rounds); per message it only swaps the adapter weights in.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -216,6 +218,36 @@ def _train_reply(
     return Message(content, reply_to=msg)
 
 
+class _Progress:
+    """A simulated client's progress inside a round, as a small JSON file the console polls.
+
+    ``progress/<client>.json`` under the state folder holds ``{"round", "step", "steps",
+    "done"}``; written atomically at most twice a second, so the training loop barely notices.
+    """
+
+    def __init__(self, folder: Path, client: str, server_round: int) -> None:
+        self.path = folder / f"{client}.json"
+        self.round = server_round
+        self.last = 0.0
+        folder.mkdir(parents=True, exist_ok=True)
+        self.write(0, 0, done=False)
+
+    def write(self, step: int, steps: int, *, done: bool) -> None:
+        record = {"round": self.round, "step": step, "steps": steps, "done": done}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a progress display must never fail a round
+
+    def step(self, step: int, steps: int) -> None:
+        now = time.monotonic()
+        if step == steps or now - self.last >= 0.5:
+            self.last = now
+            self.write(step, steps, done=False)
+
+
 def make_client_app(
     cfg: PrivetConfig,
     *,
@@ -259,6 +291,7 @@ def make_client_app(
     @app.train(mods=[secagg, *train_mods, *client_level_mods(cfg)])
     def _train(msg: Message, context: Context) -> Message:
         partition = message_partition(msg, context)
+        progress: _Progress | None = None
         try:
             loaded = _load(cfg, partition, local=local, data_hook=data_hook)
             conf = msg.content.config_records["config"]
@@ -272,6 +305,8 @@ def make_client_app(
             server_round = int(str(conf["server-round"]))
             total_rounds = int(str(conf.get("total-rounds", cfg.federation.rounds)))
             run = str(context.run_config[RUN_KEY]) if RUN_KEY in context.run_config else None
+            if local is None:  # a simulation: the console shows steps inside the round
+                progress = _Progress(state_dir / "progress", loaded.data.name, server_round)
             model = loaded.built.model
             # The weights exactly as this client decoded them: its update is relative to these.
             received = read_arrays(msg.content)
@@ -329,12 +364,17 @@ def make_client_app(
                 else secrets.randbits(62),
                 # Flower's FedProx sends its mu in the train config; other strategies send none.
                 proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+                on_step=progress.step if progress is not None else None,
             )
             epsilon = record_round(
                 plan, server_round=server_round, result=result, run=run, release=release
             )
         except Exception as exc:  # every failure becomes an error reply the server logs
+            if progress is not None:
+                progress.write(0, 0, done=True)
             return _error_reply(msg, partition, exc)
+        if progress is not None:
+            progress.write(result.steps, result.steps, done=True)
         metrics: dict[str, Any] = {
             "num-examples": result.num_examples,
             # deployed clients are named by node id on the server, not by a data share

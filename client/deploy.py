@@ -142,7 +142,9 @@ def split_site_data(
     return ClientData(name=name, train=examples.subset(train), test=examples.subset(test))
 
 
-def load_site_data(settings: SiteSettings, *, num_labels: int | None) -> ClientData:
+def load_site_data(
+    settings: SiteSettings, *, num_labels: int | None, label_names: list[str] | None = None
+) -> ClientData:
     """The site's train/test split of its own data file (columns and labels checked)."""
     if settings.data_file is None:
         raise DataError("this site names no data file", fix="pass --data FILE")
@@ -151,6 +153,7 @@ def load_site_data(settings: SiteSettings, *, num_labels: int | None) -> ClientD
         text_column=settings.text_column,
         label_column=settings.label_column,
         num_labels=num_labels,
+        label_names=label_names,
     )
     return split_site_data(
         examples,
@@ -224,7 +227,9 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
             refused[key] = exc
             raise
         if examples is None:
-            local = load_site_data(s, num_labels=cfg.data.num_labels)
+            local = load_site_data(
+                s, num_labels=cfg.data.num_labels, label_names=cfg.data.label_names
+            )
         else:
             n = cfg.data.num_labels or 2
             if len(examples) and int(examples.labels.max()) >= n:

@@ -117,6 +117,9 @@ class ParticipantStatus:
         since when; it stays after the connection is back (``reconnects`` counts those).
     reconnects
         How many times the connection came back after it was lost (a coordinator restart).
+    finished
+        The federation ended: this site trained its final round and the coordinator then went
+        away. The site stopped itself (``running`` is false).
 
     """
 
@@ -127,6 +130,20 @@ class ParticipantStatus:
     epsilon: float | None
     last_error: str | None
     reconnects: int = 0
+    finished: bool = False
+
+    @property
+    def state(self) -> str:
+        """Where the site stands, in one word.
+
+        ``finished``, ``failed`` (stopped by an error, see ``last_error``), ``stopped``,
+        ``connected`` or ``waiting`` (running, the coordinator not answering).
+        """
+        if self.finished:
+            return "finished"
+        if not self.running:
+            return "failed" if self.last_error else "stopped"
+        return "connected" if self.connected else "waiting"
 
 
 class Participant:
@@ -221,6 +238,11 @@ class Participant:
         self._was_connected = False
         self._lost = False
         self._reconnects = 0
+        self._total_rounds: int | None = None
+        self._final_round_done = False  # the last planned round was trained here
+        self._finished = False
+        self._served = False  # a SuperNode of this participant was admitted once
+        self._watch_interval = 2.0  # seconds between checks for the federation's end
 
     # -- the public surface -------------------------------------------------------------------
 
@@ -229,8 +251,10 @@ class Participant:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        self._finished = False
         self._thread = threading.Thread(target=self._run, name="privet-participant", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch_end, name="privet-participant-end", daemon=True).start()
 
     def status(self) -> ParticipantStatus:
         """Where the participant stands (cheap; safe to call from any thread)."""
@@ -250,6 +274,7 @@ class Participant:
                 epsilon=self._epsilon(),
                 last_error=self._error,
                 reconnects=self._reconnects,
+                finished=self._finished,
             )
 
     def _track_connection(self, running: bool, connected: bool) -> None:
@@ -299,6 +324,10 @@ class Participant:
             elif conf is not None and "server-round" in conf:
                 self._round = int(str(conf["server-round"]))
                 self._phase = message.metadata.message_type.split(".")[0]
+                if "total-rounds" in conf:
+                    self._total_rounds = int(str(conf["total-rounds"]))
+                if self._total_rounds is not None and self._round >= self._total_rounds:
+                    self._final_round_done = self._final_round_done or self._phase == "train"
 
     def _wait_note(self, why: str) -> None:
         with self._lock:
@@ -310,16 +339,45 @@ class Participant:
                 str(exc) if isinstance(exc, PrivetError) else f"{type(exc).__name__}: {exc}"
             )
 
+    def _watch_end(self) -> None:
+        """Stop the site once the federation is over: final round trained, coordinator gone."""
+        from privet.common import deployment
+
+        while not self._stop.wait(self._watch_interval):
+            with self._lock:
+                done = self._final_round_done
+            if done and not deployment.probe_reachable(self._site.host, self._site.port):
+                with self._lock:
+                    self._finished = True
+                    self._error = None
+                self._stop.set()
+                self._site.stop()
+                return
+
     def _run(self) -> None:
-        """Start a SuperNode, serve rounds, and start a new one (bounded) if it gives up."""
+        """Start a SuperNode, serve rounds, and start a new one (bounded) if it gives up.
+
+        A first start that fails its preflight (a missing key file, bad data, a coordinator that
+        cannot be reached or verified) ends the participant: retrying cannot fix it, and
+        ``status().running`` must say so.  After a SuperNode was admitted once, failures are
+        retried: the coordinator may be restarting.
+        """
         pause = 1.0
         for _attempt in range(self._max_restarts + 1):
             if self._stop.is_set():
                 break
             try:
-                self._site.preflight()
+                try:
+                    self._site.preflight()
+                except PrivetError as exc:
+                    if not self._served:
+                        self._fail(exc)
+                        self._stop.set()  # also ends the end watcher
+                        return
+                    raise
                 # Started from this thread: the SuperNode gets SIGTERM if this thread dies.
                 self._site.start(on_wait=self._wait_note, stop=self._stop)
+                self._served = True
                 pause = 1.0
                 self._site.serve(self._stop, on_done=self._note, on_error=self._fail)
                 if not self._stop.is_set():
@@ -332,3 +390,4 @@ class Participant:
             pause = min(pause * 2, 30.0)
         else:
             self._fail(DeploymentError(f"gave up after {self._max_restarts} restarts"))
+            self._stop.set()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,12 @@ from privet.common.data import TokenizedExamples, collate, length_sorted_microba
 from privet.common.errors import PrivacyError
 from privet.common.evaluation import EvalResult, autocast_for, evaluate
 from privet.common.modeling import trainable_state
+
+# torch warns once per process that a full backward hook "is firing when gradients are computed
+# with respect to module outputs since no inputs require gradients": with frozen embeddings that
+# is the expected case for every Opacus-wrapped model, and it reached host applications' stderr
+# as if something were wrong.  Filtered by its text, so other warnings still show.
+warnings.filterwarnings("ignore", message=r"Full backward hook is firing", category=UserWarning)
 
 __all__ = [
     "DPSettings",
@@ -168,6 +175,7 @@ def train(
     mixed_precision: str = "auto",
     seed: int | None = None,
     proximal_mu: float = 0.0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train the model's trainable weights on ``data`` for one round; return the new weights.
 
@@ -192,6 +200,9 @@ def train(
     proximal_mu
         FedProx: add ``(mu/2) * ||w - w_start||^2`` to the loss, where ``w_start`` are the trainable
         weights the round starts from (the global model the server sent); 0 turns it off.
+    on_step
+        Called as ``on_step(steps_done, steps)`` after each step (progress display); it must be
+        quick and must not raise.
 
     Returns
     -------
@@ -284,6 +295,8 @@ def train(
                         add_proximal_gradient(params, anchors, proximal_mu)
                         dp_opt.original_optimizer.step()
                     dp_opt.zero_grad(set_to_none=True)
+                if on_step is not None:
+                    on_step(done, steps)
         finally:
             if ghost is not None:
                 ghost.close()

@@ -578,7 +578,21 @@ class DataConfig(_Section):
     )
     text_column: str = Field("text", min_length=1, description="Column holding the text.")
     label_column: str = Field(
-        "label", min_length=1, description="Column holding the integer label 0..num_labels-1."
+        "label",
+        min_length=1,
+        description=(
+            "Column holding the labels: integers 0..num_labels-1, or class names (strings such as "
+            "'spam', 'ham'; see label_names)."
+        ),
+    )
+    label_names: list[str] | None = Field(
+        None,
+        min_length=2,
+        description=(
+            "Class names in label order: names in the label column map to their position here "
+            "(the export's id2label). Default: the sorted distinct names in the files. Give it when "
+            "sites load their own files, so every site maps the names alike."
+        ),
     )
     client_column: str | None = Field(
         None,
@@ -601,11 +615,12 @@ class DataConfig(_Section):
     max_examples: int | None = Field(
         None, ge=10, description="Use a random subset of at most this many examples (quick trials)."
     )
-    partition: Literal["iid", "dirichlet", "natural"] = Field(
+    partition: Literal["iid", "dirichlet", "natural", "by_file"] = Field(
         "iid",
         description=(
             "'iid': shuffled equal shares; 'dirichlet': label skew with concentration alpha; "
-            "'natural': one client per natural key (VADER domain/document, or client_column)."
+            "'natural': one client per natural key (VADER domain/document, or client_column); "
+            "'by_file': one client per file of train_files, named by the file name."
         ),
     )
     alpha: float = Field(
@@ -644,6 +659,25 @@ class DataConfig(_Section):
             raise ValueError(
                 "data.client_column is needed for partition = 'natural' with your own files"
             )
+        seen: set[str] = set()
+        for path in self.train_files:
+            if str(path) in seen:
+                raise ValueError(f"data.train_files lists {str(path)!r} twice")
+            seen.add(str(path))
+        if self.partition == "by_file" and self.source != "files":
+            raise ValueError("data.partition = 'by_file' needs data.source = 'files'")
+        if self.label_names is not None:
+            blank = [n for n in self.label_names if not n.strip()]
+            if blank:
+                raise ValueError("data.label_names holds an empty name")
+            dup = sorted({n for n in self.label_names if self.label_names.count(n) > 1})
+            if dup:
+                raise ValueError(f"data.label_names lists {dup[0]!r} twice")
+            if self.num_labels is not None and self.num_labels != len(self.label_names):
+                raise ValueError(
+                    f"data.num_labels = {self.num_labels} but data.label_names names "
+                    f"{len(self.label_names)} classes; leave num_labels out"
+                )
         return self
 
 
@@ -1335,7 +1369,10 @@ def format_validation_error(exc: ValidationError) -> str:
         shown = (
             "" if kind in ("missing", "model_type") or isinstance(got, dict) else f" (got {got!r})"
         )
-        lines.append(f"{where}: {msg}{shown}")
+        # A model-level check already names its field ("data.train_files must ..."): printing
+        # the section in front of it again would read "data: data.train_files ...".
+        named = where != "config" and msg.startswith((f"{where}.", f"{where} ", f"{where}:"))
+        lines.append(f"{msg}{shown}" if named else f"{where}: {msg}{shown}")
     return "\n".join(lines)
 
 

@@ -33,7 +33,17 @@ class PrivetError(Exception):
     def __init__(self, message: str, *, fix: str | None = None) -> None:
         self.message = message
         self.fix = fix
-        super().__init__(message if fix is None else f"{message} Fix: {fix}")
+        super().__init__(_sentences(message, fix))
+
+
+def _sentences(message: str, fix: str | None) -> str:
+    """``message`` and ``fix`` as separate sentences: "X does not exist. Fix: check Y."."""
+    text = message.rstrip()
+    if fix is None:
+        return text
+    if not text.endswith((".", "!", "?", ":")):
+        text += "."
+    return f"{text} Fix: {fix.strip()}"
 
 
 class ConfigError(PrivetError):

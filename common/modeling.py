@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "load_trainable_state",
     "lora_layers",
     "pick_device",
+    "quiet_transformers",
     "resolve_model_path",
     "trainable_state",
     "use_mean_pooling",
@@ -92,6 +95,41 @@ def resolve_model_path(name: str) -> str:
         raise ModelError(
             f"model.name {name!r} looks like a path but does not exist", fix="check the path"
         )
+    return _hub_model(name)
+
+
+def _hub_model(name: str) -> str:
+    """A hub name: its cached snapshot folder, or the name when the hub can be reached.
+
+    Without this check an uncached name on a machine without network ends in huggingface_hub's
+    five retries (23 log lines, 23 s) before transformers' error.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        # Cached: load from the folder, so nothing is asked of the network at all.
+        return str(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached (or not a valid repo id): decided below
+        pass
+    fix = (
+        "download it once on a machine with a network (`hf download NAME`, or any from_pretrained), "
+        "or give a local folder saved with save_pretrained"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(
+            f"model.name {name!r} is not a local folder and not in the Hugging Face cache, and "
+            "HF_HUB_OFFLINE is set.",
+            fix=fix,
+        )
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise ModelError(
+            f"model.name {name!r} is not a local folder and not in the Hugging Face cache, and "
+            f"{host} cannot be reached.",
+            fix=fix,
+        ) from None
     return name
 
 
@@ -131,23 +169,36 @@ def check_model_loads(model_cfg: ModelConfig) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # The expected "classifier.* newly initialised" report is noise for every client in every run.
+def quiet_transformers() -> Iterator[None]:
+    """Load models without transformers' chatter on stderr (restored afterwards).
+
+    The expected "classifier.* newly initialised / MISSING" report, the "Loading weights" progress
+    bar and deprecation ``FutureWarning``s reach a host application's stderr for every client in
+    every run, and read as problems when they are not.
+    """
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()  # type: ignore[no-untyped-call]
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(before)
+        if bars:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager
 def _loading(name: str) -> Iterator[None]:
     """Quiet transformers while loading, and turn its errors into one :class:`ModelError`."""
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             yield
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -230,7 +281,8 @@ def build_model(
 
     if adapter_cfg.method == "lora":
         num_layers = getattr(hf_config, "num_hidden_layers", None)
-        model = _attach_lora(model, adapter_cfg, seed=seed, num_layers=num_layers)
+        with quiet_transformers():  # PEFT reads a deprecated transformers attribute
+            model = _attach_lora(model, adapter_cfg, seed=seed, num_layers=num_layers)
     else:
         for name, p in model.named_parameters():
             if "embeddings" not in name or not model_cfg.freeze_embeddings:

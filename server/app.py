@@ -40,6 +40,7 @@ from privet.server.privacy import (
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
 from privet.server.resume import restore_server_state, save_server_state
 from privet.server.rundir import (
+    LABELS_FILE,
     append_metrics,
     checkpoint_path,
     load_checkpoint,
@@ -82,6 +83,11 @@ def make_server_app(
     def _run(grid: Grid, context: Context) -> None:
         fed = cached_federated_data(cfg.data)
         names = [c.name for c in fed.clients]
+        # The class names the labels were mapped from, for people and for `privet export`.
+        write_json(
+            run_dir / LABELS_FILE,
+            {"num_labels": fed.num_labels, "label_names": list(fed.label_names or [])},
+        )
         built = build_model(cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed)
         device = pick_device(cfg.model.device)
         model = built.model.to(device)

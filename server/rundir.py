@@ -9,6 +9,7 @@ Layout::
                                    after each round (``server/resume.py``), for ``--resume``
     RUN_DIR/final_adapter/         PEFT ``save_pretrained`` folder of the final global adapter
     RUN_DIR/summary.json           final metrics
+    RUN_DIR/labels.json            the number of classes and their names in label order
     RUN_DIR/clients/               clients' privacy ledgers (simulation default)
 """
 
@@ -21,12 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privet.common.config import PrivetConfig, dump_config
+from privet.common.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "LABELS_FILE",
     "append_metrics",
+    "check_output_dir",
     "checkpoint_path",
     "create_run_dir",
     "load_checkpoint",
@@ -38,16 +42,63 @@ __all__ = [
 ]
 
 
+#: The run directory's record of the label mapping: ``{"num_labels": N, "label_names": [...]}``
+#: (names empty when the data has integer labels only).
+LABELS_FILE = "labels.json"
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an ``simulation.output_dir`` that names a file or a folder privet cannot write.
+
+    Raises
+    ------
+    ConfigError
+        With the path and the fix, before any work starts.
+
+    """
+    path = Path(output_dir)
+    fix = "set simulation.output_dir to a folder you can write (e.g. --set simulation.output_dir='runs')"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"simulation.output_dir = '{path}' is a file, not a folder.", fix=fix)
+    # The nearest folder that exists is the one that must be writable (it gets the new ones).
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"simulation.output_dir = '{path}' lies under '{probe}', which is a file.", fix=fix
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"simulation.output_dir = '{path}': privet may not write in '{probe}'.", fix=fix
+        )
+
+
 def create_run_dir(cfg: PrivetConfig) -> Path:
-    """Make a fresh run directory under ``simulation.output_dir`` and write ``config.toml`` in it."""
+    """Make a fresh run directory under ``simulation.output_dir`` and write ``config.toml`` in it.
+
+    Raises
+    ------
+    ConfigError
+        When ``simulation.output_dir`` cannot hold run directories, or the named run exists.
+
+    """
+    check_output_dir(cfg.simulation.output_dir)
     name = cfg.simulation.run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
     run_dir = Path(cfg.simulation.output_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(
-            f"run directory {str(run_dir)!r} exists and is not empty; choose another simulation.run_name"
+        raise ConfigError(
+            f"run directory '{run_dir}' exists and is not empty.",
+            fix="choose another simulation.run_name (or leave it out for a dated name)",
         )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dump_config(cfg), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the run directory '{run_dir}': {exc.strerror or exc}.",
+            fix="set simulation.output_dir to a folder you can write",
+        ) from None
     return run_dir
 
 

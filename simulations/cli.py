@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click already says "Did you mean 'simulate'?"; typer's own suggestion would repeat it.
+    suggest_commands=False,
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -166,9 +168,11 @@ def plan(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
 
     Exits with status 2 when a budget cannot hold for the planned rounds, naming the setting to change.
     """
+    from privet.server.rundir import check_output_dir
     from privet.simulations.plan import check_plan, make_plan, render_plan
 
     cfg = load_config(config, overrides or [])
+    check_output_dir(cfg.simulation.output_dir)  # where `simulate` would write
     _quiet_libraries(False)
     run_plan = make_plan(cfg)
     console.print(render_plan(run_plan, cfg))

@@ -31,7 +31,9 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 certs_app = typer.Typer(
-    help="Make the federation's TLS certificates and node keys.", no_args_is_help=True
+    suggest_commands=False,
+    help="Make the federation's TLS certificates and node keys.",
+    no_args_is_help=True,
 )
 
 INSECURE_WARNING = (
@@ -131,6 +133,8 @@ def server(
         data = cfg.data.model_copy(
             update={
                 "num_labels": fed.num_labels,
+                # Sites map their name labels with the coordinator's mapping, not their own.
+                "label_names": list(fed.label_names) if fed.label_names else None,
                 "train_files": [p.resolve() for p in cfg.data.train_files],
                 "test_file": cfg.data.test_file.resolve() if cfg.data.test_file else None,
             }
@@ -433,6 +437,6 @@ def certs_node(
         f"channel, then delete it here), public {public}.\n"
         f"Registration: `privet server --certs {out}` registers every key in {public.parent} "
         f"when it starts. The site joins with:\n"
-        f"  privet client --server HOST:PORT --ca {out / 'ca.pem'} --key {private.name} "
+        f"  privet client --server HOST:PORT --ca {out / 'ca.pem'} --key {private} "
         "--data FILE --state-dir DIR"
     )

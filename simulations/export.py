@@ -20,7 +20,12 @@ import torch
 
 from privet.common.errors import ModelError, PrivetError
 from privet.common.lora_residual import RESIDUAL_FILE, fold_residuals, load_residual_file
-from privet.common.modeling import MaskedMeanPooler, resolve_model_path, use_mean_pooling
+from privet.common.modeling import (
+    MaskedMeanPooler,
+    quiet_transformers,
+    resolve_model_path,
+    use_mean_pooling,
+)
 
 __all__ = ["ExportError", "ExportResult", "export_run", "load_run_model"]
 
@@ -87,15 +92,26 @@ def _run_settings(run_dir: Path) -> dict[str, Any]:
 
 
 def _label_names(
-    settings: dict[str, Any], num_labels: int, labels: list[str] | None
+    run_dir: Path, settings: dict[str, Any], num_labels: int, labels: list[str] | None
 ) -> dict[int, str]:
+    """``id2label``: ``--labels``, else the run's own class names, else known or generic names."""
     if labels is not None:
         if len(labels) != num_labels:
             raise ExportError(
-                f"--labels names {len(labels)} labels but the model has {num_labels}",
+                f"--labels names {len(labels)} labels but the model has {num_labels}.",
                 fix=f"give {num_labels} comma-separated names, in label order",
             )
         return dict(enumerate(labels))
+    # labels.json: the mapping the run used (names in the data or data.label_names).
+    try:
+        recorded = json.loads((Path(run_dir) / "labels.json").read_text(encoding="utf-8"))
+        names = [str(n) for n in recorded.get("label_names") or []]
+    except (OSError, ValueError, AttributeError):
+        names = []
+    if not names:
+        names = [str(n) for n in (settings.get("data") or {}).get("label_names") or []]
+    if len(names) == num_labels:
+        return dict(enumerate(names))
     known = _KNOWN_LABELS.get(str((settings.get("data") or {}).get("source", "vader")))
     if known is not None and len(known) == num_labels:
         return dict(enumerate(known))
@@ -126,11 +142,14 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
     if info.get("num_hidden_layers") is not None:
         overrides["num_hidden_layers"] = int(info["num_hidden_layers"])
     trust = bool((settings.get("model") or {}).get("trust_remote_code", False))
-    hf_config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **overrides)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        source, config=hf_config, trust_remote_code=trust
-    )
+    # Quiet: the base model's new head is reported "MISSING ... newly initialized", which reads
+    # as if the trained head were lost; the adapter loaded below brings the trained one.
+    with quiet_transformers():
+        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **overrides)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            source, config=hf_config, trust_remote_code=trust
+        )
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     base.config.pad_token_id = tokenizer.pad_token_id
@@ -140,7 +159,8 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base, str(final))
+        with quiet_transformers():  # PEFT reads a deprecated transformers attribute
+            model = PeftModel.from_pretrained(base, str(final))
         # FedEx-LoRA: the residuals the federation folded into the base weights.
         fold_residuals(model, load_residual_file(final))
     else:
@@ -246,7 +266,7 @@ def export_run(
             fix="export it merged: leave out --adapter-only",
         )
     model, tokenizer, info = load_run_model(run_dir)
-    id2label = _label_names(_run_settings(run_dir), _num_labels(final), labels)
+    id2label = _label_names(run_dir, _run_settings(run_dir), _num_labels(final), labels)
     out.mkdir(parents=True, exist_ok=True)
     if not merge:
         for item in final.iterdir():

@@ -55,6 +55,8 @@ class RunPlan:
     payload_bytes: int
     memory_bytes_estimate: int
     problems: list[str] = field(default_factory=list)
+    #: Decisions privet takes for the user that change the run (printed, not refused).
+    notes: list[str] = field(default_factory=list)
     #: SecAgg+ per round (shares, threshold, tolerated dropouts, upload bytes); None when off.
     secure_aggregation: dict[str, Any] | None = None
 
@@ -125,8 +127,10 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
     rounds = cfg.federation.rounds
     p = cfg.privacy
     problems: list[str] = []
+    notes: list[str] = []
     clients: list[ClientPlan] = []
     sigma_cache: dict[tuple[float, int], float | str] = {}
+    small: list[tuple[str, int]] = []  # clients with fewer examples than one batch
     for client in fed.clients:
         n = len(client.train)
         q = min(1.0, cfg.train.batch_size / n) if n else 1.0
@@ -141,6 +145,8 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
             rounds_within_budget=None,
         )
         clients.append(plan)
+        if n and cfg.train.batch_size > n:
+            small.append((client.name, n))
         if not p.enabled or n == 0:
             continue
         if p.delta >= 1.0 / n:
@@ -194,6 +200,16 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
             )
             problems.append(plan.problem)
 
+    if small:
+        name, n = min(small, key=lambda item: item[1])
+        others = f" and {len(small) - 1} other client(s)" if len(small) > 1 else ""
+        dp = " (under DP: no privacy amplification by sampling)" if p.enabled else ""
+        notes.append(
+            f"train.batch_size = {cfg.train.batch_size} is more than the {n} training examples of "
+            f"{name}{others}: each of their steps uses all their examples (sampling rate 1){dp}; "
+            "lower train.batch_size to sample batches"
+        )
+
     mech: FederationMechanism | None = None
     fed_eps: list[float] = []
     cl = p.client_level
@@ -241,6 +257,7 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
         payload_bytes=4 * trainable,  # float32 on the wire, each way
         memory_bytes_estimate=memory,
         problems=problems,
+        notes=notes,
     )
 
 
@@ -370,6 +387,7 @@ def render_plan(plan: RunPlan, cfg: PrivetConfig) -> Any:
                 f"{_mib(plan.memory_bytes_estimate)}"
             )
         )
+    parts.extend(Text(f"note: {note}", style="yellow") for note in plan.notes)
     if plan.problems:
         parts.append(Text("REFUSED:", style="bold red"))
         parts.extend(Text(f"  - {why}", style="red") for why in plan.problems)

@@ -101,13 +101,45 @@ class ConsoleReporter:
         )
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
+        self._round: int | None = None
+        self._progress_dir: Path | None = None
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
 
     def __enter__(self) -> ConsoleReporter:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=2.0)
         self.progress.stop()
+
+    def watch_progress(self, folder: Path, *, interval: float = 0.5) -> None:
+        """Show the clients' steps inside each round, read from their progress files in ``folder``.
+
+        ``privet simulate`` calls it with the clients' ``progress/`` folder (``client/app.py``
+        writes one small file per client); the poll ends when the reporter does.
+        """
+        self._progress_dir = Path(folder)
+
+        def poll() -> None:
+            while not self._stop.wait(interval):
+                with self._lock:
+                    server_round = self._round
+                if server_round is None:
+                    continue
+                line = round_progress(self._progress_dir, server_round)  # type: ignore[arg-type]
+                if line:
+                    with self._lock:
+                        if self._round == server_round:
+                            self.progress.update(
+                                self._task, description=f"round {server_round}: {line}"
+                            )
+
+        self._poller = threading.Thread(target=poll, name="privet-progress", daemon=True)
+        self._poller.start()
 
     def run_started(self, *, rounds: int, clients: int, run_dir: Path) -> None:
         """Announce the run and size the progress bar."""
@@ -122,11 +154,13 @@ class ConsoleReporter:
     def round_started(self, server_round: int) -> None:
         """Show which round is training."""
         with self._lock:
+            self._round = server_round
             self.progress.update(self._task, description=f"round {server_round}: clients training")
 
     def round_finished(self, record: RoundRecord) -> None:
         """Print the round's row and advance the bar."""
         with self._lock:
+            self._round = None
             rec = record.as_json()
             self.records.append(rec)
             self.progress.update(
@@ -135,6 +169,34 @@ class ConsoleReporter:
             self.console.print(round_line(rec, dp=self.dp), highlight=False)
             for who, why in record.errors.items():
                 self.console.print(f"  [yellow]{who}[/yellow]: {why}")
+
+
+def round_progress(folder: Path, server_round: int, *, shown: int = 4) -> str:
+    """One line on the clients inside ``server_round``: how many are done, the others' steps.
+
+    Reads the ``<client>.json`` files ``client/app.py`` writes in a simulation; files of another
+    round and unreadable (half-written) files are skipped.  Empty when no client has started.
+    """
+    done: list[str] = []
+    busy: list[tuple[str, int, int]] = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if rec.get("round") != server_round:
+            continue
+        if rec.get("done"):
+            done.append(path.stem)
+        else:
+            busy.append((path.stem, int(rec.get("step", 0)), int(rec.get("steps", 0))))
+    if not done and not busy:
+        return ""
+    parts = [f"{len(done)} of {len(done) + len(busy)} clients done"]
+    steps = [f"{name} {step}/{total or '?'} steps" for name, step, total in busy[:shown]]
+    if len(busy) > shown:
+        steps.append(f"{len(busy) - shown} more")
+    return ", ".join(parts + steps)
 
 
 def plot_run(run_dir: Path) -> Path | None:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,7 +24,7 @@ from privet.common.data import cached_federated_data
 from privet.common.deployment import adopt_orphans
 from privet.common.modeling import check_model_loads
 from privet.server import RoundObserver, make_server_app
-from privet.server.rundir import create_run_dir, write_json
+from privet.server.rundir import check_output_dir, create_run_dir, write_json
 from privet.server.tracking import check_tracking
 from privet.simulations.cluster import check_ray_address, ray_cluster_init_args
 from privet.simulations.faults import FaultPlan
@@ -154,11 +155,21 @@ def simulate(
     fed = cached_federated_data(cfg.data)
     n_clients = len(fed.clients)
     check_model_loads(cfg.model)
+    check_output_dir(cfg.simulation.output_dir)
     if preflight:
-        check_plan(make_plan(cfg, with_model=False))
+        preflight_plan = make_plan(cfg, with_model=False)
+        check_plan(preflight_plan)
+        for note in preflight_plan.notes:
+            # A decision taken for the user (e.g. a batch larger than a client's data) is said.
+            print(f"note: {note}", file=sys.stderr, flush=True)
     run_dir = create_run_dir(cfg)
     state_dir = cfg.simulation.state_dir or (run_dir / "clients")
     state_dir.mkdir(parents=True, exist_ok=True)
+    # The clients' progress inside a round (client/app.py), for a reporter that shows it.
+    shutil.rmtree(state_dir / "progress", ignore_errors=True)
+    watch = getattr(observer, "watch_progress", None)
+    if callable(watch):
+        watch(state_dir / "progress")
     sim = cfg.simulation
     total_cpus = sim.num_cpus or os.cpu_count() or 1
     # Each client runs torch with as many threads as Ray gives it CPUs, so the cores are used
@@ -200,6 +211,9 @@ def simulate(
     try:
         # Ray is started here, timed, rather than inside round 1 (Flower reuses a running Ray).
         ray_seconds = _start_ray(backend_config["init_args"])  # type: ignore[arg-type]
+        # ray.init put its own SIGTERM handler in (a "*** SIGTERM received ***" dump and Flower
+        # tracebacks): SIGTERM ends the run as Ctrl-C does.
+        _install_interrupt_handler()
         run_simulation(
             server_app=server_app,
             client_app=client_app,
@@ -208,8 +222,8 @@ def simulate(
             verbose_logging=verbose,
         )
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         _ray_shutdown(spawned_before)
         if adopted:
             adopt_orphans(False)
@@ -293,24 +307,25 @@ def _kill_descendants(timeout: float = 5.0) -> None:
     _end(children, timeout)
 
 
-def _install_interrupt_handler() -> Any:
-    """Make Ctrl-C stop the run: shut Ray down and end the process with status 130.
+def _install_interrupt_handler() -> dict[int, Any]:
+    """Make Ctrl-C and SIGTERM stop the run: end Ray's processes, exit with 130 (143 for SIGTERM).
 
     Flower's simulation loop waits on worker threads that only stop when the run ends, so a
     KeyboardInterrupt cannot unwind it; without this handler Ctrl-C would hang until the round
-    timeout. Installed only in the main thread, and the previous handler is restored afterwards.
+    timeout. Installed only in the main thread; returns the handlers it replaced, to restore.
     """
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
     def _stop(signum: int, frame: object) -> None:
-        sys.stderr.write("\ninterrupted: stopping the Ray workers\n")
+        why = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        sys.stderr.write(f"\n{why}: stopping the Ray workers\n")
         sys.stderr.flush()
         for name in ("privet", "flwr"):
             logging.getLogger(name).setLevel(logging.CRITICAL)  # teardown noise is not news
         # ray.shutdown() here would race Flower's worker threads (tracebacks, exit status 1); end
         # every process Ray started for this run instead, then leave.
         _kill_descendants()
-        os._exit(130)
+        os._exit(128 + signum)
 
-    return signal.signal(signal.SIGINT, _stop)
+    return {signum: signal.signal(signum, _stop) for signum in (signal.SIGINT, signal.SIGTERM)}

@@ -85,9 +85,10 @@ def test_max_examples(tmp_path: Path) -> None:
 
 
 def test_num_labels_given_and_inferred(tmp_path: Path) -> None:
-    f = write_csv(tmp_path / "a.csv", 40, labels=1)  # only label 0 present
+    f = write_csv(tmp_path / "a.csv", 40, labels=2)
     cfg = DataConfig(source="files", train_files=[f], num_clients=2)
-    assert build_federated_data(cfg).num_labels == 2  # at least binary
+    assert build_federated_data(cfg).num_labels == 2
+    # A larger num_labels is the user's decision to keep classes the data does not show.
     cfg5 = cfg.model_copy(update={"num_labels": 5})
     assert build_federated_data(cfg5).num_labels == 5
     f3 = write_csv(tmp_path / "b.csv", 40, labels=4)
@@ -130,3 +131,47 @@ def test_labels_are_consistent(tmp_path: Path) -> None:
         for text, label in zip(c.train.texts, c.train.labels, strict=True):
             assert int(text.rsplit(" ", 1)[1]) % 3 == label
         assert c.train.labels.dtype == np.int64
+
+
+def write_rows(path: Path, labels: list[str]) -> Path:
+    rows = ["text,label"] + [f"{path.stem} text {i},{label}" for i, label in enumerate(labels)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_named_labels_one_mapping(tmp_path: Path) -> None:
+    f = write_rows(tmp_path / "a.csv", ["spam", "ham"] * 10)
+    t = write_rows(tmp_path / "t.csv", ["ham", "spam", "eggs"])
+    data = build_federated_data(DataConfig(source="files", train_files=[f], test_file=t))
+    assert data.label_names == ("eggs", "ham", "spam") and data.num_labels == 3
+    assert data.server_test.labels.tolist() == [1, 2, 0]
+    given = DataConfig(
+        source="files", train_files=[f], test_file=t, label_names=["spam", "ham", "eggs"]
+    )
+    assert build_federated_data(given).server_test.labels.tolist() == [1, 0, 2]
+
+
+def test_by_file_one_client_per_file_in_file_order(tmp_path: Path) -> None:
+    files = [
+        write_rows(tmp_path / f"{name}.csv", ["0", "1"] * n)
+        for name, n in [("zurich", 5), ("bern", 8), ("geneva", 6)]
+    ]
+    cfg = DataConfig(source="files", train_files=files, partition="by_file", client_test_fraction=0)
+    data = build_federated_data(cfg)
+    assert [c.name for c in data.clients] == ["zurich", "bern", "geneva"]
+    assert num_clients(cfg) == 3
+    for client in data.clients:
+        assert {t.split(" ")[0] for t in client.train.texts} == {client.name}
+    assert sum(len(c.train) for c in data.clients) + len(data.server_test) == 38
+
+
+def test_one_class_and_label_gaps_refused(tmp_path: Path) -> None:
+    one = write_rows(tmp_path / "one.csv", ["spam"] * 20)
+    with pytest.raises(DataError, match=r"only one class \(label spam\).*Fix: add examples"):
+        build_federated_data(DataConfig(source="files", train_files=[one]))
+    gaps = write_rows(tmp_path / "gaps.csv", ["0", "1", "7"] * 10)
+    with pytest.raises(DataError, match=r"classes 2, 3, 4, 5, 6 never occur.*8 outputs"):
+        build_federated_data(DataConfig(source="files", train_files=[gaps]))
+    # An explicit num_labels is the user's decision to keep the unused classes.
+    kept = build_federated_data(DataConfig(source="files", train_files=[gaps], num_labels=8))
+    assert kept.num_labels == 8

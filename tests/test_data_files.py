@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from privet.common.data import Examples, load_table
+from privet.common.data import Examples, load_table, load_tables
 from privet.common.errors import DataError
 
 
@@ -127,12 +127,11 @@ def test_empty_and_nan_texts(tmp_path: Path) -> None:
 
 
 def test_labels_not_integers(tmp_path: Path) -> None:
-    expect(write(tmp_path / "a.csv", "text,label\nhi,pos\n"), "integer labels", "'pos'")
     expect(write(tmp_path / "b.csv", "text,label\nhi,0.5\nyo,1\n"), "integer labels", "0.5")
     expect(
-        write(tmp_path / "c.jsonl", '{"text": "a", "label": "1"}\n'),
+        write(tmp_path / "c.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": 1}\n'),
         "integer labels",
-        "'1' (a string)",
+        "row 0 holds 'pos' (a string)",
     )
     expect(write(tmp_path / "d.jsonl", '{"text": "a", "label": true}\n'), "integer labels", "bool")
     expect(write(tmp_path / "e.csv", "text,label\nhi,1\nyo,\n"), "missing labels in rows [1]")
@@ -141,6 +140,34 @@ def test_labels_not_integers(tmp_path: Path) -> None:
         "integer labels",
         "1.5",
     )
+
+
+def test_label_names_sorted_or_given(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.csv", "text,label\nbuy now,spam\nhello,ham\nwin,spam\n")
+    # Default: sorted distinct names, so 'ham' = 0 and 'spam' = 1 whatever the row order.
+    assert load(f).labels.tolist() == [1, 0, 1]
+    given = load_table(f, text_column="text", label_column="label", label_names=["spam", "ham"])
+    assert given.labels.tolist() == [0, 1, 0]
+    with pytest.raises(DataError, match=r"not in data.label_names in rows \[1\].*'ham'"):
+        load_table(f, text_column="text", label_column="label", label_names=["spam", "eggs"])
+
+
+def test_label_names_shared_across_files(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.csv", "text,label\nx,spam\n")
+    b = write(tmp_path / "b.csv", "text,label\ny,ham\nz,eggs\n")
+    parts, names = load_tables([a, b], text_column="text", label_column="label")
+    assert names == ("eggs", "ham", "spam")
+    assert [p.labels.tolist() for p in parts] == [[2], [1, 0]]
+    c = write(tmp_path / "c.csv", "text,label\nz,1\n")
+    with pytest.raises(DataError, match="names but .*c.csv with numbers"):
+        load_tables([a, c], text_column="text", label_column="label")
+
+
+def test_latin1_file_says_save_as_utf8(tmp_path: Path) -> None:
+    f = tmp_path / "a.csv"
+    f.write_bytes("text,label\ncaf\u00e9 cr\u00e8me,1\nok,0\n".encode("latin-1"))
+    message = expect(f, "is not UTF-8", "save it as UTF-8")
+    assert message.count("\n") == 0
 
 
 def test_labels_out_of_range(tmp_path: Path) -> None:

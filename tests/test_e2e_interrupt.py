@@ -15,7 +15,11 @@ from .processes import ProcessWatch, wait_for_descendant
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
-def test_sigint_stops_the_run_and_ray(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_signal_stops_the_run_and_ray(tmp_path: Path, signum: int, status: int) -> None:
+    """Ctrl-C, and SIGTERM (a scheduler, systemd, `kill`) the same way: no Ray dump, no traceback."""
     privet = Path(sys.executable).parent / "privet"
     cmd = [
         str(privet),
@@ -53,11 +57,13 @@ def test_sigint_stops_the_run_and_ray(tmp_path: Path) -> None:
             assert "round 0" in seen, seen
             # Interrupt while round 1 trains: once a Ray worker plays a client.
             assert wait_for_descendant(proc.pid, "ray::ClientAppActor.run", timeout=90), seen
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             rc = proc.wait(timeout=60)
+            rest = proc.stdout.read()
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert rc == 130
+    assert rc == status, seen + rest
+    assert "SIGTERM received" not in rest and "Traceback" not in rest, rest
     assert watch.matching("ray::", "raylet", "gcs_server"), "the watch saw no Ray process"
     assert watch.wait_gone("ray::", "raylet", "gcs_server", timeout=10.0) == []

@@ -106,11 +106,13 @@ def test_model_names_resolve_or_fail_clearly(tmp_path) -> None:
         resolve_model_path(str(tmp_path))
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_path("./no/such/folder")
-    assert resolve_model_path("someorg/some-model") == "someorg/some-model"
+    # An uncached hub name with the hub out of reach: one error before any retry.
+    with pytest.raises(ModelError, match="not in the Hugging Face cache.*Fix: download it once"):
+        resolve_model_path("someorg/some-model")
 
 
 def test_hub_name_offline_gives_one_clear_error() -> None:
-    with pytest.raises(ModelError, match="could not load model.name 'someorg/not-a-model'"):
+    with pytest.raises(ModelError, match="model.name 'someorg/not-a-model' is not a local folder"):
         build_model(ModelConfig(name="someorg/not-a-model"), AdapterConfig(), num_labels=2)
 
 

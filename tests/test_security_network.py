@@ -107,7 +107,7 @@ def attacked(tmp_path_factory: pytest.TempPathFactory):
                 f"site-{name}",
                 "client", "--server", f"127.0.0.1:{port}", *tls, "--key", str(keys[i]),
                 "--data", str(sites[i]), "--state-dir", str(root / f"state-{name}"),
-                "--threads", "1", *attack,
+                "--threads", "1", "--epsilon", "20", *attack,
             )  # fmt: skip
         procs.start(
             "rogue",

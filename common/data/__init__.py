@@ -12,7 +12,7 @@ from privet.common.data.federated import (
     load_server_test,
     num_clients,
 )
-from privet.common.data.files import load_table
+from privet.common.data.files import load_table, load_tables
 from privet.common.data.partition import (
     derive_seed,
     dirichlet_partition,
@@ -48,6 +48,7 @@ __all__ = [
     "load_client_data",
     "load_server_test",
     "load_table",
+    "load_tables",
     "load_vader",
     "natural_partition",
     "num_clients",

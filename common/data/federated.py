@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from privet.common.config import DataConfig
 from privet.common.data.examples import Examples, concat_examples
-from privet.common.data.files import load_table
+from privet.common.data.files import load_tables
 from privet.common.data.partition import (
     IndexArray,
     derive_seed,
@@ -79,37 +80,80 @@ class FederatedData:
         The server's held-out test set.
     num_labels
         Number of classes of the task.
+    label_names
+        The class names in label order when the data names its classes (or
+        ``data.label_names`` gives them), else None.
 
     """
 
     clients: list[ClientData]
     server_test: Examples
     num_labels: int
+    label_names: tuple[str, ...] | None = None
 
 
-def _load(cfg: DataConfig) -> tuple[Examples, Examples | None]:
-    """The example pool and, when ``test_file`` is set, the server test set."""
+def _load(cfg: DataConfig) -> tuple[Examples, Examples | None, tuple[str, ...] | None]:
+    """The example pool, the server test set when ``test_file`` is set, and the class names."""
     if cfg.source == "vader":
-        return load_vader(cfg.cache_dir, cfg.vader_domains, cfg.vader_threshold), None
-    parts = [
-        load_table(
-            path,
-            text_column=cfg.text_column,
-            label_column=cfg.label_column,
-            client_column=cfg.client_column,
-            num_labels=cfg.num_labels,
+        return load_vader(cfg.cache_dir, cfg.vader_domains, cfg.vader_threshold), None, None
+    paths = list(cfg.train_files) + ([cfg.test_file] if cfg.test_file is not None else [])
+    columns = [cfg.client_column] * len(cfg.train_files) + [None] * (cfg.test_file is not None)
+    parts, names = load_tables(
+        paths,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        client_columns=columns,
+        num_labels=cfg.num_labels,
+        label_names=cfg.label_names,
+    )
+    test = parts.pop() if cfg.test_file is not None else None
+    if cfg.partition == "by_file":
+        labels = _file_clients(cfg)
+        parts = [
+            Examples(texts=p.texts, labels=p.labels, keys={**p.keys, "file": [name] * len(p)})
+            for p, name in zip(parts, labels, strict=True)
+        ]
+    return concat_examples(parts), test, names
+
+
+def _file_clients(cfg: DataConfig) -> list[str]:
+    """The client names of ``partition = 'by_file'``: file names without their extension."""
+    stems = [Path(p).stem for p in cfg.train_files]
+    # Two files of the same name in different folders still make two clients.
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in cfg.train_files]
+
+
+def _check_classes(
+    cfg: DataConfig, pool: Examples, test: Examples, names: tuple[str, ...] | None
+) -> int:
+    """The number of classes; refuses a training set of one class and unused integer labels."""
+    seen = np.unique(pool.labels)
+    if seen.size < 2:
+        only = (names[int(seen[0])] if names else str(int(seen[0]))) if seen.size else "none"
+        where = "data.train_files" if cfg.source == "files" else "the training data"
+        raise DataError(
+            f"{where} hold only one class (label {only}): a classifier cannot learn from it "
+            "and would report 100% accuracy.",
+            fix="add examples of the other classes, or check data.label_column",
         )
-        for path in cfg.train_files
-    ]
-    test = None
-    if cfg.test_file is not None:
-        test = load_table(
-            cfg.test_file,
-            text_column=cfg.text_column,
-            label_column=cfg.label_column,
-            num_labels=cfg.num_labels,
+    if names is not None:
+        return len(names)
+    if cfg.num_labels is not None:
+        return cfg.num_labels
+    used = np.union1d(seen, np.unique(test.labels))
+    biggest = int(used.max())
+    gaps = sorted(set(range(biggest + 1)) - {int(v) for v in used})
+    if gaps:
+        shown = ", ".join(str(g) for g in gaps[:5]) + (" ..." if len(gaps) > 5 else "")
+        raise DataError(
+            f"the labels are {', '.join(str(int(v)) for v in used[:10])}: classes {shown} never "
+            f"occur, so the model would get {biggest + 1} outputs.",
+            fix=(
+                f"renumber the labels 0..{used.size - 1}, write them as names, or set "
+                f"data.num_labels = {biggest + 1} to keep the unused classes"
+            ),
         )
-    return concat_examples(parts), test
+    return max(2, biggest + 1)
 
 
 def _natural_keys(cfg: DataConfig, pool: Examples) -> list[str]:
@@ -142,7 +186,7 @@ def build_federated_data(cfg: DataConfig) -> FederatedData:
         number of clients.
 
     """
-    pool, server_test = _load(cfg)
+    pool, server_test, label_names = _load(cfg)
 
     if cfg.max_examples is not None and len(pool) > cfg.max_examples:
         rng = np.random.default_rng(derive_seed(cfg.seed, _SEED_SUBSET))
@@ -169,6 +213,18 @@ def build_federated_data(cfg: DataConfig) -> FederatedData:
     elif cfg.partition == "dirichlet":
         shares = dirichlet_partition(pool.labels, cfg.num_clients, cfg.alpha, seed)
         names = [f"client-{i}" for i in range(cfg.num_clients)]
+    elif cfg.partition == "by_file":
+        # File order, not sorted names: client i is the i-th file of data.train_files.
+        keys = np.asarray(pool.keys["file"], dtype=object)
+        names = list(dict.fromkeys(_file_clients(cfg)))
+        shares = [np.flatnonzero(keys == name).astype(np.int64) for name in names]
+        empty = [name for name, share in zip(names, shares, strict=True) if share.size == 0]
+        if empty:
+            raise DataError(
+                f"data.partition = 'by_file': no example of {empty[0]} is left after "
+                f"data.max_examples = {cfg.max_examples} and the server test split.",
+                fix="raise data.max_examples (or leave it out), or give data.test_file",
+            )
     else:
         names, shares = natural_partition(_natural_keys(cfg, pool))
 
@@ -179,12 +235,10 @@ def build_federated_data(cfg: DataConfig) -> FederatedData:
         )
         clients.append(ClientData(name=name, train=pool.subset(train), test=pool.subset(test)))
 
-    if cfg.num_labels is not None:
-        num_labels = cfg.num_labels
-    else:
-        biggest = max(int(pool.labels.max(initial=0)), int(server_test.labels.max(initial=0)))
-        num_labels = max(2, biggest + 1)
-    return FederatedData(clients=clients, server_test=server_test, num_labels=num_labels)
+    num_labels = _check_classes(cfg, pool, server_test, label_names)
+    return FederatedData(
+        clients=clients, server_test=server_test, num_labels=num_labels, label_names=label_names
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -205,6 +259,8 @@ def num_clients(cfg: DataConfig) -> int:
     """Number of clients ``cfg`` gives (for the natural partition: the number of keys)."""
     if cfg.partition in ("iid", "dirichlet"):
         return cfg.num_clients
+    if cfg.partition == "by_file":
+        return len(cfg.train_files)
     return len(cached_federated_data(cfg).clients)
 
 
