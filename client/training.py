@@ -239,7 +239,10 @@ def train(
             # Our own one-pass clipping (client/bookkeeping.py); noise and accounting stay Opacus's.
             ghost = BookKeepingClipper(net, max_grad_norm=dp_opt.max_grad_norm)
 
-    loss_sum, seen, done = 0.0, 0, 0
+    seen, done = 0, 0
+    # The loss is summed on the device: a float() per micro-batch would wait for the GPU to finish
+    # every step before the next one is queued (one host sync per micro-batch).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -272,7 +275,7 @@ def train(
                             dp_opt.signal_skip_step(do_skip=True)
                             dp_opt.step()
                             dp_opt.zero_grad(set_to_none=True)
-                    loss_sum += float(per_example.sum())
+                    loss_sum += per_example.sum()
                     seen += len(mb)
                 if dp_opt is None:
                     add_proximal_gradient(params, anchors, proximal_mu)
@@ -301,7 +304,7 @@ def train(
         state=trainable_state(model),
         num_examples=n,
         steps=done,
-        train_loss=loss_sum / max(seen, 1),
+        train_loss=float(loss_sum) / max(seen, 1),
         examples_seen=seen,
         seconds=time.perf_counter() - start,
     )
