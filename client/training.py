@@ -290,13 +290,7 @@ def train(
         finally:
             if ghost is not None:
                 ghost.close()
-            if isinstance(net, AbstractGradSampleModule):
-                # Leave the caller's model as it was given: no hooks, no per-sample state.
-                net._close()
-                for p in params:
-                    for attr in ("grad_sample", "summed_grad", "_forward_counter", "_norm_sample"):
-                        if hasattr(p, attr):
-                            delattr(p, attr)
+            release_private(net, params)
 
     if dp is not None and done != dp.steps:
         raise PrivacyError(f"DP training ran {done} steps, the accountant was told {dp.steps}")
@@ -308,6 +302,19 @@ def train(
         examples_seen=seen,
         seconds=time.perf_counter() - start,
     )
+
+
+def release_private(net: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
+    """Undo :func:`_make_private`'s wrapping: no Opacus hooks, no per-sample state on ``params``.
+
+    The caller's model is left as it was given (a cached base model serves the next client).
+    """
+    if isinstance(net, AbstractGradSampleModule):
+        net._close()
+    for p in params:
+        for attr in ("grad_sample", "summed_grad", "_forward_counter", "_norm_sample"):
+            if hasattr(p, attr):
+                delattr(p, attr)
 
 
 def _make_private(

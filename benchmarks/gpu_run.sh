@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU suite on a bare GPU machine (../shared/GPU.md): no network, no venv, torch/transformers/peft
+# already installed. Carried beside the tree: .whl/ (wheels for Python 3.12; .whl/optional/ only
+# installed when the machine lacks the module) and .gpu/ (the MiniLM folder, the VADER cache).
+#
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [gpu_suite.py options]
+#
+# Everything goes under $OUT: env.txt (versions, GPU), gpu/ (the suite's JSON and per-stage logs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder for the results}
+mkdir -p "$OUT"
+SITE=$PWD/.site
+rm -rf "$SITE" && mkdir -p "$SITE/privet"
+python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl 2>&1 | tail -3
+# optional wheels: only for modules this machine does not have (never shadow its own scipy)
+for mod in scipy opt_einsum pathspec prompt_toolkit wcwidth shellingham; do
+  if ! python3 -c "import $mod" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/optional/"$mod"-*.whl 2>&1 | tail -3
+  fi
+done
+# privet itself, as the installed package layout (privet.common -> common/, ...) without a build
+for pkg in common client server simulations; do ln -s "$PWD/$pkg" "$SITE/privet/$pkg"; done
+export PYTHONPATH=$SITE
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 FLWR_TELEMETRY_ENABLED=0 TOKENIZERS_PARALLELISM=false
+[ -d .gpu/cache ] && export PRIVET_CACHE_DIR=$PWD/.gpu/cache
+MINILM=()
+[ -d .gpu/minilm ] && MINILM=(--minilm .gpu/minilm)
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  python3 -c "import torch, transformers, peft, flwr, opacus, pydantic, scipy; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); \
+print('transformers', transformers.__version__, 'peft', peft.__version__, 'flwr', flwr.__version__, \
+'opacus', opacus.__version__, 'pydantic', pydantic.__version__, 'scipy', scipy.__version__)" 2>&1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+python3 benchmarks/gpu_suite.py --device cuda --out "$OUT/gpu" "${MINILM[@]}" "$@"
