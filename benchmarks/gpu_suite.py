@@ -136,6 +136,9 @@ def _minilm_source(args: argparse.Namespace) -> str:
         return _random_weights(src, dst)
     from safetensors.torch import load_file, save_file
 
+    done = dst / "model.safetensors"
+    if done.is_file() and done.stat().st_mtime >= weights.stat().st_mtime:
+        return str(dst)  # cast by an earlier stage of this run
     state = load_file(str(weights))
     if all(not t.is_floating_point() or t.dtype != _half() for t in state.values()):
         return str(src)
