@@ -34,4 +34,5 @@ print('transformers', transformers.__version__, 'peft', peft.__version__, 'flwr'
 'opacus', opacus.__version__, 'pydantic', pydantic.__version__, 'scipy', scipy.__version__)" 2>&1
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
-python3 benchmarks/gpu_suite.py --device cuda --out "$OUT/gpu" "${MINILM[@]}" "$@"
+# DEVICE=cpu with --quick: the same steps as a dry run on a machine without a GPU
+python3 benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" --out "$OUT/gpu" ${MINILM[@]+"${MINILM[@]}"} "$@"

@@ -374,7 +374,7 @@ def stage_lora_cls(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         ("LoRA bf16-base DP bookkeeping", "bfloat16", "bookkeeping"),
     ]
     if args.quick:  # the dry run: every code path once, not every combination
-        variants = [v for v in variants if v[1] == "float32" or v[2] == "bookkeeping"]
+        variants = [v for v in variants if v[1] == "float32" or v[2] in (None, "bookkeeping")]
     rows, details = _classifier_stage(args, method="lora", variants=variants)
     t = details["times"]
     rows += _ratio_rows(
@@ -615,7 +615,7 @@ def stage_llm(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         (f"{big} DP ghost", "bfloat16", 64, 512, "ghost", None),
     ]
     if args.quick:  # the dry run: every code path once, not every combination
-        cases = [c for c in cases if c[1] == "float32" or c[4] == "bookkeeping"]
+        cases = [c for c in cases if c[1] == "float32" or c[4] in (None, "bookkeeping")]
     rows, details = _llm_cases(args, cases)
     t = details["times"]
     rows += _ratio_rows(

@@ -83,6 +83,12 @@ def plan_steps(num_examples: int, cfg: TrainConfig) -> tuple[float, int]:
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        # From pageable memory a copy waits for every kernel queued before it (a host sync per
+        # micro-batch); from pinned memory it is queued like a kernel, so the CPU collates the
+        # next micro-batch while the GPU still works. torch's pinned-memory allocator keeps the
+        # buffer until the copy is done.
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
