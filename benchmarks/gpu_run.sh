@@ -28,6 +28,7 @@ MINILM=()
 [ -d .gpu/minilm ] && MINILM=(--minilm .gpu/minilm)
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  python3 -c "import privet.common; print('privet from', privet.common.__file__)" 2>&1
   python3 -c "import torch, transformers, peft, flwr, opacus, pydantic, scipy; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available()); \
 print('transformers', transformers.__version__, 'peft', peft.__version__, 'flwr', flwr.__version__, \
@@ -35,4 +36,19 @@ print('transformers', transformers.__version__, 'peft', peft.__version__, 'flwr'
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 # DEVICE=cpu with --quick: the same steps as a dry run on a machine without a GPU
-python3 benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" --out "$OUT/gpu" ${MINILM[@]+"${MINILM[@]}"} "$@"
+mkdir -p "$OUT/gpu"
+python3 benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" --out "$OUT/gpu" ${MINILM[@]+"${MINILM[@]}"} "$@" \
+  > "$OUT/gpu/suite.log" 2>&1
+rc=$?
+grep -e '^==' -e '^   ' "$OUT/gpu/suite.log"
+# the figures, one line each (the rich tables are in suite.log)
+python3 - "$OUT/gpu/gpu.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+for r in doc["rows"]:
+    v = r["value"]
+    v = f"{v:.4g}" if isinstance(v, float) else v
+    met = {True: "yes", False: "NO", None: ""}[r["met"]]
+    print(f"{r['metric']} | {v} {r['unit']} | {r['goal']} {met}".rstrip())
+PY
+exit $rc
