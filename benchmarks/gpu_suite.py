@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,9 +50,9 @@ import benchlib  # sets the offline environment before privet loads
 STAGES: dict[str, tuple[int, int]] = {
     "lora_cls": (60, 240),
     "full_ft": (50, 240),
-    "llm": (90, 300),
-    "federation": (150, 400),
-    "llm_compile": (80, 300),
+    "llm": (80, 300),
+    "federation": (200, 400),
+    "llm_compile": (70, 300),
 }
 
 Rows = list[dict[str, Any]]
@@ -672,7 +673,10 @@ def stage_federation(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     from privet.simulations import simulate
 
     clients = args.clients or (4 if args.quick else 200)
-    out = Path(tempfile.mkdtemp(prefix="privet-gpu-fed-"))
+    # under --out: a stage cut short by its limit still brings back metrics.jsonl (round times)
+    out = args.out / "federation"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     data: dict[str, Any] = {"num_clients": clients}
     kind = "vader"
     if not _vader_available():
