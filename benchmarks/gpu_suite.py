@@ -317,8 +317,16 @@ def _classifier_stage(
                 clipping=clipping,  # type: ignore[arg-type]
             )
 
+        # autocast only where the label asks (privet never autocasts a DP step)
+        autocast = "bf16" if label.endswith("autocast") else "off"
+
         def call(
-            model: Any = model, data: Any = data, pad: int = pad, dp: Any = dp, tcfg: Any = tcfg
+            model: Any = model,
+            data: Any = data,
+            pad: int = pad,
+            dp: Any = dp,
+            tcfg: Any = tcfg,
+            autocast: str = autocast,
         ) -> None:
             res = train(
                 model,
@@ -327,7 +335,7 @@ def _classifier_stage(
                 dp=dp,
                 pad_token_id=pad,
                 device=device,
-                mixed_precision="off",
+                mixed_precision=autocast,
             )
             assert res.examples_seen == steps * batch
 
@@ -367,6 +375,7 @@ def _ratio_rows(
 def stage_lora_cls(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     variants = [
         ("LoRA fp32 no DP", "float32", None),
+        ("LoRA fp32 no DP bf16 autocast", "float32", None),
         ("LoRA fp32 DP flat", "float32", "flat"),
         ("LoRA fp32 DP ghost", "float32", "ghost"),
         ("LoRA fp32 DP bookkeeping", "float32", "bookkeeping"),
@@ -382,6 +391,7 @@ def stage_lora_cls(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         "classifier batch 512: ",
         t,
         [
+            ("LoRA fp32 no DP bf16 autocast", "LoRA fp32 no DP", None),
             ("LoRA fp32 DP flat", "LoRA fp32 no DP", 1.15),
             ("LoRA fp32 DP ghost", "LoRA fp32 no DP", 1.15),
             ("LoRA fp32 DP bookkeeping", "LoRA fp32 no DP", 1.15),
