@@ -20,7 +20,7 @@ with it; each writes ``DIR/stage-<name>.json`` and ``DIR/stage-<name>.log`` as i
     ``make demo``'s recipe with 200 clients x 3 rounds on the in-process engine: wall time, round
     time, accuracy, how many base models were built, peak GPU memory.
 ``llm_compile``
-    The bf16 64 x 512 case with ``torch.compile``: the MLPs only (no DP, book-keeping, ghost; DP's
+    The bf16 64 x 512 case with ``torch.compile``: the MLPs only (no DP, book-keeping; DP's
     hooks sit on the LoRA layers and must run eagerly) and whole blocks (no DP); compile time is
     left out. Every LLM figure says whether the step trained every LoRA weight.
 
@@ -623,7 +623,6 @@ def stage_llm(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         (f"{big} no DP", "bfloat16", 64, 512, None, None),
         (f"{big} DP bookkeeping", "bfloat16", 64, 512, "bookkeeping", None),
         (f"{big} DP flat", "bfloat16", 64, 512, "flat", None),
-        (f"{big} DP ghost", "bfloat16", 64, 512, "ghost", None),
     ]
     if args.quick:  # the dry run: every code path once, not every combination
         cases = [c for c in cases if c[1] == "float32" or c[4] in (None, "bookkeeping")]
@@ -633,7 +632,7 @@ def stage_llm(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         "",
         t,
         [(f"{small} DP {c}", f"{small} no DP", 1.15) for c in ("flat", "ghost", "bookkeeping")]
-        + [(f"{big} DP {c}", f"{big} no DP", 1.15) for c in ("flat", "ghost", "bookkeeping")],
+        + [(f"{big} DP {c}", f"{big} no DP", 1.15) for c in ("flat", "bookkeeping")],
     )
     return rows, details
 
@@ -643,18 +642,14 @@ def stage_llm_compile(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     cases = [
         (f"{big} MLPs compiled no DP", "bfloat16", 64, 512, None, "mlp"),
         (f"{big} MLPs compiled DP bookkeeping", "bfloat16", 64, 512, "bookkeeping", "mlp"),
-        (f"{big} MLPs compiled DP ghost", "bfloat16", 64, 512, "ghost", "mlp"),
         (f"{big} blocks compiled no DP", "bfloat16", 64, 512, None, "layers"),
     ]
-    if args.quick:
-        cases = [c for c in cases if c[4] != "ghost"]
     rows, details = _llm_cases(args, cases)
     rows += _ratio_rows(
         "",
         details["times"],
         [
             (f"{big} MLPs compiled DP bookkeeping", f"{big} MLPs compiled no DP", 1.15),
-            (f"{big} MLPs compiled DP ghost", f"{big} MLPs compiled no DP", 1.15),
             (f"{big} MLPs compiled DP bookkeeping", f"{big} blocks compiled no DP", None),
         ],
     )

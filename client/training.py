@@ -338,6 +338,18 @@ def _make_private(
     loader and accountant: privet samples its own Poisson batches and keeps the accountant history
     in the client's ledger across rounds).
     """
+    if dp.clipping == "ghost":
+        low = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
+        if low:
+            # Ghost clipping takes each example's norm in one backward pass and its clipped
+            # gradient in a second; through a low-precision base the two passes round apart, so
+            # the released gradient is not bounded by the clip the norm promised (fail-closed).
+            raise PrivacyError(
+                f"privacy.clipping = 'ghost' cannot clip a model with {sorted(map(str, low))} "
+                "weights: its two backward passes would round apart",
+                fix="use privacy.clipping = 'bookkeeping' or 'flat' (one pass: the clipped "
+                "gradients are the ones whose norms were taken), or model.base_dtype = 'float32'",
+            )
     clip = dp.max_grad_norm if math.isfinite(dp.max_grad_norm) else 1e30
     expected = max(1, round(dp.sample_rate * n))
     noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)

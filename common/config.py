@@ -1009,6 +1009,16 @@ class PrivetConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PrivetConfig:
+        if (
+            self.model.base_dtype != "float32"
+            and self.privacy.enabled
+            and self.privacy.clipping == "ghost"
+        ):
+            raise ValueError(
+                f"privacy.clipping = 'ghost' with model.base_dtype = {self.model.base_dtype!r}: "
+                "ghost clipping's two backward passes would round apart in low precision; use "
+                "privacy.clipping = 'bookkeeping' or 'flat'"
+            )
         if self.model.base_dtype != "float32" and self.adapter.method != "lora":
             raise ValueError(
                 f"model.base_dtype = {self.model.base_dtype!r} holds a frozen base in low precision, "
