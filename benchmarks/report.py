@@ -25,8 +25,8 @@ GPU_RESULTS = benchlib.RESULTS / "gpu"
 ORDER = ["dp_overhead", "federation_overhead", "vs_flower_examples", "communication", "scale"]
 
 
-def load(folder: Path) -> list[dict[str, Any]]:
-    docs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+def load(folder: Path, pattern: str = "*.json") -> list[dict[str, Any]]:
+    docs = [json.loads(p.read_text()) for p in sorted(folder.glob(pattern))]
     return sorted(docs, key=lambda d: ORDER.index(d["name"]) if d["name"] in ORDER else 99)
 
 
@@ -101,7 +101,8 @@ def main() -> None:
     args = p.parse_args()
     if args.results is None:
         args.results = GPU_RESULTS if args.gpu else benchlib.RESULTS
-    docs = load(args.results)
+    # the GPU folder also holds the suite's per-stage files; gpu.json gathers them
+    docs = load(args.results, "gpu.json" if args.gpu else "*.json")
     if not docs:
         raise SystemExit(f"no results in {args.results}; run `make bench` first")
     from rich.console import Console
