@@ -53,9 +53,16 @@ test: lint types pytest
 # one table and writes it into docs/benchmarks.md. BENCH_ARGS="--device cuda" on a GPU machine.
 BENCHES    ?= bench_dp bench_federation bench_flower bench_comm bench_scale bench_secagg
 BENCH_ARGS ?=
+# With --device cuda: the GPU suite (benchmarks/gpu_suite.py: every figure of issue 15, each stage
+# under its own time limit) into benchmarks/results/gpu/, and its own section of docs/benchmarks.md.
 bench: install
+ifneq (,$(findstring cuda,$(BENCH_ARGS)))
+	$(PY) benchmarks/gpu_suite.py $(BENCH_ARGS)
+	$(PY) benchmarks/report.py --gpu --write-docs
+else
 	@for b in $(BENCHES); do echo "== $$b"; $(PY) benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
 	$(PY) benchmarks/report.py --write-docs
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -90,6 +90,12 @@ def plan_steps(num_examples: int, cfg: TrainConfig) -> tuple[float, int]:
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cuda":
+        # From pageable memory a copy waits for every kernel queued before it (a host sync per
+        # micro-batch); from pinned memory it is queued like a kernel, so the CPU collates the
+        # next micro-batch while the GPU still works. torch's pinned-memory allocator keeps the
+        # buffer until the copy is done.
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -250,7 +256,10 @@ def train(
             # Our own one-pass clipping (client/bookkeeping.py); noise and accounting stay Opacus's.
             ghost = BookKeepingClipper(net, max_grad_norm=dp_opt.max_grad_norm)
 
-    loss_sum, seen, done = 0.0, 0, 0
+    seen, done = 0, 0
+    # The loss is summed on the device: a float() per micro-batch would wait for the GPU to finish
+    # every step before the next one is queued (one host sync per micro-batch).
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -283,7 +292,7 @@ def train(
                             dp_opt.signal_skip_step(do_skip=True)
                             dp_opt.step()
                             dp_opt.zero_grad(set_to_none=True)
-                    loss_sum += float(per_example.sum())
+                    loss_sum += per_example.sum()
                     seen += len(mb)
                 if dp_opt is None:
                     add_proximal_gradient(params, anchors, proximal_mu)
@@ -300,13 +309,7 @@ def train(
         finally:
             if ghost is not None:
                 ghost.close()
-            if isinstance(net, AbstractGradSampleModule):
-                # Leave the caller's model as it was given: no hooks, no per-sample state.
-                net._close()
-                for p in params:
-                    for attr in ("grad_sample", "summed_grad", "_forward_counter", "_norm_sample"):
-                        if hasattr(p, attr):
-                            delattr(p, attr)
+            release_private(net, params)
 
     if dp is not None and done != dp.steps:
         raise PrivacyError(f"DP training ran {done} steps, the accountant was told {dp.steps}")
@@ -314,10 +317,23 @@ def train(
         state=trainable_state(model),
         num_examples=n,
         steps=done,
-        train_loss=loss_sum / max(seen, 1),
+        train_loss=float(loss_sum) / max(seen, 1),
         examples_seen=seen,
         seconds=time.perf_counter() - start,
     )
+
+
+def release_private(net: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
+    """Undo :func:`_make_private`'s wrapping: no Opacus hooks, no per-sample state on ``params``.
+
+    The caller's model is left as it was given (a cached base model serves the next client).
+    """
+    if isinstance(net, AbstractGradSampleModule):
+        net._close()
+    for p in params:
+        for attr in ("grad_sample", "summed_grad", "_forward_counter", "_norm_sample"):
+            if hasattr(p, attr):
+                delattr(p, attr)
 
 
 def _make_private(
@@ -335,6 +351,18 @@ def _make_private(
     loader and accountant: privet samples its own Poisson batches and keeps the accountant history
     in the client's ledger across rounds).
     """
+    if dp.clipping == "ghost":
+        low = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
+        if low:
+            # Ghost clipping takes each example's norm in one backward pass and its clipped
+            # gradient in a second; through a low-precision base the two passes round apart, so
+            # the released gradient is not bounded by the clip the norm promised (fail-closed).
+            raise PrivacyError(
+                f"privacy.clipping = 'ghost' cannot clip a model with {sorted(map(str, low))} "
+                "weights: its two backward passes would round apart",
+                fix="use privacy.clipping = 'bookkeeping' or 'flat' (one pass: the clipped "
+                "gradients are the ones whose norms were taken), or model.base_dtype = 'float32'",
+            )
     clip = dp.max_grad_norm if math.isfinite(dp.max_grad_norm) else 1e30
     expected = max(1, round(dp.sample_rate * n))
     noise_gen = torch.Generator(device=device).manual_seed(seed + 7919)

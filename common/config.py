@@ -129,6 +129,15 @@ class ModelConfig(_Section):
             "let an example's clipped gradient exceed the clip norm, which the privacy proof forbids."
         ),
     )
+    base_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Precision of the frozen base weights. 'bfloat16' halves the base's memory and runs its "
+            "matrix products in bf16; the trainable weights (adapter, head) stay float32, take their "
+            "inputs in float32, and DP's per-sample norms and noise stay float32. Works on CPU too "
+            "(slowly); pays on GPUs with bf16 support."
+        ),
+    )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub (off: safer)."
     )
@@ -1082,6 +1091,22 @@ class PrivetConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> PrivetConfig:
+        if (
+            self.model.base_dtype != "float32"
+            and self.privacy.enabled
+            and self.privacy.clipping == "ghost"
+        ):
+            raise ValueError(
+                f"privacy.clipping = 'ghost' with model.base_dtype = {self.model.base_dtype!r}: "
+                "ghost clipping's two backward passes would round apart in low precision; use "
+                "privacy.clipping = 'bookkeeping' or 'flat'"
+            )
+        if self.model.base_dtype != "float32" and self.adapter.method != "lora":
+            raise ValueError(
+                f"model.base_dtype = {self.model.base_dtype!r} holds a frozen base in low precision, "
+                f"but adapter.method = {self.adapter.method!r} trains the base; use "
+                "adapter.method = 'lora' or model.base_dtype = 'float32'"
+            )
         if self.adapter.layers is not None and self.model.num_hidden_layers is not None:
             bad = [i for i in self.adapter.layers if i >= self.model.num_hidden_layers]
             if bad:

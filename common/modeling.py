@@ -30,6 +30,7 @@ __all__ = [
     "build_model",
     "check_model_loads",
     "frozen_fingerprint",
+    "hold_base_in",
     "load_trainable_state",
     "lora_layers",
     "pick_device",
@@ -293,6 +294,8 @@ def build_model(
         p.requires_grad_(adapter_cfg.train_head)
 
     keys = [n for n, p in model.named_parameters() if p.requires_grad]
+    if model_cfg.base_dtype != "float32":
+        hold_base_in(model, getattr(torch, model_cfg.base_dtype))
     if not keys:
         raise ModelError(
             "nothing is left to train with this adapter configuration",
@@ -300,6 +303,37 @@ def build_model(
         )
     model.train()
     return BuiltModel(model=model, tokenizer=tokenizer, num_labels=num_labels, trainable_keys=keys)
+
+
+def _is_adapter(name: str) -> bool:
+    # LoRA matrices (trainable or frozen under FFA-LoRA) and the head stay float32: they are what
+    # trains, and the frozen ones enter the fingerprint the server checks.
+    return "lora_" in name or any(part in name for part in ("classifier.", "score."))
+
+
+def hold_base_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen base weights of ``model`` to ``dtype`` (in place); adapters stay float32.
+
+    Every module that keeps float32 weights gets its floating inputs cast to float32 first (a
+    forward pre-hook), so the trainable layers compute in float32 and their per-sample gradients,
+    norms and clipped sums are formed from float32 activations and output gradients, whatever
+    precision the base runs in. The base's own products run in ``dtype``; that changes the values
+    the trainable layers see, not the clipping, so the DP guarantee is unaffected. PEFT's LoRA
+    layers cast the LoRA branch's output back to the base's dtype.
+    """
+    for name, p in model.named_parameters():
+        if not p.requires_grad and not _is_adapter(name) and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+        if own and all(p.dtype == torch.float32 for p in own):
+            module.register_forward_pre_hook(_inputs_to_float32)
+
+
+def _inputs_to_float32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
 
 
 def _wants_mean_pooling(choice: str, source: str) -> bool:

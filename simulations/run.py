@@ -145,7 +145,6 @@ def simulate(
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from flwr.simulation import run_simulation
 
     # Preflight, before any worker starts: bad data or a model that cannot load fail here with one
     # clear error instead of inside a Ray worker.
@@ -205,6 +204,10 @@ def simulate(
     if sim.engine == "inprocess":
         run_in_process(server_app, client_app, num_nodes=nodes)
         return run_dir
+    # Imported only for the Ray engine: flwr.simulation pulls Flower's simulation extras (ray,
+    # fastapi, ...), which the in-process engine must not need (GPU machines often lack them).
+    from flwr.simulation import run_simulation
+
     previous = _install_interrupt_handler()
     spawned_before = _descendant_pids()
     adopted = adopt_orphans(True)
