@@ -436,7 +436,12 @@ def certs_node(
         f"node key for {name}: private {private} (mode 0600: hand it to the site over a secure "
         f"channel, then delete it here), public {public}.\n"
         f"Registration: `privet server --certs {out}` registers every key in {public.parent} "
-        f"when it starts. The site joins with:\n"
+        f"when it starts. The site joins with:"
+    )
+    # One unwrapped line: a command broken inside a path cannot be copied and pasted.
+    console.print(
         f"  privet client --server HOST:PORT --ca {out / 'ca.pem'} --key {private} "
-        "--data FILE --state-dir DIR"
+        "--data FILE --state-dir DIR",
+        soft_wrap=True,
+        highlight=False,
     )
