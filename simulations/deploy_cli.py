@@ -307,6 +307,11 @@ def client(
         "ask the operator to register this site's public key (`privet certs node`); see "
         f"{settings.state_dir / 'flower' / 'supernode.log'}"
     )
+    # Joining takes tens of seconds (Flower's SuperNode starts, connects and is activated): say so.
+    console.print(
+        f"site {settings.name}: data and coordinator checked; asking {server_address} to admit "
+        "this node (up to a minute)..."
+    )
     try:
         try:
             site.start(on_wait=lambda why: console.print(f"[yellow]{why}[/yellow]"))
