@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from privet.common.data.examples import Examples, concat_examples
+from privet.common.data.examples import (
+    Examples,
+    GenerationExamples,
+    Turn,
+    concat_examples,
+    concat_generation,
+)
 from privet.common.data.federated import (
     ClientData,
     FederatedData,
@@ -35,11 +41,14 @@ __all__ = [
     "ClientData",
     "Examples",
     "FederatedData",
+    "GenerationExamples",
     "TokenizedExamples",
+    "Turn",
     "build_federated_data",
     "cached_federated_data",
     "collate",
     "concat_examples",
+    "concat_generation",
     "derive_seed",
     "dirichlet_partition",
     "fetch_vader",
