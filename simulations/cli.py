@@ -12,9 +12,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from privet.common.config import PrivetConfig, config_reference, load_config
+from privet.common.config import config_reference, load_config
+from privet.common.console import announce_privacy, quiet_libraries
 from privet.common.errors import PrivetError
-from privet.simulations.commands import export_cmd, report_cmd, runs_cmd
+from privet.server.rundir.commands import export_cmd, report_cmd, runs_cmd
 
 __all__ = ["app", "main"]
 
@@ -83,11 +84,11 @@ def simulate(
     final_adapter/ (PEFT format), summary.json and plots.png.
     """
     cfg = load_config(config, overrides or [])
-    _quiet_libraries(verbose)
-    from privet.simulations.report import ConsoleReporter, load_summary, plot_run, round_table
+    quiet_libraries(verbose)
+    from privet.server.rundir.report import ConsoleReporter, load_summary, plot_run, round_table
     from privet.simulations.run import simulate as run
 
-    _announce_privacy(cfg)
+    announce_privacy(cfg, console)
     with ConsoleReporter(console, dp=cfg.privacy.enabled) as reporter:
         run_dir = run(cfg, observer=reporter, verbose=verbose)
     console.print(round_table(reporter.records, dp=cfg.privacy.enabled))
@@ -112,7 +113,7 @@ def simulate(
             f"start-up: Ray {ray_s:.1f} s before round 1; cold model/data loads on the workers "
             f"{loads_s:.1f} s (counted in the round times above)"
         )
-    from privet.simulations.privacy_report import load_privacy_report, plot_privacy, privacy_lines
+    from privet.server.rundir.privacy_report import load_privacy_report, plot_privacy, privacy_lines
 
     for line in privacy_lines(load_privacy_report(run_dir)):
         console.print(escape(line), highlight=False)
@@ -122,44 +123,6 @@ def simulate(
         + (f"; plot: {plot}" if plot else "")
         + (f"; privacy report: {run_dir / 'privacy.json'}, {privacy_plot}" if privacy_plot else "")
     )
-
-
-def _quiet_libraries(verbose: bool) -> None:
-    # Library warnings and download bars bury the per-round table a user reads.
-    if verbose:
-        return
-    import os
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-
-def _announce_privacy(cfg: PrivetConfig) -> None:
-    p = cfg.privacy
-    if not p.enabled:
-        console.print(
-            "[bold red on white] DIFFERENTIAL PRIVACY IS OFF [/bold red on white] [red]clients' updates "
-            "carry no privacy guarantee; use this only for non-private baselines.[/red]"
-        )
-    else:
-        how = (
-            f"target ε = {p.target_epsilon}"
-            if p.target_epsilon is not None
-            else f"noise σ = {p.noise_multiplier}"
-        )
-        console.print(
-            f"[bold]DP-SGD on[/bold]: sample-level ({how}, δ = {p.delta}, clip C = {p.max_grad_norm}, "
-            f"{p.accountant.upper()} accountant, budget ε ≤ {p.effective_budget} per client)"
-        )
 
 
 @app.command()
@@ -173,7 +136,7 @@ def plan(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
 
     cfg = load_config(config, overrides or [])
     check_output_dir(cfg.simulation.output_dir)  # where `simulate` would write
-    _quiet_libraries(False)
+    quiet_libraries(False)
     run_plan = make_plan(cfg)
     console.print(render_plan(run_plan, cfg))
     check_plan(run_plan)
@@ -206,7 +169,7 @@ def audit(
     from privet.simulations.audit import run_audit
 
     cfg = load_config(config, overrides or [])
-    _quiet_libraries(False)
+    quiet_libraries(False)
     with console.status(f"training with {canaries:,} planted canaries ..."):
         result = run_audit(cfg, canaries=canaries, beta=beta, broken=broken)
     console.print(
@@ -246,8 +209,19 @@ def _register_studies() -> None:
 _register_studies()
 
 
-from privet.simulations.deploy_cli import certs_app, client, server, sites  # noqa: E402
+import privet.client.cli as _client_cli  # noqa: E402
+from privet.client.cli import client  # noqa: E402
+from privet.server.cli import certs_app, server, sites  # noqa: E402
 
+
+def _attacking_app(app_: object, **options: object) -> object:
+    # `privet client --test-attack` (hidden): the site plays one of the simulation's attacks.
+    from privet.simulations.faults import AttackingApp
+
+    return AttackingApp(app_, **options)  # type: ignore[arg-type]
+
+
+_client_cli.attack_wrapper = _attacking_app
 app.command("server")(server)
 app.command("client")(client)
 app.command("sites")(sites)

@@ -7,8 +7,8 @@ import pytest
 from privet.common.config import load_config
 from privet.common.privacy.federation import plan_federation
 from privet.server.rundir import read_metrics
+from privet.server.rundir.privacy_report import plot_privacy
 from privet.simulations import simulate
-from privet.simulations.privacy_report import plot_privacy
 
 pytestmark = pytest.mark.slow
 

@@ -23,8 +23,8 @@ from privet.common.modeling import build_model
 from privet.server.app import make_server_app
 from privet.server.recording import RoundRecord
 from privet.server.rundir import checkpoint_path, read_metrics
+from privet.server.rundir.export import ExportError, export_run, load_run_model
 from privet.simulations import simulate
-from privet.simulations.export import ExportError, export_run, load_run_model
 from privet.simulations.inprocess import run_in_process
 from privet.simulations.run import _client_app
 

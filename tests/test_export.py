@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from privet.server.rundir.export import ExportError, export_run
 from privet.simulations.cli import app
-from privet.simulations.export import ExportError, export_run
 
 from .rundirs import make_run
 

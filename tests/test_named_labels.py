@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from privet.common.config import load_config
-from privet.simulations.export import export_run
-from privet.simulations.report import round_progress
+from privet.server.rundir.export import export_run
+from privet.server.rundir.report import round_progress
 from privet.simulations.run import simulate
 
 

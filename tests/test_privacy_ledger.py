@@ -421,7 +421,7 @@ def test_report_lists_rounds_charged_again() -> None:
     from privet.common.config import PrivetConfig
     from privet.server.privacy import privacy_report
     from privet.server.recording import RoundRecord
-    from privet.simulations.privacy_report import privacy_lines
+    from privet.server.rundir.privacy_report import privacy_lines
 
     history = [
         RoundRecord(round=0),

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from privet.server.rundir.html_report import PLOTS, write_report
 from privet.simulations.cli import app
-from privet.simulations.html_report import PLOTS, write_report
 
 from .rundirs import RECORDS, make_run
 

@@ -20,9 +20,9 @@ from rich.console import Console
 
 from privet.common.config import load_config
 from privet.server.rundir import read_metrics, read_rounds
+from privet.server.rundir.html_report import write_report
+from privet.server.rundir.runs import find_runs, runs_table
 from privet.simulations import simulate
-from privet.simulations.html_report import write_report
-from privet.simulations.runs import find_runs, runs_table
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from privet.server.rundir.runs import find_runs
 from privet.simulations.cli import app
-from privet.simulations.runs import find_runs
 
 from .rundirs import RECORDS, make_run
 
@@ -45,7 +45,7 @@ def test_lists_finished_unfinished_and_dp_off_runs(tmp_path: Path) -> None:
 def test_cli_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
 
-    import privet.simulations.commands as commands
+    import privet.server.rundir.commands as commands
 
     # rich sizes a console when it is made, from the terminal or COLUMNS at that moment; a wide one
     # keeps every column whole wherever the test runs (a pytest-xdist worker has no terminal)

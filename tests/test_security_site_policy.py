@@ -274,7 +274,7 @@ def test_a_site_policy_file_holds_only_privacy_and_model(tmp_path: Path) -> None
 
 
 def test_the_cli_options_override_the_policy_file(tmp_path: Path) -> None:
-    from privet.simulations.deploy_cli import _site_policy
+    from privet.client.cli import _site_policy
 
     path = tmp_path / "site.toml"
     path.write_text("[privacy]\ntarget_epsilon = 3\nmin_noise_multiplier = 0.8\n")

@@ -181,7 +181,7 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
 
 def _mean_pooled_copy(merged: Any) -> Any:
     """The merged BERT model as a :class:`PrivetBertForSequenceClassification` (same weights)."""
-    from privet.simulations.modeling_privet_bert import (
+    from privet.server.rundir.modeling_privet_bert import (
         PrivetBertConfig,
         PrivetBertForSequenceClassification,
     )

@@ -48,7 +48,7 @@ def export_cmd(
     """Export a run's final model for transformers.pipeline (merged) or PEFT (adapter only)."""
     if merge and adapter_only:
         raise typer.BadParameter("give --merge or --adapter-only, not both")
-    from privet.simulations.export import export_run
+    from privet.server.rundir.export import export_run
 
     names = [s.strip() for s in labels.split(",")] if labels else None
     with console.status("loading the base model and the final adapter"):
@@ -81,7 +81,7 @@ def report_cmd(
     ] = None,
 ) -> None:
     """Write a self-contained HTML report of a run (plots, config, privacy) and its PNGs."""
-    from privet.simulations.html_report import write_report
+    from privet.server.rundir.html_report import write_report
 
     path = write_report(run_dir, out=out)
     console.print(f"report: {path}")
@@ -95,7 +95,7 @@ def runs_cmd(
     ] = Path("runs"),
 ) -> None:
     """List the runs in OUTPUT_DIR with their final metrics."""
-    from privet.simulations.runs import find_runs, runs_table
+    from privet.server.rundir.runs import find_runs, runs_table
 
     runs = find_runs(output_dir)
     if not runs:

@@ -1,31 +1,22 @@
-"""``privet server``, ``privet client`` and ``privet certs``: a federation across machines.
+"""``privet server``, ``privet sites`` and ``privet certs``: the coordinator's commands.
 
-The commands parse options, print what a person needs, and call the role's deploy module
-(``privet.server.deploy``, ``privet.client.deploy``); they own signal handling and exit codes, which
-the library code never touches.
+They parse options, print what an operator needs, and call :mod:`privet.server.deploy`; they own
+signal handling and exit codes, which the library code never touches.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
-from privet.common.config import PrivetConfig, format_validation_error, load_config
+from privet.common.config import PrivetConfig, load_config
+from privet.common.console import INSECURE_WARNING, sigterm_as_interrupt
 from privet.common.errors import ConfigError, DeploymentError
 
-if TYPE_CHECKING:
-    from flwr.app import Message
-
-    from privet.client.policy import SitePolicy
-
-__all__ = ["certs_app", "client", "server", "sites"]
+__all__ = ["certs_app", "server", "sites"]
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -35,22 +26,6 @@ certs_app = typer.Typer(
     help="Make the federation's TLS certificates and node keys.",
     no_args_is_help=True,
 )
-
-INSECURE_WARNING = (
-    "[bold red]--insecure:[/bold red] [red]no TLS and no node authentication; anyone who reaches "
-    "this port can read the updates or join. Use it only for local trials.[/red]"
-)
-
-
-def _sigterm_as_interrupt() -> None:
-    """Let SIGTERM unwind like Ctrl-C, so every child process is stopped (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def _raise(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _raise)
 
 
 def server(
@@ -94,12 +69,12 @@ def server(
     started when the run ends, fails, or on Ctrl-C.
     """
     from privet.common.certs import cert_paths
+    from privet.common.console import announce_privacy, quiet_libraries
     from privet.common.data import cached_federated_data
     from privet.common.modeling import check_model_loads
     from privet.server.deploy import serve
     from privet.server.rundir import create_run_dir
-    from privet.simulations.cli import _announce_privacy, _quiet_libraries
-    from privet.simulations.report import ConsoleReporter, load_summary, plot_run, round_table
+    from privet.server.rundir.report import ConsoleReporter, load_summary, plot_run, round_table
 
     if (certs is None) == (not insecure):
         raise DeploymentError(
@@ -108,7 +83,7 @@ def server(
         )
     if insecure:
         err_console.print(INSECURE_WARNING)
-    _quiet_libraries(False)
+    quiet_libraries(False)
     paths = cert_paths(certs) if certs is not None else None
     if resume is not None:
         if config is not None:
@@ -145,7 +120,7 @@ def server(
         cfg = cfg.model_copy(
             update={"deployment": cfg.deployment.model_copy(update={"host": public})}
         )
-    _announce_privacy(cfg)
+    announce_privacy(cfg, console)
     where = f"{cfg.deployment.host}:{cfg.deployment.port}"
     console.print(f"starting the coordinator on {where}; run directory {run_dir}")
 
@@ -157,7 +132,7 @@ def server(
             f"missing clients after {cfg.federation.round_timeout:g} s (federation.round_timeout)"
         )
 
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     with ConsoleReporter(console, dp=cfg.privacy.enabled) as reporter:
         serve(
             cfg,
@@ -202,158 +177,6 @@ def _print_outcome(
     console.print(f"run directory: {run_dir}" + (f"; plot: {plot}" if plot else ""))
 
 
-def client(
-    server_address: Annotated[str, typer.Option("--server", help="The coordinator's host:port.")],
-    data: Annotated[Path, typer.Option("--data", help="This site's CSV/JSONL/Parquet file.")],
-    state_dir: Annotated[
-        Path,
-        typer.Option("--state-dir", help="Folder for this site's privacy ledger; keep it."),
-    ],
-    ca: Annotated[Path | None, typer.Option("--ca", help="The federation's ca.pem (TLS).")] = None,
-    key: Annotated[
-        Path | None,
-        typer.Option("--key", help="This site's node key (`privet certs node`)."),
-    ] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="No TLS (local trials with an insecure server).")
-    ] = False,
-    name: Annotated[
-        str | None, typer.Option("--name", help="This site's name (default: the data file's stem).")
-    ] = None,
-    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
-    label_column: Annotated[str, typer.Option(help="Column holding the label.")] = "label",
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="TOML with this site's policy: \\[privacy] and \\[model] (docs/security.md); "
-            "default: DP on at ε 8, the embedded model, no remote code. Never the coordinator's.",
-        ),
-    ] = None,
-    epsilon: Annotated[
-        float | None,
-        typer.Option("--epsilon", help="privacy.target_epsilon this site grants a run."),
-    ] = None,
-    budget: Annotated[
-        float | None,
-        typer.Option("--budget", help="privacy.budget_epsilon: this site's cap over all runs."),
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", help="model.name: the only model this site loads.")
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="torch threads for training.")
-    ] = None,
-    reconnect_timeout: Annotated[
-        float,
-        typer.Option(
-            "--reconnect-timeout",
-            min=1.0,
-            help="Seconds to keep trying to reach a coordinator that went away before leaving.",
-        ),
-    ] = 600.0,
-    test_attack: Annotated[
-        str | None,
-        typer.Option(
-            "--test-attack",
-            hidden=True,
-            help="TESTING ONLY: play a malicious site ([faults] attack: scale, sign_flip, ...).",
-        ),
-    ] = None,
-    test_attack_scale: Annotated[
-        float, typer.Option("--test-attack-scale", hidden=True, help="TESTING ONLY.")
-    ] = 1000.0,
-    test_claim_examples: Annotated[
-        int | None,
-        typer.Option("--test-claim-examples", hidden=True, help="TESTING ONLY: num-examples sent."),
-    ] = None,
-) -> None:
-    """Join a federation with this site's own data, policy and ledger (a Flower SuperNode).
-
-    Runs until Ctrl-C; prints each round this site trains with its cumulative ε.
-    """
-    from privet.client.deploy import SiteClient, SiteSettings
-    from privet.simulations.cli import _quiet_libraries
-
-    _quiet_libraries(False)
-    if insecure:
-        err_console.print(INSECURE_WARNING)
-    policy = _site_policy(config, epsilon=epsilon, budget=budget, model=model)
-    settings = SiteSettings(
-        name=name or data.stem,
-        data_file=data.resolve(),
-        text_column=text_column,
-        label_column=label_column,
-        state_dir=state_dir.resolve(),
-        policy=policy,
-        num_threads=threads,
-        reconnect_timeout=reconnect_timeout,
-    )
-    site = SiteClient(settings, server=server_address, ca=ca, key=key, insecure=insecure)
-    if test_attack is not None:
-        from privet.simulations.faults import AttackingApp
-
-        err_console.print(f"[bold red]TESTING: this site attacks ({test_attack})[/bold red]")
-        site.app = AttackingApp(  # type: ignore[assignment]
-            site.app,
-            attack=test_attack,
-            scale=test_attack_scale,
-            claim_examples=test_claim_examples,
-        )
-    site.preflight()
-    _sigterm_as_interrupt()
-    refused = (
-        "ask the operator to register this site's public key (`privet certs node`); see "
-        f"{settings.state_dir / 'flower' / 'supernode.log'}"
-    )
-    # Joining takes tens of seconds (Flower's SuperNode starts, connects and is activated): say so.
-    console.print(
-        f"site {settings.name}: data and coordinator checked; asking {server_address} to admit "
-        "this node (up to a minute)..."
-    )
-    try:
-        try:
-            site.start(on_wait=lambda why: console.print(f"[yellow]{why}[/yellow]"))
-        except DeploymentError:
-            # A coordinator that refuses the node can end the SuperNode before its health service
-            # ever answered; report that as the refusal it is, not as a failed start.
-            if site.child is None or site.alive():
-                raise
-            raise DeploymentError(site.exit_reason(), fix=refused) from None
-        console.print(
-            f"site {settings.name} joined {server_address} "
-            f"({'TLS' if ca else 'INSECURE'}); ledger in {settings.state_dir}; Ctrl-C to leave"
-        )
-        site.serve(threading.Event(), on_done=_report_reply, on_error=_report_dropped)
-        raise DeploymentError(site.exit_reason(), fix=refused)
-    finally:
-        site.stop()
-
-
-def _site_policy(
-    config: Path | None, *, epsilon: float | None, budget: float | None, model: str | None
-) -> SitePolicy:
-    """The site's policy: its ``--config`` file (or the safe defaults), then the options."""
-    from privet.client.policy import SitePolicy
-
-    policy = SitePolicy.load(config) if config is not None else SitePolicy()
-    privacy: dict[str, object] = {}
-    if epsilon is not None:
-        privacy["target_epsilon"] = epsilon
-    if budget is not None:
-        privacy["budget_epsilon"] = budget
-    try:
-        return SitePolicy.model_validate(
-            {
-                "privacy": policy.privacy.model_dump() | privacy,
-                "model": policy.model.model_dump() | ({"name": model} if model else {}),
-            }
-        )
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
-
-
 def sites(
     out: Annotated[Path, typer.Option("--out", help="Folder to write one CSV per site into.")],
     config: Annotated[
@@ -384,27 +207,6 @@ def sites(
             for part in (site.train, site.test):
                 writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
         console.print(f"{path}: {len(site.train) + len(site.test)} rows")
-
-
-def _report_dropped(exc: BaseException) -> None:
-    from privet.client.worker import TaskAbandonedError
-
-    if isinstance(exc, TaskAbandonedError):
-        console.print(f"[yellow]{exc}[/yellow]")
-
-
-def _report_reply(message: Message, reply: Message) -> None:
-    if reply.has_error():
-        console.print(f"[yellow]{reply.metadata.message_type}: {reply.error.reason}[/yellow]")
-        return
-    metrics = reply.content.metric_records.get("metrics")
-    if metrics is not None and "epsilon" in metrics:
-        server_round = message.content.config_records["config"].get("server-round", "?")
-        eps = float(metrics["epsilon"])  # type: ignore[arg-type]
-        console.print(
-            f"round {server_round!s}: trained on {int(metrics['num-examples'])} examples; "  # type: ignore[arg-type]
-            f"cumulative ε = {eps:.3f}"
-        )
 
 
 @certs_app.command("init")
