@@ -21,7 +21,6 @@ version of this benchmark did, measures parallelism, not overhead.)  The federat
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -60,23 +59,6 @@ def config(args: Any, out: Path, name: str) -> PrivetConfig:
             f"simulation.run_name='{name}'",
         ],
     )
-
-
-def federated(cfg: PrivetConfig) -> dict[str, Any]:
-    from privet.simulations import simulate
-
-    start = time.perf_counter()
-    run_dir = simulate(cfg)
-    total = time.perf_counter() - start
-    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rounds = [r for r in rounds if r["round"] > 0]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {
-        "total_seconds": total,
-        "round_seconds": [r["seconds"] for r in rounds],
-        "round_startup_seconds": [r.get("startup_seconds", 0.0) for r in rounds],
-        "ray_start_seconds": summary.get("ray_start_seconds"),
-    }
 
 
 def centralized(cfg: PrivetConfig, threads: int) -> list[float]:
@@ -155,7 +137,7 @@ def main() -> None:
         cen.append(centralized(config(args, out, "c0"), args.cpus))
         for i in range(repeats):
             with benchlib.PeakMemory() as mem:
-                feds.append(federated(config(args, out, f"f{i}")))
+                feds.append(benchlib.timed_simulation(config(args, out, f"f{i}")))
             feds[-1]["peak_memory_gib"] = mem.peak / 2**30
             cen.append(centralized(config(args, out, f"c{i + 1}"), args.cpus))
     later = slice(1, None)

@@ -13,7 +13,6 @@ privet must be faster per round and report cumulative epsilon.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -186,24 +185,6 @@ def run_baseline(cfg: PrivetConfig, sigma: float) -> dict[str, Any]:
     }
 
 
-def run_privet(cfg: PrivetConfig) -> dict[str, Any]:
-    from privet.simulations import simulate
-
-    start = time.perf_counter()
-    run_dir = simulate(cfg)
-    total = time.perf_counter() - start
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["round"] > 0]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {
-        "total_seconds": total,
-        "round_seconds": [r["seconds"] for r in rows],
-        "round_startup_seconds": [r.get("startup_seconds", 0.0) for r in rows],
-        "epsilon": [r["max_epsilon"] for r in rows],
-        "ray_start_seconds": summary.get("ray_start_seconds"),
-    }
-
-
 def main() -> None:
     p = benchlib.parser(__doc__ or "")
     args = p.parse_args()
@@ -223,7 +204,7 @@ def main() -> None:
             accountant=cfg.privacy.accountant,
         )
         base = run_baseline(cfg, sigma)
-        ours = run_privet(cfg)
+        ours = benchlib.timed_simulation(cfg)
     later = slice(1, None)
     b_steady = float(np.median(base["round_seconds"][later]))
     o_steady = float(np.median(ours["round_seconds"][later]))

@@ -220,3 +220,22 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._sample())
+
+
+def timed_simulation(cfg: Any) -> dict[str, Any]:
+    """Run ``privet.simulations.simulate(cfg)``; wall time, per-round times and ε, Ray's start-up."""
+    from privet.simulations import simulate
+
+    start = time.perf_counter()
+    run_dir = simulate(cfg)
+    total = time.perf_counter() - start
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["round"] > 0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "total_seconds": total,
+        "round_seconds": [r["seconds"] for r in rows],
+        "round_startup_seconds": [r.get("startup_seconds", 0.0) for r in rows],
+        "epsilon": [r.get("max_epsilon") for r in rows],
+        "ray_start_seconds": summary.get("ray_start_seconds"),
+    }

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privet.common.lora_residual import RESIDUAL_RECORD, is_residual_key, residual_key
+from privet.server.wrapping import WrappedStrategy
 
 __all__ = [
     "FedExLoraAggregation",
@@ -140,7 +141,25 @@ def svd_refactor(product: NDArray, *, rank: int) -> tuple[NDArray, NDArray, floa
     return a, b, err
 
 
-class LoraSvdAggregation(Strategy):
+def _reply_states(
+    replies: list[Message], weighted_by_key: str
+) -> tuple[list[dict[str, NDArray]], list[float]]:
+    """Each successful reply's arrays (copied) and its aggregation weight, before the inner mean.
+
+    Copies first: some strategies consume the reply arrays while aggregating.
+    """
+    good = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
+    states = [
+        {k: v.numpy().copy() for k, v in m.content.array_records["arrays"].items()} for m in good
+    ]
+    weights = [
+        float(m.content.metric_records["metrics"][weighted_by_key])  # type: ignore[arg-type]
+        for m in good
+    ]
+    return states, weights
+
+
+class LoraSvdAggregation(WrappedStrategy):
     """Wrap a mean-based strategy (FedAvg, FedProx): LoRA pairs become the SVD of the mean product.
 
     Everything but the LoRA pairs (the head, biases) keeps the wrapped strategy's weighted mean.
@@ -148,7 +167,7 @@ class LoraSvdAggregation(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, weighted_by_key: str = "num-examples") -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.weighted_by_key = weighted_by_key
 
     def summary(self) -> None:
@@ -156,27 +175,12 @@ class LoraSvdAggregation(Strategy):
         log.info("LoRA pairs: SVD re-factorization of the weighted mean product")
         self.inner.summary()
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Let the wrapped strategy average, then replace each LoRA pair by the SVD of the mean product."""
         replies = list(replies)
-        good = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
-        # Copies first: some strategies consume the reply arrays while aggregating.
-        states = [
-            {k: v.numpy().copy() for k, v in m.content.array_records["arrays"].items()}
-            for m in good
-        ]
-        weights = [
-            float(m.content.metric_records["metrics"][self.weighted_by_key])  # type: ignore[arg-type]
-            for m in good
-        ]
+        states, weights = _reply_states(replies, self.weighted_by_key)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None or not states:
             return arrays, metrics
@@ -197,20 +201,8 @@ class LoraSvdAggregation(Strategy):
         metrics["lora-svd-rel-error"] = worst
         return out, metrics
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-
-class FedExLoraAggregation(Strategy):
+class FedExLoraAggregation(WrappedStrategy):
     """FedEx-LoRA around a mean-based strategy (FedAvg, FedProx): exact aggregation of trainable A and B.
 
     The wrapped strategy averages ``A``, ``B`` and the head as usual; this wrapper adds, per LoRA
@@ -227,7 +219,7 @@ class FedExLoraAggregation(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, weighted_by_key: str = "num-examples") -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.weighted_by_key = weighted_by_key
         self._residuals: dict[str, NDArray] = {}
 
@@ -264,16 +256,7 @@ class FedExLoraAggregation(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The wrapped strategy's means, plus the accumulated residual of every LoRA pair."""
         replies = list(replies)
-        good = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
-        # Copies first: some strategies consume the reply arrays while aggregating.
-        states = [
-            {k: v.numpy().copy() for k, v in m.content.array_records["arrays"].items()}
-            for m in good
-        ]
-        weights = [
-            float(m.content.metric_records["metrics"][self.weighted_by_key])  # type: ignore[arg-type]
-            for m in good
-        ]
+        states, weights = _reply_states(replies, self.weighted_by_key)
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None or not states:
             return arrays, metrics
@@ -312,9 +295,3 @@ class FedExLoraAggregation(Strategy):
         return self._attach(
             self.inner.configure_evaluate(server_round, adapter, config, grid), residuals
         )
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy."""
-        return self.inner.aggregate_evaluate(server_round, replies)

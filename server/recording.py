@@ -19,6 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from privet.server.wrapping import WrappedStrategy
+
 __all__ = [
     "NOTE_MARKS",
     "RecordingStrategy",
@@ -96,7 +98,7 @@ class RoundObserver(Protocol):
         """Called after a round was aggregated, evaluated and saved."""
 
 
-class RecordingStrategy(Strategy):
+class RecordingStrategy(WrappedStrategy):
     """Wrap ``inner``: record each reply per client, drop invalid replies, then let ``inner`` aggregate.
 
     Parameters
@@ -134,7 +136,7 @@ class RecordingStrategy(Strategy):
         min_replies: int = 1,
         deployed: bool = False,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.round_checks = list(round_checks)
         self.deployed = deployed
         self._grid: Grid | None = None
@@ -148,10 +150,6 @@ class RecordingStrategy(Strategy):
         #: Deployed sites by node id: the names their keys were registered under.
         self.node_names: dict[int, str] = {}
         self._seen: dict[int, str] = {}  # simulated nodes by the client they reported playing
-
-    def summary(self) -> None:
-        """Delegate to the wrapped strategy."""
-        self.inner.summary()
 
     def seconds_since_round_start(self) -> float:
         """Wall time since the current round's messages were built."""
@@ -315,12 +313,6 @@ class RecordingStrategy(Strategy):
             if reason:
                 return reason
         return None
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -55,6 +55,7 @@ from privet.common.config import SecureAggregationConfig
 from privet.common.errors import ConfigError
 from privet.common.privacy.secagg import SECAGG_RECORD, quantization_slack
 from privet.server.loop import WrappedGrid, send_and_receive
+from privet.server.wrapping import ByteCounts
 
 __all__ = ["ERROR_SECAGG", "SecAggGrid"]
 
@@ -174,7 +175,7 @@ def _content_bytes(content: RecordDict) -> int:
     return total
 
 
-class SecAggGrid(WrappedGrid):
+class SecAggGrid(ByteCounts, WrappedGrid):
     """Wrap ``inner`` so that each round's train messages run SecAgg+ (see the module docstring).
 
     Parameters
@@ -224,12 +225,6 @@ class SecAggGrid(WrappedGrid):
         self.bytes_received = 0
         #: Clients whose masked update entered the last round's sum.
         self.last_contributors: list[int] = []
-
-    def take_byte_counts(self) -> tuple[int, int]:
-        """Bytes sent and received (all SecAgg+ stages) since the last call; resets the counters."""
-        out = (self.bytes_sent, self.bytes_received)
-        self.bytes_sent = self.bytes_received = 0
-        return out
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -25,11 +25,12 @@ from privet.common.transport import (
     write_arrays,
 )
 from privet.server.loop import WrappedGrid, send_and_receive
+from privet.server.wrapping import ByteCounts
 
 __all__ = ["TransportGrid"]
 
 
-class TransportGrid(WrappedGrid):
+class TransportGrid(ByteCounts, WrappedGrid):
     """Wrap ``inner`` so that arrays travel in ``encoding`` both ways.
 
     Parameters
@@ -52,14 +53,6 @@ class TransportGrid(WrappedGrid):
     def __init__(self, inner: Grid, encoding: Encoding) -> None:
         self.inner = inner
         self.encoding = encoding
-        self.bytes_sent = 0
-        self.bytes_received = 0
-
-    def take_byte_counts(self) -> tuple[int, int]:
-        """Bytes sent and received (train messages) since the last call; resets the counters."""
-        out = (self.bytes_sent, self.bytes_received)
-        self.bytes_sent = self.bytes_received = 0
-        return out
 
     # -- what changes: encode on the way out, decode on the way back ------------------------
     def send_and_receive(
