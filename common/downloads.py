@@ -22,7 +22,13 @@ import platformdirs
 
 from privet.common.errors import PrivetError
 
-__all__ = ["pip_download", "resolve_cache_dir", "sha256_file", "write_atomic"]
+__all__ = [
+    "make_cache_folder",
+    "pip_download",
+    "resolve_cache_dir",
+    "sha256_file",
+    "write_atomic",
+]
 
 PIP_TRIES = 3
 PIP_TIMEOUT_S = 300.0
@@ -49,6 +55,18 @@ def resolve_cache_dir(cache_dir: Path | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path(platformdirs.user_cache_dir("privet"))
+
+
+def make_cache_folder(folder: Path, *, error: type[PrivetError]) -> Path:
+    """Create ``folder`` (and its parents); a failure is one ``error`` line with the fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(
+            f"cannot create the cache folder {folder}: {exc}",
+            fix="set data.cache_dir or PRIVET_CACHE_DIR to a writable folder",
+        ) from None
+    return folder
 
 
 def sha256_file(path: Path) -> str:

