@@ -330,7 +330,10 @@ def _dequantize(gguf: Path, folder: Path, *, gguf_sha256: str, source: str) -> N
                     quantization_config=GgufConfig(dequantize=True),
                     dtype=torch.float32,
                 )
-        except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as exc:
+        except Exception as exc:
+            # The GGUF reader and transformers' converters raise a zoo of types on a damaged or
+            # unsupported file (struct.error, KeyError, ValueError, ...); to the user they all
+            # mean "this file cannot be read", so each becomes one ModelError line.
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
                 f"transformers cannot read the GGUF file {gguf}: {first}",

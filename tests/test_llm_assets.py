@@ -151,6 +151,16 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
         resolve_model_path(str(tmp_path / "missing.gguf"), cache_dir=tmp_path)
 
 
+def test_damaged_gguf_file(tmp_path: Path) -> None:
+    bad = tmp_path / "damaged.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"garbage" * 5)
+    with pytest.raises(ModelError, match=r"transformers cannot read the GGUF file .* Fix:") as info:
+        resolve_model_path(str(bad), cache_dir=tmp_path)
+    assert "\n" not in str(info.value)
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []  # no half-written model folder
+
+
 def test_gguf_package_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.metadata
 
