@@ -31,7 +31,12 @@ from privet.client.secagg import secagg_mod
 from privet.client.training import evaluate, train
 from privet.common.arrays import state_to_arrayrecord
 from privet.common.config import PrivetConfig
-from privet.common.data import ClientData, TokenizedExamples, cached_federated_data
+from privet.common.data import (
+    ClientData,
+    TokenizedExamples,
+    cached_federated_data,
+    classification_examples,
+)
 from privet.common.errors import BudgetExhaustedError, PrivetError
 from privet.common.lora_residual import fold_residuals, message_residuals
 from privet.common.modeling import (
@@ -136,8 +141,8 @@ def _load(
             tok, ml = model.built.tokenizer, cfg.model.max_length
             cached = (
                 data,
-                TokenizedExamples(data.train, tok, max_length=ml),
-                TokenizedExamples(data.test, tok, max_length=ml),
+                TokenizedExamples(classification_examples(data.train), tok, max_length=ml),
+                TokenizedExamples(classification_examples(data.test), tok, max_length=ml),
             )
             _data_cache[data_key] = cached
             while len(_data_cache) > _DATA_CACHE_SIZE:
@@ -322,7 +327,7 @@ def make_client_app(
                         include={"model", "adapter", "privacy", "train"}
                     ),
                     client_id=loaded.data.name,
-                    data=loaded.data.train,
+                    data=classification_examples(loaded.data.train),
                 )
                 again = _kept_release(state_dir, loaded.data.name, release)
                 if again is not None:

