@@ -96,10 +96,17 @@ class Procs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(
-        self, name: str, *args: str, argv: list[str] | None = None
+        self,
+        name: str,
+        *args: str,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``privet ARGS`` (or ``argv``) with its output in ``logs/NAME.log``."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+        """Start ``privet ARGS`` (or ``argv``) with its output in ``logs/NAME.log``.
+
+        ``env`` adds variables to this process's environment for the child.
+        """
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", **(env or {}))
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (owned by the process)
         proc = subprocess.Popen(
             argv or [PRIVET, *args],
