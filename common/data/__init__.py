@@ -18,7 +18,7 @@ from privet.common.data.federated import (
     load_server_test,
     num_clients,
 )
-from privet.common.data.files import load_table, load_tables
+from privet.common.data.files import LabelledRows, load_table, load_tables
 from privet.common.data.partition import (
     derive_seed,
     dirichlet_partition,
@@ -42,6 +42,7 @@ __all__ = [
     "Examples",
     "FederatedData",
     "GenerationExamples",
+    "LabelledRows",
     "TokenizedExamples",
     "Turn",
     "build_federated_data",
