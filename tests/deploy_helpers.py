@@ -136,17 +136,27 @@ class Procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        return self._reap(name, timeout)
+
+    def _reap(self, name: str, timeout: float) -> int:
+        """Wait for ``name`` to end; SIGKILL its group after ``timeout`` seconds."""
+        proc = self.procs[name]
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
         return int(proc.returncode)
 
     def close(self) -> None:
+        # SIGINT to every process first, then wait: they wind down side by side, not in turn.
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
         for name in list(self.procs):
-            self.stop(name)
+            self._reap(name, timeout=20)
             # whatever the group still holds (a SuperLink whose parent was SIGKILLed)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.procs[name].pid, signal.SIGKILL)

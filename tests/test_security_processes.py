@@ -144,6 +144,10 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run_dir = crash / "runs" / "fed"
     paused = run_dir / "flower" / "test-paused-round-2"
     out["crash_run"] = run_dir
+    start = time.monotonic()
+    # Seconds from the first process start to each stage (printed by -s; a slow run shows where).
+    stages: dict[str, float] = {}
+    out["stages"] = stages
     try:
         procs.start(
             "refused-server", "server", "--config", str(cfg), "--certs", str(bad_certs),
@@ -154,6 +158,7 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "--test-pause-after-replies", "2",
         )  # fmt: skip
         procs.wait_for("refused-server", "waiting for", timeout=180)
+        stages["coordinator ready"] = time.monotonic() - start
         for name, data, extra in (
             ("site-a", bad_sites[0], ()),
             ("site-b", bad_sites[1], ("--model", str(evil), "--budget", "10", "--epsilon", "10")),
@@ -170,6 +175,7 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             420,
             alive=[(server, lambda: procs.log("server"))],
         )
+        stages["paused after round 2's replies"] = time.monotonic() - start
         out["recorded_at_pause"] = [r["round"] for r in read_metrics(run_dir)]
         out["ledgers_at_pause"] = {
             n: ledger_path(crash / f"state-{n}", n).read_bytes() for n in ("site-a", "site-b")
@@ -177,11 +183,15 @@ def played(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         procs.stop("server", sig=signal.SIGKILL)
         _wait("the killed coordinator's processes", lambda: not flower_pids(str(run_dir)), 20,
               alive=[])  # fmt: skip
+        stages["killed coordinator gone"] = time.monotonic() - start
         procs.start("server2", "server", "--resume", str(run_dir), "--certs", str(certs))
         out["resume_rc"] = procs.procs["server2"].wait(timeout=400)
+        stages["resumed run done"] = time.monotonic() - start
         out["refused_rc"] = procs.procs["refused-server"].wait(timeout=300)
     finally:
         procs.close()
+    stages["all processes ended"] = time.monotonic() - start
+    print("stages (s):", {k: round(v, 1) for k, v in stages.items()})
     out["logs"] = {n: procs.log(n) for n in procs.procs}
     return out
 
