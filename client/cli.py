@@ -205,6 +205,14 @@ def _report_reply(message: Message, reply: Message) -> None:
     if metrics is not None and "epsilon" in metrics:
         server_round = message.content.config_records["config"].get("server-round", "?")
         eps = float(metrics["epsilon"])  # type: ignore[arg-type]
+        if metrics.get("replayed"):
+            # A coordinator that crashed and resumed asked for this round again with the same
+            # inputs: the update already released was sent again, nothing charged.
+            console.print(
+                f"round {server_round!s}: asked again; sent the update already released "
+                f"(replayed, no privacy charged); cumulative ε = {eps:.3f}"
+            )
+            return
         console.print(
             f"round {server_round!s}: trained on {int(metrics['num-examples'])} examples; "  # type: ignore[arg-type]
             f"cumulative ε = {eps:.3f}"

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privet.client.policy import SitePolicy, apply_policy, check_model_files
 from privet.common.config import PrivetConfig, format_validation_error
-from privet.common.data import ClientData, Examples, load_table, train_test_split
+from privet.common.data import ClientData, Examples, LabelledRows, load_table, train_test_split
 from privet.common.deployment import (
     Child,
     flower_env,
@@ -181,7 +181,9 @@ def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> tuple[PrivetCo
     return cfg, floor
 
 
-def make_site_app(site: SiteSettings | None = None, examples: Examples | None = None) -> ClientApp:
+def make_site_app(
+    site: SiteSettings | None = None, examples: Examples | LabelledRows | None = None
+) -> ClientApp:
     """The ClientApp a site runs: the coordinator's recipe, the site's policy and data.
 
     The coordinator's configuration comes with the run (its run config); the site's policy checks
@@ -196,7 +198,8 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
         The site's settings; ``None``: read ``client.json`` named by the node config (the app
         Flower loads from the run's bundle when a SuperNode runs ClientApps itself).
     examples
-        The site's examples in memory (the embedding API); ``None``: ``site.data_file``.
+        The site's examples in memory (the embedding API); ``None``: ``site.data_file``. Rows
+        whose labels are class names are mapped with the run's ``data.label_names``.
 
     """
     from privet.client.app import make_client_app
@@ -232,14 +235,18 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
             )
         else:
             n = cfg.data.num_labels or 2
-            if len(examples) and int(examples.labels.max()) >= n:
+            if isinstance(examples, LabelledRows):  # a Participant's rows: names take the run's
+                own = examples.examples(num_labels=n, label_names=cfg.data.label_names)
+            else:
+                own = examples
+            if len(own) and int(own.labels.max()) >= n:
                 raise DataError(
-                    f"this site's labels go up to {int(examples.labels.max())}; the federation has "
+                    f"this site's labels go up to {int(own.labels.max())}; the federation has "
                     f"{n} classes",
                     fix=f"labels are class indices 0..{n - 1}",
                 )
             local = split_site_data(
-                examples, name=s.name, test_fraction=s.test_fraction, where="the site's data"
+                own, name=s.name, test_fraction=s.test_fraction, where="the site's data"
             )
         built.clear()  # one federation at a time: drop the model of an older run
         built[key] = make_client_app(
@@ -257,6 +264,13 @@ def make_site_app(site: SiteSettings | None = None, examples: Examples | None = 
         except (PrivacyError, ModelError) as exc:
             # Before anything is loaded or trained: the coordinator learns why, nothing is spent.
             return Message(Error(code=ERROR_POLICY, reason=str(exc)), reply_to=msg)
+        except DataError as exc:
+            # The site's data does not fit the run (e.g. a class name the federation lacks): one
+            # line for both sides, not a traceback.
+            from privet.client.app import ERROR_CLIENT
+
+            log.error("this site's data does not fit this run: %s", exc)
+            return Message(Error(code=ERROR_CLIENT, reason=str(exc)), reply_to=msg)
         return inner(msg, context)
 
     app = ClientApp()
@@ -310,7 +324,7 @@ class SiteClient:
         ca: Path | None,
         key: Path | None,
         insecure: bool = False,
-        examples: Examples | None = None,
+        examples: Examples | LabelledRows | None = None,
     ) -> None:
         if (ca is None) != insecure:
             raise DeploymentError(

@@ -9,7 +9,9 @@ number of attempts and a growing pause between them.
 
 The data stays in the app: pass rows (mappings with a text and a label), a torch ``Dataset`` of
 ``(text, label)`` pairs or mappings, a CSV/JSONL/Parquet path, or any object with an
-``examples()`` method (:class:`DataSource`).
+``examples()`` method (:class:`DataSource`). Labels are class indices or class names, as in a
+site's data file: names take the federation's mapping (``data.label_names``, which the
+coordinator sends with the run), else their sorted order.
 """
 
 from __future__ import annotations
@@ -18,16 +20,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
-
 from privet.client.policy import SitePolicy
 from privet.common.config import PrivacyConfig
-from privet.common.data import Examples, load_table
+from privet.common.data import Examples, LabelledRows
 from privet.common.errors import ConfigError, DataError, DeploymentError, PrivetError
 
 if TYPE_CHECKING:
@@ -43,19 +43,35 @@ class DataSource(Protocol):
     """Anything that can hand over its labelled texts."""
 
     def examples(self) -> Iterable[tuple[str, int]]:
-        """Yield ``(text, label)`` pairs; labels are class indices ``0..K-1``."""
+        """Yield ``(text, label)`` pairs; labels are class indices ``0..K-1`` or class names."""
         ...
 
 
-def to_examples(data: Any, *, text_key: str = "text", label_key: str = "label") -> Examples:
+def to_examples(
+    data: Any,
+    *,
+    text_key: str = "text",
+    label_key: str = "label",
+    label_names: Sequence[str] | None = None,
+) -> Examples:
     """Turn a partner's data into privet's :class:`~privet.common.data.Examples`, checking every row.
 
     Accepts a :class:`DataSource`, a path to a CSV/JSONL/Parquet file, or a sequence (a list, a
     torch ``Dataset``) whose items are ``(text, label)`` pairs or mappings with ``text_key`` and
-    ``label_key``.
+    ``label_key``. Labels are class indices or class names (not both), as in a file: names map to
+    their place in ``label_names``, else to their place among the sorted distinct names.
+    """
+    return to_rows(data, text_key=text_key, label_key=label_key).examples(label_names=label_names)
+
+
+def to_rows(data: Any, *, text_key: str = "text", label_key: str = "label") -> LabelledRows:
+    """A partner's data as rows whose labels (indices or names) are checked but not yet mapped.
+
+    A :class:`Participant` keeps its data so until the federation's class names arrive with the
+    run: the coordinator's ``data.label_names`` decide the indices, as for a site's data file.
     """
     if isinstance(data, str | Path):
-        return load_table(Path(data), text_column=text_key, label_column=label_key)
+        return LabelledRows.read(Path(data), text_column=text_key, label_column=label_key)
     if isinstance(data, DataSource):
         items: Iterable[Any] = data.examples()
     elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
@@ -68,7 +84,7 @@ def to_examples(data: Any, *, text_key: str = "text", label_key: str = "label") 
             fix="pass rows, a torch Dataset, a file path or an object with examples()",
         )
     texts: list[str] = []
-    labels: list[int] = []
+    labels: list[Any] = []
     for i, item in enumerate(items):
         if isinstance(item, Mapping):
             if text_key not in item or label_key not in item:
@@ -85,15 +101,12 @@ def to_examples(data: Any, *, text_key: str = "text", label_key: str = "label") 
             label = label.item()
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"row {i}: the text is empty or not a string")
-        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-            raise DataError(
-                f"row {i}: label {label!r} is not a class index", fix="use integers 0..K-1"
-            )
         texts.append(text)
         labels.append(label)
     if not texts:
         raise DataError("the data has no rows")
-    return Examples(texts=texts, labels=np.asarray(labels, dtype=np.int64))
+    # Checked as a file's label column is: integers or names, no booleans, fractions or blanks.
+    return LabelledRows.from_labels(texts, labels, where=f"the rows' {label_key!r} field")
 
 
 @dataclass(frozen=True)
@@ -211,7 +224,10 @@ class Participant:
             )
         if privacy is not None:
             policy = SitePolicy.from_privacy(privacy)
-        self._examples = to_examples(data, text_key=text_key, label_key=label_key)
+        # Labels stay as given until the run brings the federation's class names (a name this
+        # site has that the federation lacks is refused then); checked here, mapped there.
+        self._rows = to_rows(data, text_key=text_key, label_key=label_key)
+        self._rows.examples()  # integers below 0, a mix of names and numbers: refused now
         self._settings = SiteSettings(
             name=name,
             state_dir=Path(state_dir).resolve(),
@@ -226,7 +242,7 @@ class Participant:
             ca=Path(ca) if ca is not None else None,
             key=Path(key) if key is not None else None,
             insecure=insecure,
-            examples=self._examples,
+            examples=self._rows,
         )
         self._max_restarts = max_restarts
         self._stop = threading.Event()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -219,14 +220,91 @@ class SitePolicy(_Strict):
             ) from None
 
 
-def _refuse(setting: str, asked: object, own: object, why: str, *, model: bool = False) -> None:
-    kind = ModelError if model else PrivacyError
+@dataclass(frozen=True)
+class _Refusal:
+    """One setting a coordinator's run asks for that the site's policy does not grant."""
+
+    setting: str
+    asked: object
+    own: object
+    why: str
+    model: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.setting} = {self.asked!r}, {self.why} ({self.setting} = {self.own!r} here)"
+
+
+def _raise_refusals(refusals: list[_Refusal]) -> None:
+    """One error naming every setting the run asks for beyond the policy (none: return).
+
+    All of them at once: a coordinator's operator fixes the run in one go, and a site's log says
+    everything the run tried (a malicious run usually asks for several things).
+    """
+    if not refusals:
+        return
+    kind = ModelError if any(r.model for r in refusals) else PrivacyError
+    settings = [r.setting for r in refusals]
+    named = settings[0] if len(settings) == 1 else ", ".join(settings[:-1]) + " and " + settings[-1]
+    own = f"this site's own {settings[0]}" if len(settings) == 1 else "this site's own settings"
     raise kind(
-        f"the coordinator's run asks for {setting} = {asked!r}, {why} ({setting} = {own!r} here); "
-        "this site trains nothing for this run.",
-        fix=f"ask the coordinator to change {setting}, or change this site's own {setting} "
+        f"the coordinator's run asks for {'; '.join(map(str, refusals))}; this site trains "
+        "nothing for this run.",
+        fix=f"ask the coordinator to change {named}, or change {own} "
         "(privet client --config SITE.toml, or the Participant's policy) if it agrees",
     )
+
+
+def _privacy_refusals(own: SitePrivacy, asked: PrivacyConfig, floor: float) -> list[_Refusal]:
+    """The privacy settings of a DP run that ask for less than the site grants."""
+    out: list[_Refusal] = []
+    if asked.delta > own.delta:
+        out.append(
+            _Refusal(
+                "privacy.delta", asked.delta, own.delta, "a larger delta than this site grants"
+            )
+        )
+    if (
+        asked.target_epsilon is not None
+        and own.target_epsilon is not None
+        and asked.target_epsilon > own.target_epsilon
+    ):
+        out.append(
+            _Refusal(
+                "privacy.target_epsilon",
+                asked.target_epsilon,
+                own.target_epsilon,
+                "a larger epsilon than this site grants",
+            )
+        )
+    asked_budget, budget = asked.effective_budget, own.budget
+    if budget is not None and asked_budget is not None and asked_budget > budget:
+        out.append(
+            _Refusal(
+                "privacy.budget_epsilon",
+                asked_budget,
+                budget,
+                "a larger privacy budget than this site grants",
+            )
+        )
+    if asked.noise_multiplier is not None and asked.noise_multiplier < floor:
+        out.append(
+            _Refusal(
+                "privacy.noise_multiplier",
+                asked.noise_multiplier,
+                floor,
+                "less noise than this site accepts (its privacy.min_noise_multiplier)",
+            )
+        )
+    if asked.clipping not in own.clipping:
+        out.append(
+            _Refusal(
+                "privacy.clipping",
+                asked.clipping,
+                list(own.clipping),
+                "a clipping implementation this site does not allow",
+            )
+        )
+    return out
 
 
 def apply_policy(cfg: PrivetConfig, policy: SitePolicy) -> tuple[PrivetConfig, float | None]:
@@ -255,61 +333,41 @@ def apply_policy(cfg: PrivetConfig, policy: SitePolicy) -> tuple[PrivetConfig, f
     ModelError
         When the run names another model or asks for remote code the site does not allow.
 
+    Every refused setting is named in the one error (model and privacy alike); it is a
+    :class:`ModelError` when a model setting is among them.
+
     """
     own, asked = policy.privacy, cfg.privacy
     m, am = policy.model, cfg.model
+    refused: list[_Refusal] = []
     if am.name != m.name:
-        _refuse("model.name", am.name, m.name, "another model than this site loads", model=True)
+        refused.append(
+            _Refusal("model.name", am.name, m.name, "another model than this site loads", True)
+        )
     if am.trust_remote_code and not m.trust_remote_code:
-        _refuse(
-            "model.trust_remote_code",
-            True,
-            False,
-            "which would run the model's own Python code on this site",
-            model=True,
+        refused.append(
+            _Refusal(
+                "model.trust_remote_code",
+                True,
+                False,
+                "which would run the model's own Python code on this site",
+                True,
+            )
         )
     model = am.model_copy(update={"name": m.name, "trust_remote_code": m.trust_remote_code})
     if not own.enabled:
+        _raise_refusals(refused)
         privacy = asked.model_copy(update={"enabled": False})
         return cfg.model_copy(update={"privacy": privacy, "model": model}), None
-    if not asked.enabled:
-        _refuse("privacy.enabled", False, True, "training without differential privacy")
-    if asked.delta > own.delta:
-        _refuse("privacy.delta", asked.delta, own.delta, "a larger delta than this site grants")
-    if (
-        asked.target_epsilon is not None
-        and own.target_epsilon is not None
-        and asked.target_epsilon > own.target_epsilon
-    ):
-        _refuse(
-            "privacy.target_epsilon",
-            asked.target_epsilon,
-            own.target_epsilon,
-            "a larger epsilon than this site grants",
-        )
-    asked_budget, budget = asked.effective_budget, own.budget
-    if budget is not None and asked_budget is not None and asked_budget > budget:
-        _refuse(
-            "privacy.budget_epsilon",
-            asked_budget,
-            budget,
-            "a larger privacy budget than this site grants",
-        )
     floor = max(own.min_noise_multiplier, own.noise_multiplier or 0.0)
-    if asked.noise_multiplier is not None and asked.noise_multiplier < floor:
-        _refuse(
-            "privacy.noise_multiplier",
-            asked.noise_multiplier,
-            floor,
-            "less noise than this site accepts (its privacy.min_noise_multiplier)",
+    if not asked.enabled:
+        refused.append(
+            _Refusal("privacy.enabled", False, True, "training without differential privacy")
         )
-    if asked.clipping not in own.clipping:
-        _refuse(
-            "privacy.clipping",
-            asked.clipping,
-            list(own.clipping),
-            "a clipping implementation this site does not allow",
-        )
+    else:
+        refused.extend(_privacy_refusals(own, asked, floor))
+    _raise_refusals(refused)
+    budget = own.budget
     # The stricter of the two: the coordinator may ask for less epsilon or more noise.
     if own.noise_multiplier is not None or asked.noise_multiplier is not None:
         target, sigma = None, max(own.noise_multiplier or 0.0, asked.noise_multiplier or 0.0)

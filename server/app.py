@@ -9,7 +9,10 @@ final adapter saved with PEFT's ``save_pretrained``.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,33 @@ from privet.server.validation import make_reply_checks, make_round_checks
 __all__ = ["make_server_app"]
 
 log = logging.getLogger("privet")
+
+#: TESTING ONLY. ``privet server --test-pause-after-replies R`` (a hidden option) sets this
+#: variable; the deployed ServerApp then stops for good once the train replies of round R are in,
+#: before round R is aggregated or recorded, and writes ``flower/test-paused-round-R`` so that a
+#: test can kill the coordinator exactly there: the sites released (and were charged for) round R,
+#: the run directory does not know it. That is the window a coordinator crash must not turn into
+#: a second charge (``client/releases.py``), and a kill by timing alone hits it only by chance.
+TEST_PAUSE_ENV = "PRIVET_TEST_PAUSE_AFTER_REPLIES"
+
+
+def _test_pause(run_dir: Path) -> Callable[[int], None] | None:
+    """The test-only pause of :data:`TEST_PAUSE_ENV`, or None (the variable is not set)."""
+    raw = os.environ.get(TEST_PAUSE_ENV, "").strip()
+    if not raw:
+        return None
+    pause_round = int(raw)
+
+    def pause(server_round: int) -> None:
+        if server_round != pause_round:
+            return
+        log.warning("TESTING: paused after the train replies of round %d", server_round)
+        marker = run_dir / "flower" / f"test-paused-round-{server_round}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()), encoding="utf-8")
+        threading.Event().wait()  # until the test kills the coordinator
+
+    return pause
 
 
 def make_server_app(
@@ -205,6 +235,7 @@ def make_server_app(
                 timeout=fed_cfg.round_timeout,
                 train_config=train_config,
                 on_round_end=_round_end,
+                after_replies=_test_pause(run_dir) if deployed else None,
             )
         except FederationBudgetExhausted as exc:
             # Refused before any client was asked: the model after the last round is the result.

@@ -61,6 +61,15 @@ def server(
             "the default, deployment.host = 127.0.0.1, admits sites on this machine only.",
         ),
     ] = None,
+    test_pause_after_replies: Annotated[
+        int | None,
+        typer.Option(
+            "--test-pause-after-replies",
+            hidden=True,
+            help="TESTING ONLY: stop for good once round R's train replies are in, before the "
+            "round is recorded (a test then kills the coordinator there).",
+        ),
+    ] = None,
 ) -> None:
     """Start the coordinator: Flower's SuperLink, privet's ServerApp, and a live per-round table.
 
@@ -83,6 +92,17 @@ def server(
         )
     if insecure:
         err_console.print(INSECURE_WARNING)
+    if test_pause_after_replies is not None:
+        import os
+
+        from privet.server.app import TEST_PAUSE_ENV
+
+        err_console.print(
+            f"[bold red]TESTING: this coordinator stops after the replies of round "
+            f"{test_pause_after_replies}[/bold red]"
+        )
+        # Read by the ServerApp process, which the SuperLink starts with this environment.
+        os.environ[TEST_PAUSE_ENV] = str(test_pause_after_replies)
     quiet_libraries(False)
     paths = cert_paths(certs) if certs is not None else None
     if resume is not None:

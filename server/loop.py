@@ -43,6 +43,7 @@ def run_rounds(
     evaluate_config: ConfigRecord | None = None,
     on_round_end: RoundEnd,
     min_nodes: int = 1,
+    after_replies: Callable[[int], None] | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round`` of ``strategy`` starting from ``arrays``.
 
@@ -67,6 +68,8 @@ def run_rounds(
             timeout=timeout,
             label=label,
         )
+        if after_replies is not None:
+            after_replies(server_round)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated

@@ -39,10 +39,15 @@ ReplyCheck = Callable[[Message, ArrayRecord], "str | None"]
 #: above the others'); returns one reason to reject, or None, per reply.
 RoundCheck = Callable[[Sequence[Message], ArrayRecord], "list[str | None]"]
 
-#: How the log lines start that a deployed coordinator shows on its console (``privet server``
-#: reads them from the ServerApp's log): a dropped reply, a round that was not aggregated.
-REJECTED, NOT_AGGREGATED = "rejected the update of", "not aggregated"
-NOTE_MARKS = (REJECTED, NOT_AGGREGATED)
+#: What marks the log lines a deployed coordinator shows on its console (``privet server`` reads
+#: them from the ServerApp's log): a dropped reply, a round that was not aggregated, a site that
+#: answered with an error (a refused run, a spent budget), named by the site.
+REJECTED, NOT_AGGREGATED, ERRORED = (
+    "rejected the update of",
+    "not aggregated",
+    "replied with an error",
+)
+NOTE_MARKS = (REJECTED, NOT_AGGREGATED, ERRORED)
 
 
 @dataclass
@@ -228,8 +233,16 @@ class RecordingStrategy(WrappedStrategy):
         for msg in replies:
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
-                rec.errors[self.name_of(None, msg.metadata.src_node_id)] = reason
-                log.warning("round %d: client replied with an error: %s", server_round, reason)
+                who = self.name_of(None, msg.metadata.src_node_id)
+                rec.errors[who] = reason
+                log.warning(
+                    "round %d: %s %s (code %d): %s",
+                    server_round,
+                    who,
+                    ERRORED,
+                    msg.error.code,
+                    reason,
+                )
                 # Flower's strategies skip error replies themselves; keep them so a DP wrapper sees
                 # the true count of replies.
                 kept.append(msg)

@@ -96,10 +96,17 @@ class Procs:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(
-        self, name: str, *args: str, argv: list[str] | None = None
+        self,
+        name: str,
+        *args: str,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``privet ARGS`` (or ``argv``) with its output in ``logs/NAME.log``."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+        """Start ``privet ARGS`` (or ``argv``) with its output in ``logs/NAME.log``.
+
+        ``env`` adds variables to this process's environment for the child.
+        """
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", **(env or {}))
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (owned by the process)
         proc = subprocess.Popen(
             argv or [PRIVET, *args],
@@ -129,17 +136,27 @@ class Procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        return self._reap(name, timeout)
+
+    def _reap(self, name: str, timeout: float) -> int:
+        """Wait for ``name`` to end; SIGKILL its group after ``timeout`` seconds."""
+        proc = self.procs[name]
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
         return int(proc.returncode)
 
     def close(self) -> None:
+        # SIGINT to every process first, then wait: they wind down side by side, not in turn.
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
         for name in list(self.procs):
-            self.stop(name)
+            self._reap(name, timeout=20)
             # whatever the group still holds (a SuperLink whose parent was SIGKILLed)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.procs[name].pid, signal.SIGKILL)

@@ -26,7 +26,7 @@ from privet.client.privacy import ledger_path
 from privet.common.arrays import state_to_arrayrecord
 from privet.common.config import dump_config, load_config
 from privet.common.data import Examples
-from privet.common.errors import ConfigError, PrivacyError
+from privet.common.errors import ConfigError, ModelError, PrivacyError
 from privet.common.modeling import build_model, trainable_state
 from tests.flower_fakes import run_identity
 
@@ -132,6 +132,47 @@ def test_a_run_asking_for_more_is_refused_and_nothing_is_spent(
         assert "\n" not in reason  # one line
     # Nothing charged, nothing kept, nothing released: the ledger was never even opened.
     assert not (tmp_path / "state").exists()
+
+
+def test_every_refused_setting_is_named_in_one_error() -> None:
+    # A malicious run asks for several things at once: the one error names them all, so the
+    # coordinator's operator (and the site's log) sees everything the run tried.
+    cfg = load_config(
+        None,
+        [
+            *RECIPE,
+            "model.name='/elsewhere/model'",
+            "model.trust_remote_code=true",
+            "privacy.target_epsilon=none",
+            "privacy.noise_multiplier=0.05",
+            "privacy.budget_epsilon=1000000",
+        ],
+    )
+    with pytest.raises(ModelError) as info:
+        apply_policy(cfg, SitePolicy())
+    message = str(info.value)
+    assert message.startswith(
+        "the coordinator's run asks for model.name = '/elsewhere/model', another model than "
+        "this site loads (model.name = 'embedded:all-MiniLM-L6-v2' here); "
+        "model.trust_remote_code = True, "
+    )
+    assert (
+        "privacy.budget_epsilon = 1000000.0, a larger privacy budget than this site grants "
+        in message
+    )
+    assert "(privacy.budget_epsilon = 8.0 here); privacy.noise_multiplier = 0.05, " in message
+    assert info.value.fix == (
+        "ask the coordinator to change model.name, model.trust_remote_code, "
+        "privacy.budget_epsilon and privacy.noise_multiplier, or change this site's own settings "
+        "(privet client --config SITE.toml, or the Participant's policy) if it agrees"
+    )
+    # Privacy alone is a PrivacyError; a site without DP still refuses another model.
+    with pytest.raises(PrivacyError, match=r"privacy.budget_epsilon = 1000000.0.*; privacy.noise"):
+        apply_policy(
+            cfg, SitePolicy(model=SiteModel(name="/elsewhere/model", trust_remote_code=True))
+        )
+    with pytest.raises(ModelError, match=r"asks for model.name = '/elsewhere/model'"):
+        apply_policy(cfg, SitePolicy(privacy=SitePrivacy(enabled=False)))
 
 
 def test_remote_code_the_coordinator_points_at_never_runs(

@@ -20,7 +20,7 @@ from privet.common.data.federated import (
     load_server_test,
     num_clients,
 )
-from privet.common.data.files import load_table, load_tables
+from privet.common.data.files import LabelledRows, load_table, load_tables
 from privet.common.data.instructions import load_instructions
 from privet.common.data.partition import (
     derive_seed,
@@ -47,6 +47,7 @@ __all__ = [
     "Examples",
     "FederatedData",
     "GenerationExamples",
+    "LabelledRows",
     "TokenizedExamples",
     "Turn",
     "build_federated_data",

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from privet.common.data.examples import Examples
 from privet.common.errors import DataError
 
-__all__ = ["MAX_LABELS", "SUPPORTED_SUFFIXES", "load_table", "load_tables"]
+__all__ = ["MAX_LABELS", "SUPPORTED_SUFFIXES", "LabelledRows", "load_table", "load_tables"]
 
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 # Same bound as DataConfig.num_labels: an inferred label count must be a valid config value.
@@ -183,6 +183,95 @@ def _names(names: Sequence[str]) -> str:
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
+def _label_values(series: pd.Series[Any], where: str) -> tuple[NDArray[np.int64] | None, list[str]]:
+    """One column's labels: integers (``names`` empty), or class names (``integers`` None)."""
+    missing = np.flatnonzero(series.isna().to_numpy())
+    if missing.size:
+        raise DataError(
+            f"{where} has missing labels in rows {_rows(missing)} (counting from 0).",
+            fix="give every row a label",
+        )
+    integers = _integers(series, where)
+    names: list[str] = []
+    if integers is None:
+        names = [str(n) for n in series.tolist()]
+        blank = [i for i, n in enumerate(names) if not n.strip()]
+        if blank:
+            raise DataError(
+                f"{where} has empty label names in rows {_rows(blank)} (counting from 0).",
+                fix="give every row a label",
+            )
+        names = [n.strip() for n in names]
+    return integers, names
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledRows:
+    """Texts with their labels as a user has them: class indices, or class names not yet mapped.
+
+    A deployed site holds its data like this until the federation's class names arrive with the
+    run (``data.label_names``); :meth:`examples` then maps the names by the rules files follow
+    (the given names' order, else the sorted distinct names), so rows and files agree.
+
+    Parameters
+    ----------
+    texts
+        One string per row.
+    integers
+        The labels when they are class indices (``None``: they are names).
+    names
+        The labels when they are class names (empty: they are integers).
+    where
+        What the rows are, for messages (e.g. ``"the rows' 'label' field"``).
+
+    """
+
+    texts: list[str]
+    integers: NDArray[np.int64] | None
+    names: list[str]
+    where: str
+
+    @classmethod
+    def from_labels(cls, texts: list[str], labels: Sequence[Any], *, where: str) -> LabelledRows:
+        """Rows from a list of labels (integers or names, not both; checked as a file's column)."""
+        integers, names = _label_values(pd.Series(list(labels)), where)
+        return cls(texts=texts, integers=integers, names=names, where=where)
+
+    @classmethod
+    def read(cls, path: Path, *, text_column: str, label_column: str) -> LabelledRows:
+        """The rows of a CSV, JSON lines or Parquet file (see :func:`load_table`), labels unmapped."""
+        raw = _read_checked(
+            path, text_column=text_column, label_column=label_column, client_column=None
+        )
+        return cls(texts=raw.texts, integers=raw.integers, names=raw.names, where=raw.where)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def examples(
+        self, *, num_labels: int | None = None, label_names: Sequence[str] | None = None
+    ) -> Examples:
+        """The rows with class indices: names map to their place in ``label_names``, else sorted.
+
+        Raises
+        ------
+        DataError
+            For a name not in ``label_names`` (one line naming the rows and the known names),
+            more names than ``num_labels``, or an integer label outside the classes.
+
+        """
+        raw = _Raw(
+            path=Path(self.where),
+            texts=self.texts,
+            integers=self.integers,
+            names=self.names,
+            keys={},
+            where=self.where,
+        )
+        (examples,), _ = _map_labels([raw], num_labels=num_labels, label_names=label_names)
+        return examples
+
+
 def _read_checked(
     path: Path, *, text_column: str, label_column: str, client_column: str | None
 ) -> _Raw:
@@ -262,24 +351,7 @@ def _read_checked(
         )
 
     where = f"{path}: column {label_column!r}"
-    label_series = frame[label_column]
-    missing = np.flatnonzero(label_series.isna().to_numpy())
-    if missing.size:
-        raise DataError(
-            f"{where} has missing labels in rows {_rows(missing)} (counting from 0).",
-            fix="give every row a label",
-        )
-    integers = _integers(label_series, where)
-    names: list[str] = []
-    if integers is None:
-        names = [str(n) for n in label_series.tolist()]
-        blank = [i for i, n in enumerate(names) if not n.strip()]
-        if blank:
-            raise DataError(
-                f"{where} has empty label names in rows {_rows(blank)} (counting from 0).",
-                fix="give every row a label",
-            )
-        names = [n.strip() for n in names]
+    integers, names = _label_values(frame[label_column], where)
 
     keys: dict[str, list[str]] = {}
     if client_column:
