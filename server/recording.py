@@ -37,6 +37,9 @@ ReplyCheck = Callable[[Message, ArrayRecord], "str | None"]
 #: above the others'); returns one reason to reject, or None, per reply.
 RoundCheck = Callable[[Sequence[Message], ArrayRecord], "list[str | None]"]
 
+#: Evaluation metrics only some tasks report (``privet.common.tasks``), averaged over the clients.
+_TASK_METRICS = ("perplexity", "token-accuracy", "exact-match")
+
 #: How the log lines start that a deployed coordinator shows on its console (``privet server``
 #: reads them from the ServerApp's log): a dropped reply, a round that was not aggregated.
 REJECTED, NOT_AGGREGATED = "rejected the update of", "not aggregated"
@@ -57,6 +60,11 @@ class RoundRecord:
     client_accuracy: float | None = None
     server_accuracy: float | None = None
     server_loss: float | None = None
+    #: The task's own metrics on the server's test set (a causal LM's ``perplexity``,
+    #: ``token-accuracy``, ``exact-match``); empty for classification.
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    #: The same metrics on the clients' tests, weighted by their test examples.
+    client_metrics: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     #: False when the round kept the previous global model (too few valid replies, or the
@@ -329,6 +337,7 @@ class RecordingStrategy(Strategy):
         replies = list(replies)
         rec = self.current
         correct, total = 0.0, 0.0
+        sums: dict[str, float] = {}
         for msg in replies:
             if msg.has_error():
                 who = self.name_of(None, msg.metadata.src_node_id)
@@ -343,8 +352,12 @@ class RecordingStrategy(Strategy):
             rec.accuracy_per_client[name] = acc
             correct += acc * n
             total += n
+            for key in _TASK_METRICS:
+                if key in metrics:
+                    sums[key] = sums.get(key, 0.0) + float(metrics[key]) * n  # type: ignore[arg-type]
         if total > 0:
             rec.client_accuracy = correct / total
+            rec.client_metrics = {k: v / total for k, v in sums.items()}
         return self.inner.aggregate_evaluate(server_round, replies)
 
 

@@ -26,7 +26,13 @@ from privet.common.data.partition import (
     natural_partition,
     train_test_split,
 )
-from privet.common.data.text import TokenizedExamples, collate, length_sorted_microbatches
+from privet.common.data.text import (
+    TokenizedExamples,
+    TokenizedGeneration,
+    collate,
+    collate_generation,
+    length_sorted_microbatches,
+)
 from privet.common.data.vader import (
     VADER_COUNTS,
     VADER_DOMAINS,
@@ -43,10 +49,12 @@ __all__ = [
     "FederatedData",
     "GenerationExamples",
     "TokenizedExamples",
+    "TokenizedGeneration",
     "Turn",
     "build_federated_data",
     "cached_federated_data",
     "collate",
+    "collate_generation",
     "concat_examples",
     "concat_generation",
     "derive_seed",
