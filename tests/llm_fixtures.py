@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from privet.common.data import GenerationExamples, Turn
+from privet.common.modeling import quiet_transformers
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -113,7 +114,12 @@ def tiny_llama_dir(*, chat_template: bool = True, layers: int = 2) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
+        # Embeddings (tied to the LM head) at std 0.25 instead of 0.02: after the final RMSNorm the
+        # logits are embedding . unit-RMS state, and at 0.02 they could not leave the uniform
+        # distribution's neighbourhood, so a frozen-embedding model could not learn at all.
+        model.get_input_embeddings().weight.data.normal_(0.0, 0.25)
     folder = Path(tempfile.mkdtemp(prefix="privet-tiny-llama-"))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    with quiet_transformers():  # no "Writing model shards" progress bar in the test output
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
     return str(folder)
