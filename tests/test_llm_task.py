@@ -288,3 +288,44 @@ def test_evaluation_reports_perplexity_token_accuracy_and_exact_match() -> None:
         res.metrics["exact-match"] == pytest.approx(exact)
         and res.accuracy == res.metrics["exact-match"]
     )
+
+
+# --- the real tokenizer and weights -------------------------------------------------------------
+
+
+def _smollm2() -> str:
+    from privet.common.modeling import resolve_model_path
+
+    try:
+        return resolve_model_path("embedded:SmolLM2-135M-Instruct")
+    except ModelError as exc:
+        if "is not an embedded model" in str(exc):
+            # TODO(lead): remove this guard once the embedded SmolLM2 (the data branch) is merged.
+            pytest.skip("embedded:SmolLM2-135M-Instruct is not known on this branch yet")
+        raise
+
+
+def test_smollm2_cut_trains_under_dp_with_its_chat_template() -> None:
+    cfg = ModelConfig(name=_smollm2(), task="causal_lm", num_hidden_layers=1, max_length=48)
+    built = TASK.build_model(cfg, AdapterConfig(r=4), seed=0)
+    tok = built.tokenizer
+    data = TASK.tokenize(sentiment_examples(8), tok, max_length=48)
+    ids, labels = data[0]
+    text = tok.decode(ids)
+    assert text.endswith("<|im_start|>assistant\npositive<|im_end|>"), text
+    assert labels[-2:] == ids[-2:] and labels[-3] == IGNORE_INDEX
+    inner = built.model.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight  # tied in SmolLM2
+    keys = [n for n in _trainable(built) if "lora_B" in n]
+    dp = DPSettings(
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, steps=1, clipping="bookkeeping"
+    )
+    out = train(
+        built.model,
+        data,
+        TrainConfig(batch_size=4),
+        dp=dp,
+        pad_token_id=int(tok.pad_token_id),
+        task=TASK,
+    )
+    assert keys and all(float(out.state[n].abs().min()) > 0 for n in keys)
