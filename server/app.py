@@ -265,6 +265,7 @@ def _save_final(model: torch.nn.Module, out: Path, cfg: PrivetConfig) -> None:
         out / "privet.json",
         {
             "base_model": cfg.model.name,
+            "task": cfg.model.task,
             "num_hidden_layers": cfg.model.num_hidden_layers,
             "mean_pooling": any(isinstance(m, MaskedMeanPooler) for m in model.modules()),
             "max_length": cfg.model.max_length,

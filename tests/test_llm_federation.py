@@ -90,3 +90,37 @@ def test_the_ledger_charges_every_client(run: Path) -> None:
     report = json.loads((run / "privacy.json").read_text())
     assert report  # written from the same history
     assert (run / "final_adapter" / "adapter_config.json").is_file()
+
+
+def test_merged_export_generates_with_the_stock_pipeline(run: Path, tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    from privet.simulations.export import export_run
+
+    res = export_run(run, out=tmp_path / "merged")
+    assert res.merged and res.pipeline == "text-generation" and res.id2label == {}
+    generate = pipeline("text-generation", model=str(res.out))
+    chat = [{"role": "user", "content": "Review 1: a waste of money"}]
+    out = generate(chat, max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_adapter_only_export_loads_with_peft_and_matches_the_merged_model(
+    run: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from privet.simulations.export import export_run
+
+    merged = export_run(run, out=tmp_path / "merged").out
+    adapter = export_run(run, out=tmp_path / "adapter", merge=False).out
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir())
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    full = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    ids = AutoTokenizer.from_pretrained(str(adapter))("a lovely film", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            peft_model(**ids).logits, full(**ids).logits, rtol=1e-4, atol=1e-5
+        )
