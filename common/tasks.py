@@ -251,9 +251,7 @@ class CausalLM(Task):
         mixed_precision: str,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over each row's target tokens."""
-        labels = batch.pop("labels")
-        with autocast_for(device, mixed_precision):
-            logits = model(**batch).logits
+        logits, labels = _kept_logits(model, batch, device, mixed_precision)
         ce, mask, _ = _next_token(logits, labels)
         # Mean over the example's own target tokens: each example weighs the same in the batch
         # however long its target, and its loss depends on its own row only.
@@ -326,15 +324,24 @@ class CausalLM(Task):
         for mb in length_sorted_microbatches(np.arange(n), data.lengths, rows):
             batch = collate_generation([data[int(i)] for i in mb], pad_token_id)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            with autocast_for(device, mixed_precision):
-                logits = model(**batch).logits
+            logits, labels = _kept_logits(model, batch, device, mixed_precision)
             ce, mask, hits = _next_token(logits, labels, hits=True)
             assert hits is not None
             ce_sum[mb] = ce.sum(dim=1).double().cpu().numpy()
             tokens[mb] = mask.sum(dim=1).cpu().numpy()
             correct[mb] = (hits & mask).sum(dim=1).cpu().numpy()
         return ce_sum, tokens, correct
+
+
+def _kept_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at ``batch['logits_to_keep']`` and the labels at the same positions."""
+    labels = batch.pop("labels")
+    keep = batch["logits_to_keep"]
+    with autocast_for(device, precision):
+        logits = model(**batch).logits
+    return logits, labels.index_select(1, keep)
 
 
 def _next_token(

@@ -54,6 +54,9 @@ def test_chat_rows_take_loss_on_the_target_and_eos_only() -> None:
     assert ids == prompt + target
     assert labels == [IGNORE_INDEX] * len(prompt) + target
     assert data.lengths.tolist() == [len(ids)]
+    # only the logits the loss needs: from the last prompt token on
+    batch = TASK.collate([data[0]], int(tok.pad_token_id))
+    assert batch["logits_to_keep"].tolist() == list(range(len(prompt) - 1, len(ids)))
 
 
 def test_truncation_keeps_the_target_and_the_end_of_the_prompt() -> None:

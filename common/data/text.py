@@ -254,7 +254,10 @@ def collate_generation(
     dict of str to torch.Tensor
         ``input_ids``, ``attention_mask`` (1 on real tokens), ``position_ids`` (``0..L-1``) and
         ``labels`` (:data:`IGNORE_INDEX` on the prompt and the padding), all ``int64`` of shape
-        ``[B, L]``. Padding on the right leaves every real token's causal context as it was.
+        ``[B, L]``, and ``logits_to_keep``: the positions ``start..L-1`` whose next-token logits
+        the loss needs (``start`` is one before the batch's first labelled token), which
+        transformers' causal LMs take to compute only those logits. Padding on the right leaves
+        every real token's causal context as it was.
 
     """
     size = len(batch_items)
@@ -262,11 +265,15 @@ def collate_generation(
     input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
     labels = torch.full((size, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((size, width), dtype=torch.long)
+    start = max(width - 1, 0)
     for row, (ids, lab) in enumerate(batch_items):
         n = len(ids)
         input_ids[row, :n] = torch.as_tensor(list(ids), dtype=torch.long)
         labels[row, :n] = torch.as_tensor(list(lab), dtype=torch.long)
         attention_mask[row, :n] = 1
+        first = next((t for t, v in enumerate(lab) if v != IGNORE_INDEX), None)
+        if first is not None:
+            start = min(start, max(first - 1, 0))
     # Per-sample rows, not a broadcast view (Opacus's hooks, see collate).
     position_ids = torch.arange(width, dtype=torch.long).repeat(size, 1).contiguous()
     return {
@@ -274,6 +281,10 @@ def collate_generation(
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "labels": labels,
+        # An instruction's logits are needed on its completion only: for a short answer after a
+        # long prompt this saves most of the [B, L, vocabulary] logits (50k wide for SmolLM2).
+        # A tensor, not an int: its length is known here, so nothing waits for the GPU.
+        "logits_to_keep": torch.arange(start, width, dtype=torch.long),
     }
 
 
