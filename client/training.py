@@ -1,7 +1,9 @@
 """Local training and evaluation: plain functions of (model, data, settings). No ``flwr`` in here.
 
 A partner can call :func:`train` and :func:`evaluate` from their own app; the ClientApp is a thin
-adapter around them.  Privacy *accounting* (how much epsilon a round costs, whether the budget
+adapter around them. :func:`train` is the same loop for every task (``privet.common.tasks`` batches
+the rows and gives each example's loss) and talks to one :class:`Clipper` (no DP, or flat, ghost or
+book-keeping clipping), which hides Opacus's wrapping.  Privacy *accounting* (how much epsilon a round costs, whether the budget
 allows it) lives in :mod:`privet.client.privacy`; this module only runs the mechanism it is told to
 run: Poisson-sampled batches, per-sample clipping, Gaussian noise (Opacus).
 """
@@ -291,11 +293,10 @@ class Clipper:
     ``bookkeeping``: privet's one-pass clipping) and add the noise, and hide Opacus's wrapping.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         #: The module the forward pass runs through (Opacus's wrapper, or the model itself).
-        self.net: torch.nn.Module = model
+        self.net = net
         self.optimizer = optimizer
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def start_microbatch(self) -> None:
         """Called before each micro-batch's forward pass."""
@@ -321,8 +322,7 @@ class _DPClipper(Clipper):
     def __init__(
         self, net: torch.nn.Module, dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]
     ) -> None:
-        self.net = net
-        self.optimizer = dp_opt
+        super().__init__(net, dp_opt)
         self.dp_opt = dp_opt
         self.params = list(params)
 

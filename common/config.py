@@ -1227,6 +1227,15 @@ def _check_task(cfg: PrivetConfig) -> None:
             f"model.task = 'classification' needs labelled texts, but data.source = "
             f"{cfg.data.source!r} holds generation examples; set model.task = 'causal_lm'"
         )
+    if (
+        task == "causal_lm"
+        and cfg.faults.byzantine_fraction > 0
+        and cfg.faults.attack == "label_flip"
+    ):
+        raise ValueError(
+            "faults.attack = 'label_flip' flips class labels, and model.task = 'causal_lm' has none; "
+            "use another faults.attack (e.g. 'sign_flip')"
+        )
     if task == "causal_lm" and cfg.adapter.method != "lora":
         # Full fine-tuning of a decoder trains its RMSNorms and the (tied) embeddings, which no
         # clipping mode can clip per example here: refused, never trained unclipped.

@@ -15,6 +15,7 @@ privacy unit of DP-SGD is one example, one sequence or one chat, however many to
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -58,7 +59,7 @@ class TaskData(Protocol):
         """One tokenized example, as :meth:`Task.collate` takes it."""
 
 
-class Task:
+class Task(ABC):
     """What differs between tasks; the loop, DP, aggregation and ledger call only these methods."""
 
     #: ``model.task``'s value.
@@ -81,14 +82,15 @@ class Task:
             model_cfg = model_cfg.model_copy(update={"task": self.name})
         return build_model(model_cfg, adapter_cfg, num_labels=num_labels, seed=seed)
 
+    @abstractmethod
     def tokenize(self, examples: Any, tokenizer: Any, *, max_length: int) -> TaskData:
         """Tokenize ``examples`` once (no padding)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def collate(self, items: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
         """Pad a micro-batch of tokenized rows into tensors (``labels`` among them)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def per_example_loss(
         self,
         model: torch.nn.Module,
@@ -102,8 +104,8 @@ class Task:
         Example ``i``'s loss depends on row ``i`` only: DP-SGD's per-example clipping relies on it.
         ``batch`` loses its ``labels``.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate(
         self,
         model: torch.nn.Module,
@@ -115,7 +117,6 @@ class Task:
         mixed_precision: str = "auto",
     ) -> EvalResult:
         """Loss, accuracy and the task's own metrics of ``model`` on ``data`` (no gradients)."""
-        raise NotImplementedError
 
 
 class Classification(Task):

@@ -113,6 +113,14 @@ def test_config_refuses_causal_lm_on_classification_data_and_full_fine_tuning() 
         PrivetConfig.model_validate(
             {"model": {"task": "causal_lm"}, "data": files, "adapter": {"method": "full"}}
         )
+    with pytest.raises(ValueError, match="faults.attack = 'label_flip'"):
+        PrivetConfig.model_validate(
+            {
+                "model": {"task": "causal_lm"},
+                "data": files,
+                "faults": {"byzantine_fraction": 0.25, "attack": "label_flip"},
+            }
+        )
     assert task_for(PrivetConfig().model).name == "classification"
 
 
