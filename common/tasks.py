@@ -34,7 +34,7 @@ from privet.common.data import (
     collate_generation,
     length_sorted_microbatches,
 )
-from privet.common.data.text import IGNORE_INDEX
+from privet.common.data.text import IGNORE_INDEX, chat_prompt_ids
 from privet.common.errors import DataError
 from privet.common.evaluation import EvalResult, autocast_for
 from privet.common.evaluation import evaluate as evaluate_classification
@@ -45,6 +45,8 @@ __all__ = ["CausalLM", "Classification", "Task", "TaskData", "task_for"]
 #: Logit elements one evaluation micro-batch may hold (128 MiB in float32): a causal LM's logits
 #: are ``[batch, length, vocabulary]``, 50k wide for SmolLM2.
 _EVAL_LOGITS = 1 << 25
+#: Generated samples per evaluation (the report shows them), and their length in new tokens.
+SAMPLES, SAMPLE_TOKENS = 3, 24
 
 
 class TaskData(Protocol):
@@ -117,6 +119,18 @@ class Task(ABC):
         mixed_precision: str = "auto",
     ) -> EvalResult:
         """Loss, accuracy and the task's own metrics of ``model`` on ``data`` (no gradients)."""
+
+    def samples(
+        self,
+        model: torch.nn.Module,
+        examples: Any,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        device: torch.device | None = None,
+    ) -> list[dict[str, str]]:
+        """A few of the model's own outputs on ``examples``, for people to read (none by default)."""
+        return []
 
 
 class Classification(Task):
@@ -305,6 +319,46 @@ class CausalLM(Task):
             accuracy = metrics["exact-match"] = float(np.mean(picked == data.answers))
         return EvalResult(loss=loss, accuracy=accuracy, num_examples=n, metrics=metrics)
 
+    @torch.no_grad()
+    def samples(
+        self,
+        model: torch.nn.Module,
+        examples: Any,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        device: torch.device | None = None,
+    ) -> list[dict[str, str]]:
+        """Greedy generations for the first :data:`SAMPLES` examples.
+
+        Each is ``{"prompt", "target", "generated"}``: for a chat the last turn, the expected
+        answer and the model's; for plain text the first half of the text, the second half, and
+        the model's continuation of the first half.
+        """
+        if not isinstance(examples, GenerationExamples) or len(examples) == 0:
+            return []
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        out = []
+        try:
+            for i in range(min(SAMPLES, len(examples))):
+                turns, target = examples.prompts[i], examples.targets[i]
+                if turns is None:
+                    ids = [int(t) for t in tokenizer(target)["input_ids"]][: max_length // 2]
+                    half = max(1, len(ids) // 2)
+                    ids, rest = ids[:half], ids[half:]
+                    shown = str(tokenizer.decode(ids, skip_special_tokens=True))
+                    target = str(tokenizer.decode(rest, skip_special_tokens=True))
+                else:
+                    ids = chat_prompt_ids(tokenizer, turns)[-(max_length - 1) :]
+                    shown = turns[-1].content
+                generated = _generate(model, tokenizer, ids, device)
+                out.append({"prompt": shown, "target": target, "generated": generated})
+        finally:
+            model.train(was_training)
+        return out
+
     def _token_sums(
         self,
         model: torch.nn.Module,
@@ -332,6 +386,19 @@ class CausalLM(Task):
             tokens[mb] = mask.sum(dim=1).cpu().numpy()
             correct[mb] = (hits & mask).sum(dim=1).cpu().numpy()
         return ce_sum, tokens, correct
+
+
+def _generate(model: torch.nn.Module, tokenizer: Any, ids: list[int], device: torch.device) -> str:
+    """Greedy continuation of ``ids`` (deterministic), decoded without special tokens."""
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(  # type: ignore[operator]
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=SAMPLE_TOKENS,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)).strip()
 
 
 def _kept_logits(

@@ -170,6 +170,13 @@ def make_server_app(
                 )
                 rec.server_accuracy, rec.server_loss = res.accuracy, res.loss
                 rec.server_metrics = dict(res.metrics)
+                rec.server_samples = task.samples(
+                    model,
+                    fed.server_test,
+                    built.tokenizer,
+                    max_length=cfg.model.max_length,
+                    device=device,
+                )
             if counter is not None and server_round > 0:
                 # What travelled encoded (or masked), not the float32 arrays the strategy handled.
                 rec.bytes_sent, rec.bytes_received = counter.take_byte_counts()

@@ -65,6 +65,9 @@ class RoundRecord:
     server_metrics: dict[str, float] = field(default_factory=dict)
     #: The same metrics on the clients' tests, weighted by their test examples.
     client_metrics: dict[str, float] = field(default_factory=dict)
+    #: A causal LM's greedy answers to the first few server test prompts (``prompt``, ``target``,
+    #: ``generated``), for the report; empty for classification.
+    server_samples: list[dict[str, str]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     #: False when the round kept the previous global model (too few valid replies, or the

@@ -82,6 +82,19 @@ def test_the_loss_falls_over_rounds_with_dp(run: Path) -> None:
     assert set(recs[-1]["client_metrics"]) == {"perplexity", "token-accuracy", "exact-match"}
 
 
+def test_each_round_records_generated_samples_and_the_report_shows_them(run: Path) -> None:
+    from privet.simulations.html_report import write_report
+
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        samples = r["server_samples"]
+        assert len(samples) == 3
+        assert samples[0]["prompt"].startswith("Review ") and samples[0]["target"] == "positive"
+        assert all(isinstance(s["generated"], str) for s in samples)
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "Generated samples" in page and recs[0]["server_samples"][1]["prompt"] in page
+
+
 def test_the_ledger_charges_every_client(run: Path) -> None:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     eps = recs[-1]["epsilon_per_client"]

@@ -27,6 +27,7 @@ __all__ = [
     "IGNORE_INDEX",
     "TokenizedExamples",
     "TokenizedGeneration",
+    "chat_prompt_ids",
     "collate",
     "collate_generation",
     "length_sorted_microbatches",
@@ -196,7 +197,7 @@ class TokenizedGeneration(Dataset[tuple[list[int], list[int]]]):
         self.eos, self.max_length = int(eos), max_length
         #: Each row's rendered chat prompt (``None``: plain text), kept to score answer choices.
         self.heads: list[list[int] | None] = [
-            None if p is None else _chat_prompt(tokenizer, p) for p in examples.prompts
+            None if p is None else chat_prompt_ids(tokenizer, p) for p in examples.prompts
         ]
         self.input_ids: list[list[int]] = []
         self.labels: list[list[int]] = []
@@ -236,7 +237,7 @@ class TokenizedGeneration(Dataset[tuple[list[int], list[int]]]):
         return self.input_ids[index], self.labels[index]
 
 
-def _chat_prompt(tokenizer: Any, turns: tuple[Turn, ...]) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, turns: tuple[Turn, ...]) -> list[int]:
     """The chat template's rendering of ``turns``, ending with the assistant's generation prompt."""
     messages = [{"role": t.role, "content": t.content} for t in turns]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
