@@ -28,25 +28,20 @@ from privet.client.client_level import client_level_mods
 from privet.client.privacy import ledger_path, plan_round, record_round
 from privet.client.releases import load_release, release_fingerprint, save_release
 from privet.client.secagg import secagg_mod
-from privet.client.training import evaluate, train
+from privet.client.training import train
 from privet.common.arrays import state_to_arrayrecord
 from privet.common.config import PrivetConfig
-from privet.common.data import (
-    ClientData,
-    TokenizedExamples,
-    cached_federated_data,
-    classification_examples,
-)
+from privet.common.data import ClientData, cached_federated_data
 from privet.common.errors import BudgetExhaustedError, PrivetError
 from privet.common.lora_residual import fold_residuals, message_residuals
 from privet.common.modeling import (
     BuiltModel,
-    build_model,
     frozen_fingerprint,
     load_trainable_state,
     pick_device,
 )
 from privet.common.privacy import Ledger
+from privet.common.tasks import Task, TaskData, task_for
 from privet.common.transport import Encoding, message_encoding, read_arrays, write_arrays
 
 __all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "RUN_KEY", "make_client_app", "message_partition"]
@@ -73,9 +68,10 @@ class _Loaded:
     built: BuiltModel
     device: torch.device
     data: ClientData
-    train: TokenizedExamples
-    test: TokenizedExamples
+    train: TaskData
+    test: TaskData
     fingerprint: str
+    task: Task
     #: Seconds this message spent loading (model, data, tokenization); 0 when all was cached.
     load_seconds: float = 0.0
 
@@ -84,9 +80,9 @@ class _Loaded:
 # and each client's tokenized data once. The data cache is bounded so that a worker serving a large
 # population keeps memory flat; a client's data is small and cheap to tokenize again.
 _model_cache: dict[str, _Model] = {}
-_data_cache: OrderedDict[
-    tuple[str, int | str], tuple[ClientData, TokenizedExamples, TokenizedExamples]
-] = OrderedDict()
+_data_cache: OrderedDict[tuple[str, int | str], tuple[ClientData, TaskData, TaskData]] = (
+    OrderedDict()
+)
 _DATA_CACHE_SIZE = 256
 _lock = threading.Lock()
 
@@ -102,6 +98,7 @@ def _load(
     data_hook: DataHook | None = None,
 ) -> _Loaded:
     start = time.perf_counter()
+    task = task_for(cfg.model)
     key = cfg.model_dump_json()
     with _lock:
         model = _model_cache.get(key)
@@ -114,7 +111,9 @@ def _load(
                 if local is None
                 else cfg.data.num_labels or 2
             )
-            built = build_model(cfg.model, cfg.adapter, num_labels=num_labels, seed=cfg.train.seed)
+            built = task.build_model(
+                cfg.model, cfg.adapter, num_labels=num_labels, seed=cfg.train.seed
+            )
             device = pick_device(cfg.model.device)
             built.model.to(device)
             _model_cache.clear()  # one federation per process: drop models of older configs
@@ -141,8 +140,8 @@ def _load(
             tok, ml = model.built.tokenizer, cfg.model.max_length
             cached = (
                 data,
-                TokenizedExamples(classification_examples(data.train), tok, max_length=ml),
-                TokenizedExamples(classification_examples(data.test), tok, max_length=ml),
+                task.tokenize(data.train, tok, max_length=ml),
+                task.tokenize(data.test, tok, max_length=ml),
             )
             _data_cache[data_key] = cached
             while len(_data_cache) > _DATA_CACHE_SIZE:
@@ -157,6 +156,7 @@ def _load(
             train=train_set,
             test=test_set,
             fingerprint=model.fingerprint,
+            task=task,
             load_seconds=time.perf_counter() - start,
         )
 
@@ -327,7 +327,7 @@ def make_client_app(
                         include={"model", "adapter", "privacy", "train"}
                     ),
                     client_id=loaded.data.name,
-                    data=classification_examples(loaded.data.train),
+                    data=loaded.data.train,
                 )
                 again = _kept_release(state_dir, loaded.data.name, release)
                 if again is not None:
@@ -370,6 +370,7 @@ def make_client_app(
                 # Flower's FedProx sends its mu in the train config; other strategies send none.
                 proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
                 on_step=progress.step if progress is not None else None,
+                task=loaded.task,
             )
             epsilon = record_round(
                 plan, server_round=server_round, result=result, run=run, release=release
@@ -416,7 +417,7 @@ def make_client_app(
             model = loaded.built.model
             load_trainable_state(model, read_arrays(msg.content))
             fold_residuals(model, message_residuals(msg.content))
-            res = evaluate(
+            res = loaded.task.evaluate(
                 model,
                 loaded.test,
                 batch_size=cfg.train.eval_batch_size,
@@ -433,6 +434,8 @@ def make_client_app(
                 **({"partition-id": partition} if local is None else {}),
                 "accuracy": res.accuracy if res.num_examples else 0.0,
                 "loss": res.loss if res.num_examples else 0.0,
+                # the task's own metrics (a causal LM's perplexity, token accuracy, exact match)
+                **(res.metrics if res.num_examples else {}),
             }
         )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from privet.common.data import Examples
+from privet.common.data import Examples, GenerationExamples
 
 __all__ = ["KEEP", "Release", "load_release", "release_fingerprint", "save_release"]
 
@@ -50,7 +50,7 @@ def release_fingerprint(
     content: Any,
     config_json: str,
     client_id: str,
-    data: Examples,
+    data: Examples | GenerationExamples,
 ) -> str:
     """sha256 over everything the update of a round is computed from (hex).
 
@@ -76,9 +76,14 @@ def release_fingerprint(
         record = content.config_records[name]
         put(("config", name, sorted((k, repr(v)) for k, v in record.items())))
     put(len(data))
-    for text in data.texts:
-        put(text)
-    put(data.labels.tobytes())
+    if isinstance(data, GenerationExamples):
+        # A causal LM's example is its prompt turns and its target.
+        for prompt, target in zip(data.prompts, data.targets, strict=True):
+            put((prompt, target))
+    else:
+        for text in data.texts:
+            put(text)
+        put(data.labels.tobytes())
     return h.hexdigest()
 
 

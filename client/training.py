@@ -1,7 +1,9 @@
 """Local training and evaluation: plain functions of (model, data, settings). No ``flwr`` in here.
 
 A partner can call :func:`train` and :func:`evaluate` from their own app; the ClientApp is a thin
-adapter around them.  Privacy *accounting* (how much epsilon a round costs, whether the budget
+adapter around them. :func:`train` is the same loop for every task (``privet.common.tasks`` batches
+the rows and gives each example's loss) and talks to one :class:`Clipper` (no DP, or flat, ghost or
+book-keeping clipping), which hides Opacus's wrapping.  Privacy *accounting* (how much epsilon a round costs, whether the budget
 allows it) lives in :mod:`privet.client.privacy`; this module only runs the mechanism it is told to
 run: Poisson-sampled batches, per-sample clipping, Gaussian noise (Opacus).
 """
@@ -25,10 +27,11 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from privet.client.bookkeeping import BookKeepingClipper
 from privet.common.config import TrainConfig
-from privet.common.data import TokenizedExamples, collate, length_sorted_microbatches
+from privet.common.data import length_sorted_microbatches
 from privet.common.errors import PrivacyError
-from privet.common.evaluation import EvalResult, autocast_for, evaluate
+from privet.common.evaluation import EvalResult, evaluate
 from privet.common.modeling import trainable_state
+from privet.common.tasks import Classification, Task, TaskData
 
 # torch warns once per process that a full backward hook "is firing when gradients are computed
 # with respect to module outputs since no inputs require gradients": with frozen embeddings that
@@ -37,11 +40,13 @@ from privet.common.modeling import trainable_state
 warnings.filterwarnings("ignore", message=r"Full backward hook is firing", category=UserWarning)
 
 __all__ = [
+    "Clipper",
     "DPSettings",
     "EvalResult",
     "TrainResult",
     "add_proximal_gradient",
     "evaluate",
+    "make_clipper",
     "plan_steps",
     "train",
 ]
@@ -97,20 +102,6 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
         # buffer until the copy is done.
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _forward_loss(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    device: torch.device,
-    mixed_precision: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the micro-batch, and the per-example losses (still in the graph)."""
-    labels = batch.pop("labels")
-    with autocast_for(device, mixed_precision):
-        logits = model(**batch).logits
-    per_example = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    return per_example.mean(), per_example
 
 
 def _make_optimizer(
@@ -172,7 +163,7 @@ def add_proximal_gradient(
 
 def train(
     model: torch.nn.Module,
-    data: TokenizedExamples,
+    data: TaskData,
     cfg: TrainConfig,
     *,
     dp: DPSettings | None,
@@ -182,6 +173,7 @@ def train(
     seed: int | None = None,
     proximal_mu: float = 0.0,
     on_step: Callable[[int, int], None] | None = None,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train the model's trainable weights on ``data`` for one round; return the new weights.
 
@@ -190,7 +182,7 @@ def train(
     model
         A model whose trainable parameters (``requires_grad``) are the adapter and head.
     data
-        The client's tokenized training examples.
+        The client's tokenized training examples (``task.tokenize``'s result).
     cfg
         Optimizer, learning rate, batch sizes, local epochs.
     dp
@@ -209,6 +201,9 @@ def train(
     on_step
         Called as ``on_step(steps_done, steps)`` after each step (progress display); it must be
         quick and must not raise.
+    task
+        How rows are batched and what an example's loss is (``privet.common.tasks``; default:
+        classification). The loop itself is the same for every task.
 
     Returns
     -------
@@ -217,6 +212,7 @@ def train(
 
     """
     start = time.perf_counter()
+    task = task or Classification()
     n = len(data)
     device = device or next(model.parameters()).device
     model.to(device)
@@ -231,30 +227,20 @@ def train(
     # Small micro-batches on CPU: each is padded only to its own longest text.
     physical = cfg.physical_batch_size or (128 if device.type == "cuda" else 16)
 
-    ghost: _GhostClipping | BookKeepingClipper | None = None
     if dp is None:
         _, steps = plan_steps(n, cfg)
         batches: Iterator[np.ndarray] = _shuffled_batches(
             n, min(cfg.batch_size, n), steps, np.random.default_rng(seed)
         )
-        net: torch.nn.Module = model
-        dp_opt: DPOptimizer | None = None
     else:
-        if dp.noise_multiplier <= 0 and not math.isinf(dp.max_grad_norm):
-            # Noise 0 is allowed only as an explicit test of the mechanism (clip set to infinity too).
-            raise PrivacyError(
-                "DP training was asked for with noise_multiplier 0, which gives no privacy",
-                fix="disable privacy explicitly (privacy.enabled = false) for a non-private baseline",
-            )
         steps = dp.steps
-        gen = torch.Generator().manual_seed(seed)
-        batches = _poisson_batches(n, dp.sample_rate, steps, gen)
-        net, dp_opt = _make_private(model, optimizer, dp, n=n, device=device, seed=seed)
-        if isinstance(net, GradSampleModuleFastGradientClipping):
-            ghost = _GhostClipping(net)
-        elif dp.clipping == "bookkeeping":
-            # Our own one-pass clipping (client/bookkeeping.py); noise and accounting stay Opacus's.
-            ghost = BookKeepingClipper(net, max_grad_norm=dp_opt.max_grad_norm)
+        batches = _poisson_batches(n, dp.sample_rate, steps, torch.Generator().manual_seed(seed))
+    clipper = make_clipper(model, optimizer, dp, n=n, device=device, seed=seed)
+    # No autocast under DP: per-sample norms must be computed in full precision.
+    precision = "off" if dp is not None else mixed_precision
+
+    def prox() -> None:
+        add_proximal_gradient(params, anchors, proximal_mu)
 
     seen, done = 0, 0
     # The loss is summed on the device: a float() per micro-batch would wait for the GPU to finish
@@ -266,50 +252,23 @@ def train(
         try:
             for batch_idx in batches:
                 done += 1
-                if dp_opt is not None and len(batch_idx) == 0:
-                    _noise_only_step(dp_opt, params, anchors, proximal_mu)
-                    continue
                 micro = length_sorted_microbatches(batch_idx, data.lengths, physical)
                 for j, mb in enumerate(micro):
-                    batch = _to(collate([data[int(i)] for i in mb], pad_token_id), device)
-                    if ghost is not None:
-                        ghost.start_microbatch()
-                    # No autocast under DP: per-sample norms must be computed in full precision.
-                    loss, per_example_graph = _forward_loss(
-                        net, batch, device, "off" if dp_opt else mixed_precision
+                    batch = _to(task.collate([data[int(i)] for i in mb], pad_token_id), device)
+                    clipper.start_microbatch()
+                    per_example = task.per_example_loss(
+                        clipper.net, batch, device=device, mixed_precision=precision
                     )
-                    per_example = per_example_graph.detach()
-                    if dp_opt is None:
-                        # Gradient accumulation: weight each micro-batch by its share of the batch.
-                        (loss * (len(mb) / len(batch_idx))).backward()  # type: ignore[no-untyped-call]
-                    else:
-                        if ghost is not None:
-                            ghost.backward(per_example_graph)
-                        else:
-                            loss.backward()  # type: ignore[no-untyped-call]
-                        if j < len(micro) - 1:
-                            # Clip and accumulate this micro-batch; noise is added once per batch.
-                            dp_opt.signal_skip_step(do_skip=True)
-                            dp_opt.step()
-                            dp_opt.zero_grad(set_to_none=True)
-                    loss_sum += per_example.sum()
+                    clipper.backward(
+                        per_example, share=len(mb) / len(batch_idx), last=j == len(micro) - 1
+                    )
+                    loss_sum += per_example.detach().sum()
                     seen += len(mb)
-                if dp_opt is None:
-                    add_proximal_gradient(params, anchors, proximal_mu)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    # DPOptimizer.step() written out, so the proximal gradient joins after the noise.
-                    if dp_opt.pre_step():
-                        add_proximal_gradient(params, anchors, proximal_mu)
-                        dp_opt.original_optimizer.step()
-                    dp_opt.zero_grad(set_to_none=True)
+                clipper.step(prox, empty=len(batch_idx) == 0)
                 if on_step is not None:
                     on_step(done, steps)
         finally:
-            if ghost is not None:
-                ghost.close()
-            release_private(net, params)
+            clipper.close()
 
     if dp is not None and done != dp.steps:
         raise PrivacyError(f"DP training ran {done} steps, the accountant was told {dp.steps}")
@@ -321,6 +280,141 @@ def train(
         examples_seen=seen,
         seconds=time.perf_counter() - start,
     )
+
+
+class Clipper:
+    """How a batch's gradient is formed and applied: the one interface the training loop calls.
+
+    Per micro-batch the loop calls :meth:`start_microbatch`, runs the forward pass through
+    :attr:`net`, and hands the per-example losses to :meth:`backward`; per batch it calls
+    :meth:`step`. This class is the non-private case (the mean loss's gradient, accumulated over
+    micro-batches, and an optimizer step); the DP subclasses clip each example's gradient
+    (``flat``: Opacus's per-sample gradients; ``ghost``: Opacus's two-pass ghost clipping;
+    ``bookkeeping``: privet's one-pass clipping) and add the noise, and hide Opacus's wrapping.
+    """
+
+    def __init__(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        #: The module the forward pass runs through (Opacus's wrapper, or the model itself).
+        self.net = net
+        self.optimizer = optimizer
+
+    def start_microbatch(self) -> None:
+        """Called before each micro-batch's forward pass."""
+
+    def backward(self, per_example: torch.Tensor, *, share: float, last: bool) -> None:
+        """Accumulate the micro-batch's gradient; ``share`` is its fraction of the batch."""
+        # Gradient accumulation: weight each micro-batch by its share of the batch.
+        (per_example.mean() * share).backward()  # type: ignore[no-untyped-call]
+
+    def step(self, prox: Callable[[], None], *, empty: bool) -> None:
+        """Apply the batch's gradient (``prox`` adds FedProx's term to it first)."""
+        prox()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        """Leave the model as it was given (no hooks, no per-sample state)."""
+
+
+class _DPClipper(Clipper):
+    """DP-SGD with Opacus's optimizer: clipped per-example gradients, Gaussian noise per batch."""
+
+    def __init__(
+        self, net: torch.nn.Module, dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter]
+    ) -> None:
+        super().__init__(net, dp_opt)
+        self.dp_opt = dp_opt
+        self.params = list(params)
+
+    def backward(self, per_example: torch.Tensor, *, share: float, last: bool) -> None:
+        self._clipped_backward(per_example)
+        if not last:
+            # Clip and accumulate this micro-batch; noise is added once per batch.
+            self.dp_opt.signal_skip_step(do_skip=True)
+            self.dp_opt.step()
+            self.dp_opt.zero_grad(set_to_none=True)
+
+    def _clipped_backward(self, per_example: torch.Tensor) -> None:
+        # Opacus's hooks form per-sample gradients of the mean loss; its optimizer clips them.
+        per_example.mean().backward()  # type: ignore[no-untyped-call]
+
+    def step(self, prox: Callable[[], None], *, empty: bool) -> None:
+        if empty:
+            _noise_only_step(self.dp_opt, self.params, prox)
+            return
+        # DPOptimizer.step() written out, so the proximal gradient joins after the noise.
+        if self.dp_opt.pre_step():
+            prox()
+            self.dp_opt.original_optimizer.step()
+        self.dp_opt.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        release_private(self.net, self.params)
+
+
+class _HookClipper(_DPClipper):
+    """Ghost or book-keeping clipping: the clipped sum is left in ``p.grad`` by a helper."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        dp_opt: DPOptimizer,
+        params: Sequence[torch.nn.Parameter],
+        helper: _GhostClipping | BookKeepingClipper,
+    ) -> None:
+        super().__init__(net, dp_opt, params)
+        self.helper = helper
+
+    def start_microbatch(self) -> None:
+        self.helper.start_microbatch()
+
+    def _clipped_backward(self, per_example: torch.Tensor) -> None:
+        self.helper.backward(per_example)
+
+    def close(self) -> None:
+        self.helper.close()
+        super().close()
+
+
+def make_clipper(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dp: DPSettings | None,
+    *,
+    n: int,
+    device: torch.device,
+    seed: int,
+) -> Clipper:
+    """The clipper for ``dp`` (``None``: no DP): ``flat``, ``ghost`` or ``bookkeeping`` clipping.
+
+    Raises
+    ------
+    PrivacyError
+        When ``dp`` asks for noise 0 with a finite clip (no privacy), or the clipping mode cannot
+        clip this model.
+
+    """
+    if dp is None:
+        return Clipper(model, optimizer)
+    if dp.noise_multiplier <= 0 and not math.isinf(dp.max_grad_norm):
+        # Noise 0 is allowed only as an explicit test of the mechanism (clip set to infinity too).
+        raise PrivacyError(
+            "DP training was asked for with noise_multiplier 0, which gives no privacy",
+            fix="disable privacy explicitly (privacy.enabled = false) for a non-private baseline",
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    net, dp_opt = _make_private(model, optimizer, dp, n=n, device=device, seed=seed)
+    if isinstance(net, GradSampleModuleFastGradientClipping):
+        return _HookClipper(net, dp_opt, params, _GhostClipping(net))
+    if dp.clipping == "bookkeeping":
+        # Our own one-pass clipping (client/bookkeeping.py); noise and accounting stay Opacus's.
+        try:
+            helper = BookKeepingClipper(net, max_grad_norm=dp_opt.max_grad_norm)
+        except BaseException:
+            release_private(net, params)
+            raise
+        return _HookClipper(net, dp_opt, params, helper)
+    return _DPClipper(net, dp_opt, params)
 
 
 def release_private(net: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
@@ -448,10 +542,7 @@ class _GhostClipping:
 
 
 def _noise_only_step(
-    dp_opt: DPOptimizer,
-    params: Sequence[torch.nn.Parameter],
-    anchors: Sequence[torch.Tensor],
-    proximal_mu: float,
+    dp_opt: DPOptimizer, params: Sequence[torch.nn.Parameter], prox: Callable[[], None]
 ) -> None:
     # An empty Poisson batch still releases a noisy step: skipping it would reveal that the
     # batch was empty, which the privacy analysis does not allow for.
@@ -461,6 +552,6 @@ def _noise_only_step(
     for p in params:
         # what DPOptimizer.scale_grad does for a mean loss (it cannot count an empty batch)
         p.grad = p.grad / dp_opt.expected_batch_size  # type: ignore[operator]
-    add_proximal_gradient(params, anchors, proximal_mu)
+    prox()
     dp_opt.original_optimizer.step()
     dp_opt.zero_grad(set_to_none=True)

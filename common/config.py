@@ -74,6 +74,18 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which pretrained transformer to fine-tune and how to run it."""
 
+    task: Literal["classification", "causal_lm"] = Field(
+        "classification",
+        description=(
+            "What the model learns. 'classification': a new sequence-classification head on the "
+            "encoder or decoder, trained on labelled texts. 'causal_lm': the pretrained language-model "
+            "head generates text (next-token prediction); the loss is on each example's target tokens "
+            "(a plain text, or an instruction's completion after its chat prompt), and the privacy "
+            "unit is one example (a sequence or a chat). Needs a decoder model (e.g. Llama) and a "
+            "generation data source; see docs/llm.md."
+        ),
+    )
+
     name: str = Field(
         DEFAULT_MODEL,
         min_length=1,
@@ -155,10 +167,14 @@ class AdapterConfig(_Section):
     r: int = Field(4, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["query", "value"],
+    target_modules: list[str] | None = Field(
+        None,
         min_length=1,
-        description="Names of the linear modules that get LoRA (e.g. query, key, value, dense).",
+        description=(
+            "Names of the linear modules that get LoRA (e.g. query, key, value, dense). Default (none): "
+            "PEFT's choice for the architecture, the attention's query and value projections "
+            "('query', 'value' for BERT-style encoders such as MiniLM, 'q_proj', 'v_proj' for Llama)."
+        ),
     )
     layers: list[int] | None = Field(
         None,
@@ -1186,6 +1202,7 @@ class PrivetConfig(_Section):
                     f"federation.min_available_clients ({self.federation.min_available_clients}) exceeds "
                     f"data.num_clients ({self.data.num_clients}); the run would wait forever"
                 )
+        _check_task(self)
         check_aggregation(self)
         if self.federation.transport != "float32":
             # The client encodes its reply inside the train function, so Flower mods around it see
@@ -1240,6 +1257,47 @@ class PrivetConfig(_Section):
             # Allowed, but memory heavy; nothing to refuse.
             pass
         return self
+
+
+def _generation_source(data: DataConfig) -> bool:
+    """Whether ``data`` gives generation examples (the data loaders own the answer)."""
+    # Imported here: common/data imports this module.
+    from privet.common.data import is_generation_source
+
+    return is_generation_source(data)
+
+
+def _check_task(cfg: PrivetConfig) -> None:
+    """Refuse a task the data or the adapter cannot serve (a model validator calls it)."""
+    task = cfg.model.task
+    generation = _generation_source(cfg.data)
+    if task == "causal_lm" and generation is False:
+        raise ValueError(
+            f"model.task = 'causal_lm' needs a generation data source, but data.source = "
+            f"{cfg.data.source!r} holds labelled texts for classification; use a generation source "
+            "(plain text, or JSONL files with prompt/completion or messages rows) or "
+            "model.task = 'classification'"
+        )
+    if task == "classification" and generation is True:
+        raise ValueError(
+            f"model.task = 'classification' needs labelled texts, but data.source = "
+            f"{cfg.data.source!r} holds generation examples; set model.task = 'causal_lm'"
+        )
+    if (
+        task == "causal_lm"
+        and cfg.faults.byzantine_fraction > 0
+        and cfg.faults.attack == "label_flip"
+    ):
+        raise ValueError(
+            "faults.attack = 'label_flip' flips class labels, and model.task = 'causal_lm' has none; "
+            "use another faults.attack (e.g. 'sign_flip')"
+        )
+    if task == "causal_lm" and cfg.adapter.method != "lora":
+        # Full fine-tuning of a decoder trains its RMSNorms and the (tied) embeddings, which no
+        # clipping mode can clip per example here: refused, never trained unclipped.
+        raise ValueError(
+            "model.task = 'causal_lm' trains a LoRA adapter only; set adapter.method = 'lora'"
+        )
 
 
 def sampled_per_round(cfg: PrivetConfig) -> int | None:

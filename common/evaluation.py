@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,11 +15,16 @@ __all__ = ["EvalResult", "autocast_for", "evaluate"]
 
 @dataclass
 class EvalResult:
-    """Loss and accuracy of a model on a data set."""
+    """Loss and accuracy of a model on a data set, and the task's own metrics.
+
+    ``metrics`` holds what only some tasks measure, by the name it is reported under (a causal
+    LM's ``perplexity``, ``token-accuracy`` and ``exact-match``); classification has none.
+    """
 
     loss: float
     accuracy: float
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def autocast_for(

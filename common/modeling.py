@@ -179,6 +179,8 @@ def check_model_loads(model_cfg: ModelConfig) -> None:
         hf_config = AutoConfig.from_pretrained(
             source, trust_remote_code=model_cfg.trust_remote_code
         )
+    if model_cfg.task == "causal_lm":
+        _require_causal_lm(model_cfg.name, hf_config)
     layers = getattr(hf_config, "num_hidden_layers", None)
     if (
         model_cfg.num_hidden_layers is not None
@@ -188,6 +190,30 @@ def check_model_loads(model_cfg: ModelConfig) -> None:
         raise ModelError(
             f"model.num_hidden_layers = {model_cfg.num_hidden_layers} but {model_cfg.name!r} has {layers} layers",
             fix=f"use at most {layers}",
+        )
+
+
+def _require_causal_lm(name: str, hf_config: Any) -> None:
+    """Refuse a model whose checkpoint is not a causal language model (it has no LM head to train on).
+
+    transformers maps even BERT to a causal-LM class (``BertLMHeadModel``), but an encoder
+    checkpoint saved as ``BertModel`` carries no language-model head, and its attention sees both
+    sides: it would be a newly initialised head on a model that cannot generate.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(hf_config, "model_type", None)
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    generative = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    )
+    if not generative or getattr(hf_config, "is_encoder_decoder", False):
+        what = architectures[0] if architectures else model_type
+        raise ModelError(
+            f"model.name {name!r} ({what}) is not a causal language model, so it cannot do "
+            "model.task = 'causal_lm'; it can do model.task = 'classification'",
+            fix="use a decoder model with a language-model head (e.g. a Llama such as "
+            "SmolLM2-135M-Instruct) for model.task = 'causal_lm'",
         )
 
 
@@ -267,16 +293,27 @@ def build_model(
 
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
+    generative = model_cfg.task == "causal_lm"
     source = resolve_model_path(model_cfg.name)
-    overrides: dict[str, Any] = {"num_labels": num_labels}
+    # A classifier's head is new (num_labels wide); a causal LM keeps its pretrained LM head.
+    overrides: dict[str, Any] = {} if generative else {"num_labels": num_labels}
     if model_cfg.num_hidden_layers is not None:
         overrides["num_hidden_layers"] = model_cfg.num_hidden_layers
     with _loading(model_cfg.name):
         hf_config = AutoConfig.from_pretrained(
             source, trust_remote_code=model_cfg.trust_remote_code, **overrides
         )
+    if generative:
+        _require_causal_lm(model_cfg.name, hf_config)
+    auto_class = AutoModelForCausalLM if generative else AutoModelForSequenceClassification
+    with _loading(model_cfg.name):
         if model_cfg.dropout is not None:
             for key in _DROPOUT_KEYS:
                 if getattr(hf_config, key, None) is not None:
@@ -287,7 +324,7 @@ def build_model(
         # The head (and LoRA weights below) must be the same on every participant.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = auto_class.from_pretrained(
                 source, config=hf_config, trust_remote_code=model_cfg.trust_remote_code
             )
     if tokenizer.pad_token_id is None:
@@ -296,7 +333,7 @@ def build_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    if _wants_mean_pooling(model_cfg.pooling, source):
+    if not generative and _wants_mean_pooling(model_cfg.pooling, source):
         use_mean_pooling(model)
 
     for p in model.parameters():
@@ -305,13 +342,17 @@ def build_model(
     if adapter_cfg.method == "lora":
         num_layers = getattr(hf_config, "num_hidden_layers", None)
         with quiet_transformers():  # PEFT reads a deprecated transformers attribute
-            model = _attach_lora(model, adapter_cfg, seed=seed, num_layers=num_layers)
+            model = _attach_lora(
+                model, adapter_cfg, seed=seed, num_layers=num_layers, generative=generative
+            )
     else:
         for name, p in model.named_parameters():
             if "embeddings" not in name or not model_cfg.freeze_embeddings:
                 p.requires_grad_(True)
 
-    head = _head_parameters(model)
+    # A causal LM has no new head: its LM head is pretrained (tied to the embeddings in SmolLM2)
+    # and stays frozen with them, so DP-SGD clips LoRA layers only.
+    head = [] if generative else _head_parameters(model)
     for _, p in head:
         p.requires_grad_(adapter_cfg.train_head)
 
@@ -425,16 +466,22 @@ def lora_layers(cfg: AdapterConfig, num_layers: int | None) -> list[int] | None:
 
 
 def _attach_lora(
-    model: torch.nn.Module, cfg: AdapterConfig, *, seed: int, num_layers: int | None
+    model: torch.nn.Module,
+    cfg: AdapterConfig,
+    *,
+    seed: int,
+    num_layers: int | None,
+    generative: bool = False,
 ) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if generative else TaskType.SEQ_CLS,
         r=cfg.r,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # PEFT accepts a float scale
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        # None: PEFT's table by architecture (query/value for BERT, q_proj/v_proj for Llama).
+        target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
         layers_to_transform=lora_layers(cfg, num_layers),
     )
     try:
@@ -444,7 +491,8 @@ def _attach_lora(
     except ValueError as exc:
         raise ModelError(
             f"adapter.target_modules {cfg.target_modules} do not fit this model: {str(exc).splitlines()[0]}",
-            fix="name linear layers of the model, e.g. ['query', 'value'] for BERT",
+            fix="name linear layers of the model, e.g. ['query', 'value'] for BERT or "
+            "['q_proj', 'v_proj'] for Llama",
         ) from None
     for name, p in peft_model.named_parameters():
         if "lora_A" in name:

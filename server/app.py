@@ -22,20 +22,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.config import PrivetConfig
-from privet.common.data import (
-    TokenizedExamples,
-    cached_federated_data,
-    classification_examples,
-)
-from privet.common.evaluation import evaluate
+from privet.common.data import cached_federated_data
 from privet.common.lora_residual import global_state, load_global_state, save_residual_file
 from privet.common.modeling import (
     MaskedMeanPooler,
-    build_model,
     frozen_fingerprint,
     pick_device,
     trainable_state,
 )
+from privet.common.tasks import task_for
 from privet.server.loop import run_rounds
 from privet.server.population import PopulationGrid
 from privet.server.privacy import (
@@ -122,14 +117,13 @@ def make_server_app(
             run_dir / LABELS_FILE,
             {"num_labels": fed.num_labels, "label_names": list(fed.label_names or [])},
         )
-        built = build_model(cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed)
+        task = task_for(cfg.model)
+        built = task.build_model(
+            cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
+        )
         device = pick_device(cfg.model.device)
         model = built.model.to(device)
-        test = TokenizedExamples(
-            classification_examples(fed.server_test),
-            built.tokenizer,
-            max_length=cfg.model.max_length,
-        )
+        test = task.tokenize(fed.server_test, built.tokenizer, max_length=cfg.model.max_length)
         pad = int(built.tokenizer.pad_token_id)
         if observer is not None:
             observer.run_started(rounds=cfg.federation.rounds, clients=len(names), run_dir=run_dir)
@@ -196,7 +190,7 @@ def make_server_app(
             load_global_state(model, state)
             rec = strategy.current if server_round > 0 else RoundRecord(round=0)
             if fed_cfg.server_evaluation:
-                res = evaluate(
+                res = task.evaluate(
                     model,
                     test,
                     batch_size=cfg.train.eval_batch_size,
@@ -205,6 +199,14 @@ def make_server_app(
                     mixed_precision=cfg.model.mixed_precision,
                 )
                 rec.server_accuracy, rec.server_loss = res.accuracy, res.loss
+                rec.server_metrics = dict(res.metrics)
+                rec.server_samples = task.samples(
+                    model,
+                    fed.server_test,
+                    built.tokenizer,
+                    max_length=cfg.model.max_length,
+                    device=device,
+                )
             if counter is not None and server_round > 0:
                 # What travelled encoded (or masked), not the float32 arrays the strategy handled.
                 rec.bytes_sent, rec.bytes_received = counter.take_byte_counts()
@@ -301,6 +303,7 @@ def _save_final(model: torch.nn.Module, out: Path, cfg: PrivetConfig) -> None:
         out / "privet.json",
         {
             "base_model": cfg.model.name,
+            "task": cfg.model.task,
             "num_hidden_layers": cfg.model.num_hidden_layers,
             "mean_pooling": any(isinstance(m, MaskedMeanPooler) for m in model.modules()),
             "max_length": cfg.model.max_length,

@@ -39,6 +39,9 @@ ReplyCheck = Callable[[Message, ArrayRecord], "str | None"]
 #: above the others'); returns one reason to reject, or None, per reply.
 RoundCheck = Callable[[Sequence[Message], ArrayRecord], "list[str | None]"]
 
+#: Evaluation metrics only some tasks report (``privet.common.tasks``), averaged over the clients.
+_TASK_METRICS = ("perplexity", "token-accuracy", "exact-match")
+
 #: What marks the log lines a deployed coordinator shows on its console (``privet server`` reads
 #: them from the ServerApp's log): a dropped reply, a round that was not aggregated, a site that
 #: answered with an error (a refused run, a spent budget), named by the site.
@@ -64,6 +67,14 @@ class RoundRecord:
     client_accuracy: float | None = None
     server_accuracy: float | None = None
     server_loss: float | None = None
+    #: The task's own metrics on the server's test set (a causal LM's ``perplexity``,
+    #: ``token-accuracy``, ``exact-match``); empty for classification.
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    #: The same metrics on the clients' tests, weighted by their test examples.
+    client_metrics: dict[str, float] = field(default_factory=dict)
+    #: A causal LM's greedy answers to the first few server test prompts (``prompt``, ``target``,
+    #: ``generated``), for the report; empty for classification.
+    server_samples: list[dict[str, str]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     #: False when the round kept the previous global model (too few valid replies, or the
@@ -334,6 +345,7 @@ class RecordingStrategy(WrappedStrategy):
         replies = list(replies)
         rec = self.current
         correct, total = 0.0, 0.0
+        sums: dict[str, float] = {}
         for msg in replies:
             if msg.has_error():
                 who = self.name_of(None, msg.metadata.src_node_id)
@@ -348,8 +360,12 @@ class RecordingStrategy(WrappedStrategy):
             rec.accuracy_per_client[name] = acc
             correct += acc * n
             total += n
+            for key in _TASK_METRICS:
+                if key in metrics:
+                    sums[key] = sums.get(key, 0.0) + float(metrics[key]) * n  # type: ignore[arg-type]
         if total > 0:
             rec.client_accuracy = correct / total
+            rec.client_metrics = {k: v / total for k, v in sums.items()}
         return self.inner.aggregate_evaluate(server_round, replies)
 
 

@@ -72,6 +72,10 @@ def round_scalars(record: RoundRecord) -> Iterator[tuple[str, float]]:
             yield tag, float(value)
     for name, eps in sorted(record.epsilon_per_client.items()):
         yield f"epsilon/client/{name}", float(eps)
+    # The task's own metrics (a causal LM's perplexity, token accuracy, exact match).
+    for side, metrics in (("server", record.server_metrics), ("clients", record.client_metrics)):
+        for name, value in sorted(metrics.items()):
+            yield f"{name}/{side}", float(value)
     if record.round > 0:
         yield "bytes/sent", float(record.bytes_sent)
         yield "bytes/received", float(record.bytes_received)

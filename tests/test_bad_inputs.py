@@ -121,6 +121,26 @@ CONFIG_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
         ["--set", 'data.source="files"', "--set", 'data.train_files=["a.csv", "a.csv"]'],
         ("data.train_files", "'a.csv' twice"),
     ),
+    (
+        "causal lm on classification data",
+        ["--set", 'model.task="causal_lm"'],
+        ("model.task = 'causal_lm'", "generation data source", "data.source = 'vader'"),
+    ),
+    (
+        "causal lm with full fine-tuning",
+        [
+            "--set",
+            'model.task="causal_lm"',
+            "--set",
+            'data.source="files"',
+            "--set",
+            'data.train_files=["chats.jsonl"]',
+            "--set",
+            'adapter.method="full"',
+        ],
+        ("model.task = 'causal_lm'", "adapter.method = 'lora'"),
+    ),
+    ("unknown task", ["--set", 'model.task="translation"'], ("model.task", "'causal_lm'")),
     ("override without =", ["--set", "train.lr"], ("train.lr",)),
     ("missing config file", ["--config", "no-such.toml"], ("no-such.toml",)),
 ]

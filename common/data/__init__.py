@@ -30,7 +30,13 @@ from privet.common.data.partition import (
     train_test_split,
 )
 from privet.common.data.shakespeare import load_shakespeare
-from privet.common.data.text import TokenizedExamples, collate, length_sorted_microbatches
+from privet.common.data.text import (
+    TokenizedExamples,
+    TokenizedGeneration,
+    collate,
+    collate_generation,
+    length_sorted_microbatches,
+)
 from privet.common.data.vader import (
     VADER_COUNTS,
     VADER_DOMAINS,
@@ -49,11 +55,13 @@ __all__ = [
     "GenerationExamples",
     "LabelledRows",
     "TokenizedExamples",
+    "TokenizedGeneration",
     "Turn",
     "build_federated_data",
     "cached_federated_data",
     "classification_examples",
     "collate",
+    "collate_generation",
     "concat_examples",
     "concat_generation",
     "derive_seed",

@@ -59,9 +59,10 @@ def export_cmd(
         )
         return
     trust = ", trust_remote_code=True" if res.needs_trust_remote_code else ""
-    console.print(f"merged model written to {res.out} (labels: {res.id2label})")
+    labelled = f" (labels: {res.id2label})" if res.id2label else ""
+    console.print(f"merged model written to {res.out}{labelled}")
     console.print(
-        f'load it: pipeline("text-classification", model={str(res.out)!r}{trust})', highlight=False
+        f'load it: pipeline("{res.pipeline}", model={str(res.out)!r}{trust})', highlight=False
     )
     if res.needs_trust_remote_code:
         console.print(

@@ -2,7 +2,8 @@
 
 The merged folder is what the Hugging Face ecosystem expects: ``config.json`` with ``id2label``,
 ``model.safetensors`` and the tokenizer, so ``pipeline("text-classification", model=DIR)`` classifies
-text without privet installed. Merging is PEFT's ``merge_and_unload``. A run that pooled by masked
+text without privet installed; a causal LM's folder (``model.task = 'causal_lm'``) generates with
+``pipeline("text-generation", model=DIR)``, its chat template included. Merging is PEFT's ``merge_and_unload``. A run that pooled by masked
 mean (the sentence-transformers default) is saved with a small model class of its own
 (``modeling_privet_bert.py``, copied into the folder) and loads with ``trust_remote_code=True``.
 """
@@ -26,6 +27,7 @@ from privet.common.modeling import (
     resolve_model_path,
     use_mean_pooling,
 )
+from privet.common.tasks import task_for
 
 __all__ = ["ExportError", "ExportResult", "export_run", "load_run_model"]
 
@@ -45,6 +47,8 @@ class ExportResult:
     merged: bool
     needs_trust_remote_code: bool
     id2label: dict[int, str]
+    #: The transformers pipeline the merged folder serves (``text-classification``, ``text-generation``).
+    pipeline: str = "text-classification"
 
 
 def _final_dir(run_dir: Path) -> Path:
@@ -132,13 +136,18 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
         ``(model in eval mode, tokenizer, privet.json contents)``.
 
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     final = _final_dir(run_dir)
     info = json.loads((final / "privet.json").read_text(encoding="utf-8"))
     settings = _run_settings(run_dir)
+    task = task_for(str(info.get("task", "classification")))
     source = resolve_model_path(str(info["base_model"]))
-    overrides: dict[str, Any] = {"num_labels": _num_labels(final)}
+    # A classifier's head is sized by its labels; a causal LM keeps its pretrained LM head.
+    overrides: dict[str, Any] = (
+        {} if task.name == "causal_lm" else {"num_labels": _num_labels(final)}
+    )
     if info.get("num_hidden_layers") is not None:
         overrides["num_hidden_layers"] = int(info["num_hidden_layers"])
     trust = bool((settings.get("model") or {}).get("trust_remote_code", False))
@@ -147,7 +156,7 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
     with quiet_transformers():
         hf_config = AutoConfig.from_pretrained(source, trust_remote_code=trust, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-        base = AutoModelForSequenceClassification.from_pretrained(
+        base = getattr(transformers, task.auto_model).from_pretrained(
             source, config=hf_config, trust_remote_code=trust
         )
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
@@ -266,23 +275,42 @@ def export_run(
             fix="export it merged: leave out --adapter-only",
         )
     model, tokenizer, info = load_run_model(run_dir)
-    id2label = _label_names(run_dir, _run_settings(run_dir), _num_labels(final), labels)
+    task = task_for(str(info.get("task", "classification")))
+    generative = task.name == "causal_lm"
+    if generative and labels is not None:
+        raise ExportError(
+            "--labels names classes, but this run trained a causal LM (model.task = 'causal_lm')",
+            fix="leave out --labels",
+        )
+    id2label = (
+        {}
+        if generative
+        else _label_names(run_dir, _run_settings(run_dir), _num_labels(final), labels)
+    )
     out.mkdir(parents=True, exist_ok=True)
     if not merge:
         for item in final.iterdir():
             if item.is_file():
                 shutil.copy2(item, out / item.name)
         tokenizer.save_pretrained(str(out))
-        return ExportResult(out=out, merged=False, needs_trust_remote_code=False, id2label=id2label)
+        return ExportResult(
+            out=out,
+            merged=False,
+            needs_trust_remote_code=False,
+            id2label=id2label,
+            pipeline=task.pipeline,
+        )
 
     unload = getattr(model, "merge_and_unload", None)
     merged: Any = unload() if callable(unload) else model
     mean = any(isinstance(m, MaskedMeanPooler) for m in merged.modules())
     final_model: Any = _mean_pooled_copy(merged) if mean else merged
-    final_model.config.id2label = dict(id2label)
-    final_model.config.label2id = {v: k for k, v in id2label.items()}
+    if not generative:
+        final_model.config.id2label = dict(id2label)
+        final_model.config.label2id = {v: k for k, v in id2label.items()}
     final_model.config.privet = {
         "run": run_dir.name,
+        "task": task.name,
         "base_model": info.get("base_model"),
         "pooling": "mean" if mean else "model",
         "max_length": info.get("max_length"),
@@ -290,4 +318,10 @@ def export_run(
     final_model.save_pretrained(str(out))
     tokenizer.model_max_length = int(info.get("max_length") or tokenizer.model_max_length)
     tokenizer.save_pretrained(str(out))
-    return ExportResult(out=out, merged=True, needs_trust_remote_code=mean, id2label=id2label)
+    return ExportResult(
+        out=out,
+        merged=True,
+        needs_trust_remote_code=mean,
+        id2label=id2label,
+        pipeline=task.pipeline,
+    )

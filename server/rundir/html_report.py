@@ -324,6 +324,24 @@ def _rounds_table(run: _Run) -> str:
     )
 
 
+def _samples_section(run: _Run) -> str:
+    """A causal LM's greedy answers to the first server test prompts: untrained, then last round."""
+    with_samples = [r for r in run.records if r.get("server_samples")]
+    if not with_samples:
+        return ""
+    shown = [with_samples[0]] + ([with_samples[-1]] if len(with_samples) > 1 else [])
+    rows = [
+        [str(r["round"]), s.get("prompt", ""), s.get("target", ""), s.get("generated", "")]
+        for r in shown
+        for s in r["server_samples"]
+    ]
+    table = _table(["round", "prompt", "expected", "generated"], rows, left=4)
+    return (
+        "<h2>Generated samples</h2>\n<p>Greedy generations of the global model on the first "
+        "prompts of the server's test set (round 0: the base model).</p>\n" + table
+    )
+
+
 def write_report(run_dir: Path, *, out: Path | None = None) -> Path:
     """Write ``report.html`` for a run, and its plots as PNG files beside it.
 
@@ -396,6 +414,7 @@ def write_report(run_dir: Path, *, out: Path | None = None) -> Path:
 <h2>Per round</h2>
 <div class="grid">{figs}</div>
 {_rounds_table(run)}
+{_samples_section(run)}
 <h2>Privacy</h2>
 {_privacy_section(run)}
 <h2>Configuration (as resolved)</h2>

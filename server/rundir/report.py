@@ -67,15 +67,18 @@ def round_table(records: list[dict[str, Any]], *, dp: bool) -> Table:
 
 def round_line(r: dict[str, Any], *, dp: bool) -> str:
     """One line per finished round, printed while the run goes on."""
+    # A causal LM's perplexity on the server's test set, beside its accuracy.
+    ppl = (r.get("server_metrics") or {}).get("perplexity")
+    ppl_text = f" | server ppl {_fmt(ppl, '.2f')}" if ppl is not None else ""
     if r["round"] == 0:
-        return f"round 0 (untrained): server acc {_fmt(r.get('server_accuracy'), '.2%')}"
+        return f"round 0 (untrained): server acc {_fmt(r.get('server_accuracy'), '.2%')}{ppl_text}"
     names = ", ".join(r.get("clients_trained") or []) or "none"
     eps = f"max ε {_fmt(r.get('max_epsilon'), '.3f')}" if dp else "DP off"
     if r.get("federation_epsilon") is not None:
         eps += f" | federation ε {r['federation_epsilon']:.3f}"
     return (
         f"round {r['round']}: trained {names} | loss {_fmt(r.get('train_loss'))} | "
-        f"server acc {_fmt(r.get('server_accuracy'), '.2%')} | client acc "
+        f"server acc {_fmt(r.get('server_accuracy'), '.2%')}{ppl_text} | client acc "
         f"{_fmt(r.get('client_accuracy'), '.2%')} | {eps} | {r.get('seconds', 0.0):.0f} s"
     )
 

@@ -1,0 +1,438 @@
+"""The tasks privet fine-tunes for, and everything that differs between them.
+
+A task owns five things: how the model is built (a new classification head, or the pretrained
+language-model head), how examples are tokenized and batched, the per-example loss, the
+evaluation metrics, and what an export needs to know. The training loop (``client/training.py``),
+DP-SGD, aggregation, the privacy ledger and the transport never look at which task runs: they call
+these methods.
+
+``classification``: texts with one label each; the loss of an example is the cross-entropy of
+its label. ``causal_lm``: a prompt (or nothing) and a target text; the loss of an example is the
+mean next-token cross-entropy over its target tokens (prompt and padding take none), so the
+privacy unit of DP-SGD is one example, one sequence or one chat, however many tokens it has.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from privet.common.config import AdapterConfig, ModelConfig
+from privet.common.data import (
+    Examples,
+    GenerationExamples,
+    TokenizedExamples,
+    TokenizedGeneration,
+    collate,
+    collate_generation,
+    length_sorted_microbatches,
+)
+from privet.common.data.text import IGNORE_INDEX, chat_prompt_ids
+from privet.common.errors import DataError
+from privet.common.evaluation import EvalResult, autocast_for
+from privet.common.evaluation import evaluate as evaluate_classification
+from privet.common.modeling import BuiltModel, build_model
+
+__all__ = ["CausalLM", "Classification", "Task", "TaskData", "task_for"]
+
+#: Logit elements one evaluation micro-batch may hold (128 MiB in float32): a causal LM's logits
+#: are ``[batch, length, vocabulary]``, 50k wide for SmolLM2.
+_EVAL_LOGITS = 1 << 25
+#: Generated samples per evaluation (the report shows them), and their length in new tokens.
+SAMPLES, SAMPLE_TOKENS = 3, 24
+
+
+class TaskData(Protocol):
+    """What the training loop needs of tokenized data: rows by index and their token counts."""
+
+    lengths: NDArray[np.int64]
+
+    def __len__(self) -> int:
+        """Number of examples."""
+
+    def __getitem__(self, index: int) -> Any:
+        """One tokenized example, as :meth:`Task.collate` takes it."""
+
+
+class Task(ABC):
+    """What differs between tasks; the loop, DP, aggregation and ledger call only these methods."""
+
+    #: ``model.task``'s value.
+    name: ClassVar[str]
+    #: The transformers auto class that loads an exported merged model.
+    auto_model: ClassVar[str]
+    #: The transformers pipeline an exported merged model serves.
+    pipeline: ClassVar[str]
+
+    def build_model(
+        self,
+        model_cfg: ModelConfig,
+        adapter_cfg: AdapterConfig,
+        *,
+        num_labels: int = 2,
+        seed: int = 0,
+    ) -> BuiltModel:
+        """Load the pretrained model and tokenizer and attach the adapter (:func:`build_model`)."""
+        if model_cfg.task != self.name:
+            model_cfg = model_cfg.model_copy(update={"task": self.name})
+        return build_model(model_cfg, adapter_cfg, num_labels=num_labels, seed=seed)
+
+    @abstractmethod
+    def tokenize(self, examples: Any, tokenizer: Any, *, max_length: int) -> TaskData:
+        """Tokenize ``examples`` once (no padding)."""
+
+    @abstractmethod
+    def collate(self, items: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Pad a micro-batch of tokenized rows into tensors (``labels`` among them)."""
+
+    @abstractmethod
+    def per_example_loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        device: torch.device,
+        mixed_precision: str,
+    ) -> torch.Tensor:
+        """The loss of each example of ``batch``, shape ``[B]``, in the autograd graph.
+
+        Example ``i``'s loss depends on row ``i`` only: DP-SGD's per-example clipping relies on it.
+        ``batch`` loses its ``labels``.
+        """
+
+    @abstractmethod
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        *,
+        batch_size: int,
+        pad_token_id: int,
+        device: torch.device | None = None,
+        mixed_precision: str = "auto",
+    ) -> EvalResult:
+        """Loss, accuracy and the task's own metrics of ``model`` on ``data`` (no gradients)."""
+
+    def samples(
+        self,
+        model: torch.nn.Module,
+        examples: Any,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        device: torch.device | None = None,
+    ) -> list[dict[str, str]]:
+        """A few of the model's own outputs on ``examples``, for people to read (none by default)."""
+        return []
+
+
+class Classification(Task):
+    """Sequence classification: a new head, one label per text, cross-entropy of the label."""
+
+    name = "classification"
+    auto_model = "AutoModelForSequenceClassification"
+    pipeline = "text-classification"
+
+    def tokenize(self, examples: Any, tokenizer: Any, *, max_length: int) -> TokenizedExamples:
+        """Texts to token ids (truncated to ``max_length``), labels kept."""
+        if not isinstance(examples, Examples):
+            raise DataError(
+                "model.task = 'classification' needs labelled texts, but the data holds "
+                f"{type(examples).__name__} (prompts and targets for generation)",
+                fix="set model.task = 'causal_lm', or use a data source with labels",
+            )
+        return TokenizedExamples(examples, tokenizer, max_length=max_length)
+
+    def collate(self, items: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Pad to the longest row; one label per row (:func:`~privet.common.data.collate`)."""
+        return collate(items, pad_token_id)
+
+    def per_example_loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        device: torch.device,
+        mixed_precision: str,
+    ) -> torch.Tensor:
+        """Cross-entropy of each row's label."""
+        labels = batch.pop("labels")
+        with autocast_for(device, mixed_precision):
+            logits = model(**batch).logits
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        *,
+        batch_size: int,
+        pad_token_id: int,
+        device: torch.device | None = None,
+        mixed_precision: str = "auto",
+    ) -> EvalResult:
+        """Mean cross-entropy and accuracy (:func:`~privet.common.evaluation.evaluate`)."""
+        return evaluate_classification(
+            model,
+            data,
+            batch_size=batch_size,
+            pad_token_id=pad_token_id,
+            device=device,
+            mixed_precision=mixed_precision,
+        )
+
+
+@dataclass
+class _Rows:
+    """Tokenized rows (ids, labels) without a tokenizer: the answer choices of an evaluation."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+
+    def __post_init__(self) -> None:
+        self.lengths = np.array([len(r) for r in self.input_ids], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+        return self.input_ids[index], self.labels[index]
+
+
+class GenerationData(TokenizedGeneration):
+    """Tokenized generation examples, plus each answer choice after the same prompts.
+
+    Attributes
+    ----------
+    choices : list of _Rows
+        One row set per answer choice (empty without ``answer_choices``): row ``i`` is example
+        ``i``'s prompt followed by that choice.
+    answers : numpy.ndarray
+        Index of each example's target among the choices (``-1``: not one of them, never counted
+        as a match).
+
+    """
+
+    def __init__(self, examples: GenerationExamples, tokenizer: Any, *, max_length: int) -> None:
+        super().__init__(examples, tokenizer, max_length)
+        self.choices: list[_Rows] = []
+        choices = tuple(examples.answer_choices or ())
+        norm = [c.strip() for c in choices]
+        self.answers = np.array(
+            [norm.index(t.strip()) if t.strip() in norm else -1 for t in examples.targets],
+            dtype=np.int64,
+        )
+        for choice in choices:
+            bare = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            plain = tokenizer(choice, add_special_tokens=True)["input_ids"]
+            rows = [self.row(h, plain if h is None else bare) for h in self.heads]
+            self.choices.append(_Rows([r[0] for r in rows], [r[1] for r in rows]))
+
+
+class CausalLM(Task):
+    """Causal language modelling: next-token prediction on each example's target tokens."""
+
+    name = "causal_lm"
+    auto_model = "AutoModelForCausalLM"
+    pipeline = "text-generation"
+
+    def tokenize(self, examples: Any, tokenizer: Any, *, max_length: int) -> GenerationData:
+        """Prompts and targets to token ids and per-token labels (:class:`GenerationData`)."""
+        if not isinstance(examples, GenerationExamples):
+            raise DataError(
+                "model.task = 'causal_lm' needs generation examples (plain text, or prompts and "
+                f"completions), but the data holds {type(examples).__name__} (labelled texts)",
+                fix="use a generation data source, or set model.task = 'classification'",
+            )
+        return GenerationData(examples, tokenizer, max_length=max_length)
+
+    def collate(self, items: Sequence[Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Pad on the right; labels ignored on prompt and padding (:func:`collate_generation`)."""
+        return collate_generation(items, pad_token_id)
+
+    def per_example_loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        *,
+        device: torch.device,
+        mixed_precision: str,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over each row's target tokens."""
+        logits, labels = _kept_logits(model, batch, device, mixed_precision)
+        ce, mask, _ = _next_token(logits, labels)
+        # Mean over the example's own target tokens: each example weighs the same in the batch
+        # however long its target, and its loss depends on its own row only.
+        return ce.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        *,
+        batch_size: int,
+        pad_token_id: int,
+        device: torch.device | None = None,
+        mixed_precision: str = "auto",
+    ) -> EvalResult:
+        """Perplexity and next-token accuracy on the target tokens; exact match over the choices.
+
+        ``loss`` is the mean cross-entropy over all target tokens of ``data`` (so ``perplexity`` is
+        ``exp(loss)``). ``accuracy`` is the exact-match accuracy when the data has answer choices
+        (each choice is scored by its log-likelihood after the prompt, the most likely one is the
+        answer: deterministic, and cheaper than generating), else the next-token accuracy.
+        """
+        n = len(data)
+        if n == 0:
+            return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            ce, tokens, correct = self._token_sums(
+                model, data, batch_size, pad_token_id, device, mixed_precision
+            )
+            scores = [
+                self._token_sums(model, rows, batch_size, pad_token_id, device, mixed_precision)[0]
+                for rows in getattr(data, "choices", [])
+            ]
+        finally:
+            model.train(was_training)
+        total = max(int(tokens.sum()), 1)
+        loss = float(ce.sum()) / total
+        metrics = {
+            "perplexity": math.exp(min(loss, 700.0)),
+            "token-accuracy": float(correct.sum()) / total,
+        }
+        accuracy = metrics["token-accuracy"]
+        if scores:
+            # Lowest summed cross-entropy = highest log-likelihood of the whole choice.
+            picked = np.stack(scores).argmin(axis=0)
+            accuracy = metrics["exact-match"] = float(np.mean(picked == data.answers))
+        return EvalResult(loss=loss, accuracy=accuracy, num_examples=n, metrics=metrics)
+
+    @torch.no_grad()
+    def samples(
+        self,
+        model: torch.nn.Module,
+        examples: Any,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        device: torch.device | None = None,
+    ) -> list[dict[str, str]]:
+        """Greedy generations for the first :data:`SAMPLES` examples.
+
+        Each is ``{"prompt", "target", "generated"}``: for a chat the last turn, the expected
+        answer and the model's; for plain text the first half of the text, the second half, and
+        the model's continuation of the first half.
+        """
+        if not isinstance(examples, GenerationExamples) or len(examples) == 0:
+            return []
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        out = []
+        try:
+            for i in range(min(SAMPLES, len(examples))):
+                turns, target = examples.prompts[i], examples.targets[i]
+                if turns is None:
+                    ids = [int(t) for t in tokenizer(target)["input_ids"]][: max_length // 2]
+                    half = max(1, len(ids) // 2)
+                    ids, rest = ids[:half], ids[half:]
+                    shown = str(tokenizer.decode(ids, skip_special_tokens=True))
+                    target = str(tokenizer.decode(rest, skip_special_tokens=True))
+                else:
+                    ids = chat_prompt_ids(tokenizer, turns)[-(max_length - 1) :]
+                    shown = turns[-1].content
+                generated = _generate(model, tokenizer, ids, device)
+                out.append({"prompt": shown, "target": target, "generated": generated})
+        finally:
+            model.train(was_training)
+        return out
+
+    def _token_sums(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        batch_size: int,
+        pad_token_id: int,
+        device: torch.device,
+        mixed_precision: str,
+    ) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+        """Per row: summed target-token cross-entropy, target-token count, correct next tokens."""
+        n = len(data)
+        ce_sum = np.zeros(n, dtype=np.float64)
+        tokens = np.zeros(n, dtype=np.int64)
+        correct = np.zeros(n, dtype=np.int64)
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
+        longest = int(data.lengths.max()) if n else 1
+        rows = max(1, min(batch_size, _EVAL_LOGITS // max(1, longest * vocab)))
+        for mb in length_sorted_microbatches(np.arange(n), data.lengths, rows):
+            batch = collate_generation([data[int(i)] for i in mb], pad_token_id)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            logits, labels = _kept_logits(model, batch, device, mixed_precision)
+            ce, mask, hits = _next_token(logits, labels, hits=True)
+            assert hits is not None
+            ce_sum[mb] = ce.sum(dim=1).double().cpu().numpy()
+            tokens[mb] = mask.sum(dim=1).cpu().numpy()
+            correct[mb] = (hits & mask).sum(dim=1).cpu().numpy()
+        return ce_sum, tokens, correct
+
+
+def _generate(model: torch.nn.Module, tokenizer: Any, ids: list[int], device: torch.device) -> str:
+    """Greedy continuation of ``ids`` (deterministic), decoded without special tokens."""
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(  # type: ignore[operator]
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=SAMPLE_TOKENS,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)).strip()
+
+
+def _kept_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at ``batch['logits_to_keep']`` and the labels at the same positions."""
+    labels = batch.pop("labels")
+    keep = batch["logits_to_keep"]
+    with autocast_for(device, precision):
+        logits = model(**batch).logits
+    return logits, labels.index_select(1, keep)
+
+
+def _next_token(
+    logits: torch.Tensor, labels: torch.Tensor, *, hits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Position ``t`` predicts token ``t + 1``.
+
+    Returns the cross-entropy ``[B, L-1]`` (0 where the label is ignored, with no gradient), the
+    mask of labelled positions and, with ``hits``, where the most likely token is the label.
+    """
+    shifted = logits[:, :-1].float()
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        shifted.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    mask = target != IGNORE_INDEX
+    return ce, mask, (shifted.argmax(dim=-1) == target) if hits else None
+
+
+_TASKS: dict[str, Task] = {t.name: t for t in (Classification(), CausalLM())}
+
+
+def task_for(model_cfg: ModelConfig | str) -> Task:
+    """The task ``model.task`` names (or the task of that name)."""
+    name = model_cfg if isinstance(model_cfg, str) else model_cfg.task
+    return _TASKS[name]
