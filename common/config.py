@@ -1259,11 +1259,17 @@ class PrivetConfig(_Section):
         return self
 
 
-def _generation_source(data: DataConfig) -> bool:
-    """Whether ``data`` gives generation examples (the data loaders own the answer)."""
+def _generation_source(data: DataConfig) -> bool | None:
+    """Whether ``data`` gives generation examples; ``None`` when files not readable yet must tell.
+
+    The data loaders own the answer. A train file that does not exist (yet) is not judged here:
+    loading it later gives the one clear error about the file itself.
+    """
     # Imported here: common/data imports this module.
     from privet.common.data import is_generation_source
 
+    if data.source == "files" and data.train_files and not Path(data.train_files[0]).is_file():
+        return None
     return is_generation_source(data)
 
 

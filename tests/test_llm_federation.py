@@ -83,7 +83,7 @@ def test_the_loss_falls_over_rounds_with_dp(run: Path) -> None:
 
 
 def test_each_round_records_generated_samples_and_the_report_shows_them(run: Path) -> None:
-    from privet.simulations.html_report import write_report
+    from privet.server.rundir.html_report import write_report
 
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     for r in recs:
@@ -108,7 +108,7 @@ def test_the_ledger_charges_every_client(run: Path) -> None:
 def test_merged_export_generates_with_the_stock_pipeline(run: Path, tmp_path: Path) -> None:
     from transformers import pipeline
 
-    from privet.simulations.export import export_run
+    from privet.server.rundir.export import export_run
 
     res = export_run(run, out=tmp_path / "merged")
     assert res.merged and res.pipeline == "text-generation" and res.id2label == {}
@@ -125,7 +125,7 @@ def test_adapter_only_export_loads_with_peft_and_matches_the_merged_model(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from privet.simulations.export import export_run
+    from privet.server.rundir.export import export_run
 
     merged = export_run(run, out=tmp_path / "merged").out
     adapter = export_run(run, out=tmp_path / "adapter", merge=False).out
