@@ -293,6 +293,19 @@ def _admissions(log_path: Path) -> int:
     return door.admissions(_read_log(log_path))
 
 
+def _live_supernodes(settings_path: Path) -> list[int]:
+    """Process ids of running ``flower-supernode`` processes started for this site's settings."""
+    import psutil
+
+    marker = str(settings_path.resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("flower-supernode" in part for part in cmd[:2]) and any(marker in a for a in cmd):
+            found.append(int(proc.info["pid"]))
+    return found
+
+
 class SiteClient:
     """A ``flower-supernode`` child that joins the coordinator at ``server`` for this site.
 
@@ -421,6 +434,11 @@ class SiteClient:
         """
         node = self._previous_node() if self.key is not None else None
         if node is None:
+            return False
+        if pids := _live_supernodes(self.settings.state_dir / "client.json"):
+            # That node is not orphaned: another `privet client` of this site runs here. Leave it
+            # be; this start is then refused as before, with the reason.
+            log.warning("a SuperNode of this site still runs (pid %s)", ", ".join(map(str, pids)))
             return False
         released = door.deactivate_node(self.server, node_id=node, key=self.key, ca=self.ca)
         if released:

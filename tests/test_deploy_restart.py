@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -167,6 +168,34 @@ def test_a_restarted_site_signs_off_the_node_it_was_admitted_as(
     # With another key (or against another coordinator) the record is not this node's.
     _admitting_site(tmp_path, key=b"another key").start()
     assert len(signed) == 1
+
+
+def test_a_node_whose_supernode_still_runs_here_is_not_signed_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed: list[int] = []
+    monkeypatch.setattr(deploy.door, "deactivate_node", lambda *_a, **k: signed.append(1) or True)
+    _admitting_site(tmp_path).start()
+    # A second `privet client` of the same site while the first one's SuperNode runs here.
+    settings = (tmp_path / "state" / "client.json").resolve()
+    fake = tmp_path / "bin" / "flower-supernode"
+    fake.parent.mkdir()
+    fake.write_text("import time\ntime.sleep(60)\n")
+    live = subprocess.Popen(
+        [sys.executable, str(fake), "--node-config", f'privet-client="{settings}"']
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not deploy._live_supernodes(settings) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert deploy._live_supernodes(settings) == [live.pid]
+        assert not _admitting_site(tmp_path).release_previous_node()
+        assert signed == []
+    finally:
+        live.kill()
+        live.wait()
+    assert deploy._live_supernodes(settings) == []
+    assert _admitting_site(tmp_path).release_previous_node() and signed == [1]
 
 
 class _SilentGrid(NodesGrid):
