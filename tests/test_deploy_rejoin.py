@@ -33,7 +33,7 @@ from tests.deploy_helpers import Procs, free_port, write_config, write_site_file
 
 pytestmark = pytest.mark.slow
 
-#: A stale message waits this long; a round ending well before it was answered "Node Unavailable".
+#: A stale message waits this long at most.
 ROUND_TIMEOUT = 150
 
 
@@ -145,6 +145,9 @@ def test_a_crashed_site_restarted_at_once_is_admitted_within_seconds(crash) -> N
 
 
 def test_the_round_it_crashed_in_ends_without_waiting_for_the_timeout(crash) -> None:
+    # Answered "Node Unavailable" once the site signed its node off, not when Flower's heartbeat
+    # patience ran out (60 s after the kill) nor at round_timeout.
+    assert crash["round2_s"] - crash["asking_s"] < 30
     assert crash["round2_s"] < ROUND_TIMEOUT / 2
     r2 = _round(crash["run_dir"], 2)
     assert r2 is not None and r2["clients_trained"] == ["site-b"]
