@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 
 from privet.client.client_level import client_level_mods
+from privet.client.flower_door import Mod
 from privet.client.privacy import ledger_path, plan_round, record_round
 from privet.client.releases import load_release, release_fingerprint, save_release
 from privet.client.secagg import secagg_mod

@@ -10,8 +10,8 @@ carry no weights).
 from __future__ import annotations
 
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.clientapp.typing import Mod
 
+from privet.client.flower_door import Mod
 from privet.common.config import PrivetConfig
 
 __all__ = ["client_level_mods"]

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from privet.client import flower_door as door
 from privet.client.policy import SitePolicy, apply_policy, check_model_files
 from privet.common.config import PrivetConfig, format_validation_error
 from privet.common.data import ClientData, Examples, LabelledRows, load_table, train_test_split
@@ -68,13 +68,14 @@ log = logging.getLogger("privet")
 #: Seconds a just-handed-over reply gets to leave the SuperNode before it is stopped.
 DRAIN_SECONDS = 3.0
 
-#: Seconds a restarted site waits when the coordinator still counts its node as online.
+#: Seconds a restarted site waits when the coordinator still counts its node as online and signing
+#: it off (:func:`~privet.client.flower_door.deactivate_node`) did not work.
 #: Flower 1.41 keeps a node ONLINE until it misses HEARTBEAT_PATIENCE heartbeats (2 x 30 s) and
 #: refuses to activate the same key meanwhile (ApiError 2004, SuperNode exit 305); a SuperNode
 #: that was SIGKILLed never deactivates its node. The 5 s on top make sure the node was seen
 #: offline first: the coordinator then answers the message the dead SuperNode held with Flower's
 #: "Node Unavailable" error instead of waiting for it until federation.round_timeout.
-ACTIVATION_WAIT = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 5.0
+ACTIVATION_WAIT = door.HEARTBEAT_PATIENCE * door.HEARTBEAT_DEFAULT_INTERVAL + 5.0
 
 #: Seconds a starting SuperNode gets to be admitted by the coordinator (it was reachable a moment
 #: before, in the preflight).
@@ -82,6 +83,10 @@ ADMISSION_TIMEOUT = 120.0
 
 #: The file in the state folder that says which coordinator admitted this site's key before.
 ADMITTED_FILE = "admitted.json"
+
+#: The file in the state folder naming the node the coordinator admitted this site as last time
+#: (the SuperLink binds one node id to a registered key; a restart signs that node off first).
+NODE_FILE = "node.json"
 
 #: Node-config key naming the site's settings file, and the run-config key of the federation config.
 SETTINGS_KEY, CONFIG_KEY = "privet-client", "privet-config"
@@ -290,12 +295,29 @@ def make_site_app(
 client_app = make_site_app()
 
 
+def _read_log(log_path: Path) -> str:
+    try:
+        return log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def _admissions(log_path: Path) -> int:
     """How many times a SuperNode logging to ``log_path`` was admitted (the log is appended)."""
-    try:
-        return log_path.read_text(encoding="utf-8", errors="replace").count("SuperNode ID:")
-    except OSError:
-        return 0
+    return door.admissions(_read_log(log_path))
+
+
+def _live_supernodes(settings_path: Path) -> list[int]:
+    """Process ids of running ``flower-supernode`` processes started for this site's settings."""
+    import psutil
+
+    marker = str(settings_path.resolve())
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("flower-supernode" in part for part in cmd[:2]) and any(marker in a for a in cmd):
+            found.append(int(proc.info["pid"]))
+    return found
 
 
 class SiteClient:
@@ -342,6 +364,7 @@ class SiteClient:
         self.child: Child | None = None
         self.health = self.runtime = ""
         self._last_reply = float("-inf")
+        self._log_path: Path | None = None
 
     def preflight(self) -> None:
         """Check the data file and the coordinator before anything starts (one clear error)."""
@@ -367,8 +390,11 @@ class SiteClient:
         expires. When this site was admitted by this coordinator with this key before, the refusal
         is waited out once (:data:`ACTIVATION_WAIT`, ``on_wait`` says so; ``stop`` cuts it short)
         and the start is tried again; a second refusal, or a first one for a key never admitted
-        here, raises.
+        here, raises. Before that, a site that knows the node it was admitted as signs that node
+        off itself (:meth:`release_previous_node`), so a restart right after a crash rejoins at
+        once and the refusal does not come.
         """
+        self.release_previous_node()
         try:
             self._start_once(log_file)
         except DeploymentError:
@@ -389,9 +415,49 @@ class SiteClient:
             self._start_once(log_file)
         self._admitted_path().parent.mkdir(parents=True, exist_ok=True)
         self._admitted_path().write_text(json.dumps(self._admission()), encoding="utf-8")
+        node = door.admitted_node_id(_read_log(self._log_path)) if self._log_path else None
+        if node is not None:
+            (self._admitted_path().parent / NODE_FILE).write_text(
+                json.dumps({"node_id": node}), encoding="utf-8"
+            )
 
     def _admitted_path(self) -> Path:
         return self.settings.state_dir / "flower" / ADMITTED_FILE
+
+    def _previous_node(self) -> int | None:
+        """The node this site was admitted as by this coordinator with this key, if known."""
+        try:
+            known = json.loads(self._admitted_path().read_text(encoding="utf-8"))
+            node = json.loads((self._admitted_path().parent / NODE_FILE).read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        if known != self._admission() or not isinstance(node.get("node_id"), int):
+            return None
+        return int(node["node_id"])
+
+    def release_previous_node(self) -> bool:
+        """Sign off the node a killed SuperNode of this site left online; whether it was online.
+
+        Flower keeps the node of a SuperNode that could not sign off (SIGKILL, a host crash)
+        ONLINE for 60 s and refuses the site's key meanwhile. The site knows its node id (the
+        SuperLink binds one to its registered key) and holds the key, so it sends the
+        ``DeactivateNode`` the dead SuperNode would have sent; the coordinator then answers the
+        message that SuperNode held with Flower's "Node Unavailable" error at its next poll, and
+        the new SuperNode is admitted at once. Only with node authentication (a key): the
+        request is signed with it, so no one else can sign this node off.
+        """
+        node = self._previous_node() if self.key is not None else None
+        if node is None:
+            return False
+        if pids := _live_supernodes(self.settings.state_dir / "client.json"):
+            # That node is not orphaned: another `privet client` of this site runs here. Leave it
+            # be; this start is then refused as before, with the reason.
+            log.warning("a SuperNode of this site still runs (pid %s)", ", ".join(map(str, pids)))
+            return False
+        released = door.deactivate_node(self.server, node_id=node, key=self.key, ca=self.ca)
+        if released:
+            log.info("signed off node %d, left online by this site's previous SuperNode", node)
+        return released
 
     def _admission(self) -> dict[str, str]:
         """Which coordinator and which key: a refusal is only waited out for a known pair."""
@@ -402,8 +468,7 @@ class SiteClient:
         """Whether the SuperNode ended because an admitted node of this site is still online."""
         if self.child is None or self.child.alive():
             return False
-        tail = self.child.tail(40)
-        if "Exit Code: 305" not in tail or "Failed to activate SuperNode" not in tail:
+        if not door.refused_as_still_online(self.child.tail(40)):
             return False
         try:
             known = json.loads(self._admitted_path().read_text(encoding="utf-8"))
@@ -446,6 +511,7 @@ class SiteClient:
         ]
         work = self.settings.state_dir / "flower"
         log_path = log_file or work / "supernode.log"
+        self._log_path = log_path
         before = _admissions(log_path)
         self.child = Child(
             "flower-supernode",
@@ -522,14 +588,10 @@ class SiteClient:
         )
 
     def dropped(self, message_id: str) -> bool:
-        """Whether the SuperNode said it dropped the message ``message_id`` (Flower 1.41's log)."""
+        """Whether the SuperNode said it dropped the message ``message_id`` (its log: no API)."""
         if self.child is None:
             return True
-        # Flower logs both ways a received message is dropped, and offers no API to ask.
-        return any(
-            message_id in line and ("Ignoring message" in line or "Failed to receive" in line)
-            for line in self.child.tail(200).splitlines()
-        )
+        return door.dropped_message(self.child.tail(200), message_id)
 
     def exit_reason(self) -> str:
         """Why the SuperNode ended, in one line (from its exit status)."""
@@ -538,7 +600,7 @@ class SiteClient:
         code = self.child.proc.returncode
         # Flower's exit code 305: the SuperNode could not connect to / be activated by the
         # SuperLink (it logs the code; the process itself may exit with status 1).
-        if code == 305 or "Exit Code: 305" in self.child.tail(40):
+        if code == 305 or door.refused_activation(self.child.tail(40)):
             return (
                 "the coordinator did not admit this node (Flower exit 305): its key is not "
                 "registered there, another SuperNode with this key is connected, or the "

@@ -24,14 +24,15 @@ import logging
 from typing import NoReturn
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
+from privet.client.flower_door import (
+    SECAGG_CONFIGS_KEY,
+    ClientAppCallable,
+    Mod,
+    legacy_fit_records,
+    secaggplus_mod,
+)
 from privet.common.config import SecureAggregationConfig
 from privet.common.privacy.secagg import SECAGG_RECORD
 
@@ -66,7 +67,7 @@ def secagg_mod(*, required: bool, sa: SecureAggregationConfig) -> Mod:
     def _mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
-        if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if SECAGG_CONFIGS_KEY not in msg.content.config_records:
             if required:
                 return Message(
                     Error(
@@ -87,7 +88,7 @@ def secagg_mod(*, required: bool, sa: SecureAggregationConfig) -> Mod:
                 {
                     k: v
                     for k, v in inner.content.items()
-                    if k not in (RECORD_KEY_CONFIGS, SECAGG_RECORD)
+                    if k not in (SECAGG_CONFIGS_KEY, SECAGG_RECORD)
                 }
             )
             inner.content = plain
@@ -141,13 +142,7 @@ def _as_fitres(
                 limit,
             )
             weight = limit
-    fitres = FitRes(
-        status=Status(code=Code.OK, message=""),
-        parameters=ndarrays_to_parameters(ndarrays),
-        num_examples=weight,
-        metrics={},
-    )
-    for key, record in fitres_to_recorddict(fitres, keep_input=True).items():
+    for key, record in legacy_fit_records(ndarrays, weight=weight).items():
         content[key] = record
     return reply
 

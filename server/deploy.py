@@ -54,6 +54,7 @@ from privet.common.deployment import (
     wait_healthy,
 )
 from privet.common.errors import DeploymentError
+from privet.server.flower_door import register_outcome
 from privet.server.loop import WAITING
 from privet.server.proxy import start_proxy
 from privet.server.recording import NOTE_MARKS, RoundObserver, RoundRecord
@@ -377,10 +378,11 @@ def _register(key: Path, *, env: dict[str, str], cwd: Path) -> None:
             check=False,
         )
         out = res.stdout + res.stderr
-        if res.returncode == 0 or "already" in out.lower():
+        outcome = register_outcome(res.returncode, out)
+        if outcome == "registered":
             log.info("node key %s registered", key.name)
             return
-        if "unavailable" not in out.lower() or attempt == REGISTER_TRIES:
+        if outcome != "not yet" or attempt == REGISTER_TRIES:
             break
         log.info("the SuperLink is not taking registrations yet (try %d); again soon", attempt)
         time.sleep(REGISTER_PAUSE)

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
+
+from privet.server.flower_door import NodeInfo, Run
 
 __all__ = ["RoundEnd", "WrappedGrid", "run_rounds", "send_and_receive"]
 

@@ -29,9 +29,9 @@ from collections import deque
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
+from privet.server.flower_door import NodeInfo, set_src_node_id
 from privet.server.loop import WrappedGrid, send_and_receive
 
 __all__ = ["PARTITION_KEY", "PopulationGrid"]
@@ -112,7 +112,7 @@ class PopulationGrid(WrappedGrid):
                 for reply in self.inner.pull_messages(list(in_flight)):
                     found = in_flight.pop(reply.metadata.reply_to_message_id, None)
                     if found is not None:
-                        _set_src_node_id(reply, found[1])
+                        set_src_node_id(reply, found[1])
                         replies.append(reply)
             if pending or in_flight:
                 time.sleep(self.poll)
@@ -164,7 +164,7 @@ class PopulationGrid(WrappedGrid):
             logical_of = {msg.metadata.dst_node_id: logical for msg, logical in wave}
             got = list(send_and_receive(self.inner, [m for m, _ in wave], timeout=left))
             for reply in got:
-                _set_src_node_id(reply, logical_of.get(reply.metadata.src_node_id, 0))
+                set_src_node_id(reply, logical_of.get(reply.metadata.src_node_id, 0))
             replies.extend(got)
         if pending:
             log.warning("%d messages not sent: the step's time ran out", len(pending))
@@ -176,9 +176,3 @@ class PopulationGrid(WrappedGrid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
         raise NotImplementedError("PopulationGrid delivers messages itself: use send_and_receive")
-
-
-def _set_src_node_id(reply: Message, node_id: int) -> None:
-    # Flower's Metadata has no setter for the sender (a deployed reply's sender is authenticated);
-    # here the sender *is* a stand-in, and the strategy and the reply checks must see the client.
-    reply.metadata.__dict__["_src_node_id"] = node_id

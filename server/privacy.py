@@ -45,9 +45,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     Strategy,
@@ -57,6 +55,11 @@ from privet.common.config import ClientLevelConfig, PrivetConfig, sampled_per_ro
 from privet.common.errors import BudgetExhaustedError, ConfigError
 from privet.common.privacy import Ledger, open_ledger, save_ledger
 from privet.common.privacy.federation import FederationMechanism, plan_federation
+from privet.server.flower_door import (
+    AdaptiveClipHooks,
+    ClientSideAdaptiveClipping,
+    ServerSideAdaptiveClipping,
+)
 
 __all__ = [
     "ClientLevelDP",
@@ -124,7 +127,7 @@ def _scaled_update(new: ArrayRecord, old: ArrayRecord, factor: float) -> ArrayRe
     return out
 
 
-class _RoundClipNoise:
+class _RoundClipNoise(AdaptiveClipHooks):
     """Two corrections to Flower 1.41's adaptive-clipping wrappers (both the Message-API and the legacy ones).
 
     * **Noise at the round's clip.**  Flower updates the clip *before* adding the noise, so the
@@ -136,34 +139,31 @@ class _RoundClipNoise:
       for the fraction of *unclipped* updates; with the clipped fraction it runs the wrong way
       (all updates clipped -> the clip shrinks further) and collapses or explodes.  Here the rule
       gets the unclipped fraction, ``1 - clipped``, whose noise is the same.
+
+    Both go through the hooks of ``server/flower_door.py`` (Flower's steps are private methods).
     """
 
-    clipping_norm: float
     clip_norm_lr: float
     target_clipped_quantile: float
     round_clip: float | None = None
 
-    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        updated = self.clipping_norm
-        if self.round_clip is not None:
-            self.clipping_norm = self.round_clip
-        try:
-            return super()._add_noise_to_aggregated_arrays(aggregated)  # type: ignore[misc, no-any-return]
-        finally:
-            self.clipping_norm = updated
+    def noise_clip(self) -> float:
+        """The clip the round's updates were clipped to (not Flower's already updated one)."""
+        return self.clipping_norm if self.round_clip is None else self.round_clip
 
-    def _geometric_update(self, clipped_fraction: float) -> None:
+    def update_clip(self, clipped_fraction: float) -> None:
+        """Andrew et al.'s rule on the unclipped fraction."""
         unclipped = 1.0 - clipped_fraction
         self.clipping_norm *= math.exp(
             -self.clip_norm_lr * (unclipped - self.target_clipped_quantile)
         )
 
 
-class _ServerSideAdaptive(_RoundClipNoise, DifferentialPrivacyServerSideAdaptiveClipping):
+class _ServerSideAdaptive(_RoundClipNoise, ServerSideAdaptiveClipping):
     """Flower's server-side adaptive clipping, noised with the round's own clip."""
 
 
-class _ClientSideAdaptive(_RoundClipNoise, DifferentialPrivacyClientSideAdaptiveClipping):
+class _ClientSideAdaptive(_RoundClipNoise, ClientSideAdaptiveClipping):
     """Flower's client-side adaptive clipping, noised with the round's own clip."""
 
 

@@ -41,7 +41,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
-    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -49,12 +48,11 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
-from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
-from flwr.serverapp.strategy.fedopt import FedOpt
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from privet.common.errors import DeploymentError
+from privet.server.flower_door import flower_state_fields
 from privet.server.lora import FedExLoraAggregation, LoraSvdAggregation
 from privet.server.privacy import ClientLevelDP, FederationRound, _FixedDenominatorMean
 from privet.server.recording import RecordingStrategy
@@ -92,15 +90,11 @@ _WRAPPED = ("inner", "dp", "strategy", "_mean", "base")
 def _stateful_fields(node: Strategy) -> tuple[str, ...] | None:
     """The attributes of ``node`` that carry state across rounds; ``None`` for an unknown class.
 
-    This is the one place that knows Flower 1.41's attribute names (``flwr/serverapp/strategy``:
-    ``fedopt.py``, ``fedavgm.py``, ``dp_adaptive_clipping.py``).
+    Flower 1.41's attribute names are known behind the door (``server/flower_door.py``).
     """
-    if isinstance(node, FedOpt):  # FedAdam, FedYogi, FedAdagrad
-        return ("current_arrays", "m_t", "v_t")
-    if isinstance(node, FedAvgM):
-        return ("current_arrays", "momentum_vector")
-    if isinstance(node, DifferentialPrivacyAdaptiveBase):
-        return ("clipping_norm",)
+    flower = flower_state_fields(node)
+    if flower is not None:
+        return flower
     if isinstance(node, ClientLevelDP):
         return ("rounds",)
     if type(node) in _STATELESS:

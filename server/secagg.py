@@ -27,33 +27,19 @@ from collections.abc import Iterable
 from typing import cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.common import (
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    Parameters,
-    Scalar,
-    parameters_to_ndarrays,
-)
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.server.client_manager import ClientManager
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import Strategy as LegacyStrategy
-from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from privet.common.config import SecureAggregationConfig
 from privet.common.errors import ConfigError
 from privet.common.privacy.secagg import SECAGG_RECORD, quantization_slack
+from privet.server.flower_door import (
+    CLIPPING_NORM_KEY,
+    SECAGG_CONFIGS_KEY,
+    SECAGG_STAGE_KEY,
+    STAGE_MASKED_UPLOAD,
+    secaggplus_mean,
+)
 from privet.server.loop import WrappedGrid, send_and_receive
 from privet.server.wrapping import ByteCounts
 
@@ -63,69 +49,6 @@ log = logging.getLogger("privet")
 
 #: Error code of a client left out of a round because secure aggregation halted.
 ERROR_SECAGG = 1005
-
-
-class _SumOnly(LegacyStrategy):
-    """The legacy strategy the workflow drives: it samples nobody and keeps the unmasked mean.
-
-    The clients are chosen by privet's Message-API strategy before the workflow starts
-    (:meth:`configure_fit` returns exactly those); :meth:`aggregate_fit` receives the results whose
-    parameters the workflow has already replaced by the unmasked mean, and keeps that mean.
-    """
-
-    def __init__(self, proxies: list[ClientProxy]) -> None:
-        self.proxies = proxies
-        self.mean: Parameters | None = None
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return None
-
-    def configure_fit(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, FitIns]]:
-        # Empty instructions: privet's own train content replaces them after the setup stage.
-        return [(p, FitIns(Parameters(tensors=[], tensor_type=""), {})) for p in self.proxies]
-
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.mean = results[0][1].parameters if results else None
-        return self.mean, {}
-
-    def configure_evaluate(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return []
-
-    def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
-        return None, {}
-
-    def evaluate(
-        self, server_round: int, parameters: Parameters
-    ) -> tuple[float, dict[str, Scalar]] | None:
-        return None
-
-
-class _Workflow(SecAggPlusWorkflow):
-    """Flower's workflow, with privet's per-client train content in the masked-upload stage."""
-
-    def __init__(self, contents: dict[int, RecordDict], **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.contents = contents
-
-    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        """Flower's setup stage; then the train instructions become privet's own messages."""
-        ok = super().setup_stage(grid, context, state)
-        state.nid_to_fitins = {nid: self.contents[nid] for nid in state.nid_to_fitins}
-        return bool(ok)
 
 
 class _StageGrid:
@@ -149,7 +72,7 @@ class _StageGrid:
         out = list(messages)
         stage = ""
         for msg in out:
-            stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))
+            stage = str(msg.content.config_records[SECAGG_CONFIGS_KEY].get(SECAGG_STAGE_KEY, ""))
             self.bytes_sent += _content_bytes(msg.content)
         replies = send_and_receive(self.inner, out, timeout=timeout or self.timeout)
         for reply in replies:
@@ -158,7 +81,7 @@ class _StageGrid:
                 self.errors[node] = reply
                 continue
             self.bytes_received += _content_bytes(reply.content)
-            if stage == Stage.COLLECT_MASKED_VECTORS:
+            if stage == STAGE_MASKED_UPLOAD:
                 self.uploads[node] = reply
         return replies
 
@@ -255,25 +178,6 @@ class SecAggGrid(ByteCounts, WrappedGrid):
             )
             contents[node] = content
         stage_grid = _StageGrid(self.inner, timeout=self.timeout)
-        proxies: list[ClientProxy] = [GridClientProxy(n, cast(Grid, None), 0) for n in by_node]
-        legacy = _SumOnly(proxies)
-        context = LegacyContext(
-            Context(
-                run_id=0,
-                node_id=0,
-                node_config={},
-                state=RecordDict(
-                    {
-                        MAIN_CONFIGS_RECORD: ConfigRecord(
-                            {WorkflowKey.CURRENT_ROUND: server_round}
-                        ),
-                        MAIN_PARAMS_RECORD: ArrayRecord(),
-                    }
-                ),
-                run_config={},
-            ),
-            strategy=legacy,
-        )
         if len(messages) < 3:
             reason = (
                 f"secure aggregation needs at least 3 clients in a round, {len(messages)} were "
@@ -281,8 +185,10 @@ class SecAggGrid(ByteCounts, WrappedGrid):
             )
             log.warning("round %d: %s", server_round, reason)
             return [_error(m, reason) for m in messages]
-        workflow = _Workflow(
-            contents,
+        mean_arrays = secaggplus_mean(
+            stage_grid,
+            contents=contents,
+            server_round=server_round,
             # Flower reads a float num_shares as a share of the round: 1.0 is every client.
             num_shares=k if k < len(messages) else 1.0,
             reconstruction_threshold=t,
@@ -292,13 +198,12 @@ class SecAggGrid(ByteCounts, WrappedGrid):
             modulus_range=self.sa.modulus_range,
             timeout=self.timeout,
         )
-        workflow(cast(Grid, stage_grid), context)
         self.bytes_sent += stage_grid.bytes_sent
         self.bytes_received += stage_grid.bytes_received
         contributors = sorted(stage_grid.uploads)
-        self.last_contributors = contributors if legacy.mean is not None else []
+        self.last_contributors = contributors if mean_arrays is not None else []
         replies: list[Message] = []
-        if legacy.mean is None:
+        if mean_arrays is None:
             reason = (
                 f"secure aggregation halted in round {server_round}: fewer than {t} of a client's "
                 f"{k} neighbours answered (the round tolerates {k - t} dropouts per neighbourhood)"
@@ -307,7 +212,7 @@ class SecAggGrid(ByteCounts, WrappedGrid):
             for node, msg in by_node.items():
                 replies.append(stage_grid.errors.get(node) or _error(msg, reason))
             return replies
-        mean = self._to_arrayrecord(legacy.mean, sent)
+        mean = self._to_arrayrecord(mean_arrays, sent)
         log.info(
             "round %d: SecAgg+ unmasked the sum of %d of %d clients (%d shares, threshold %d)",
             server_round,
@@ -339,7 +244,7 @@ class SecAggGrid(ByteCounts, WrappedGrid):
             )
 
     def _lowered_clip(self, conf: ConfigRecord, sent: ArrayRecord) -> ConfigRecord:
-        clip = float(cast(float, conf[KEY_CLIPPING_NORM]))
+        clip = float(cast(float, conf[CLIPPING_NORM_KEY]))
         slack = quantization_slack(sum(a.numpy().size for a in sent.values()), self.sa)
         if slack >= clip / 2:
             raise ConfigError(
@@ -348,12 +253,11 @@ class SecAggGrid(ByteCounts, WrappedGrid):
                 fix="raise privacy.secagg.quantization_range or lower privacy.secagg.clipping_range",
             )
         lowered = ConfigRecord(dict(conf.items()))
-        lowered[KEY_CLIPPING_NORM] = clip - slack
+        lowered[CLIPPING_NORM_KEY] = clip - slack
         return lowered
 
     @staticmethod
-    def _to_arrayrecord(params: Parameters, like: ArrayRecord) -> ArrayRecord:
-        arrays = parameters_to_ndarrays(params)
+    def _to_arrayrecord(arrays: list[np.ndarray], like: ArrayRecord) -> ArrayRecord:
         if len(arrays) != len(like):
             raise RuntimeError(
                 f"SecAgg+ returned {len(arrays)} arrays for {len(like)} trainable arrays"

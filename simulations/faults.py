@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message
-from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from privet.client.app import message_partition
+from privet.client.flower_door import ClientAppCallable, Mod
 from privet.common.config import FaultsConfig
 from privet.common.data import ClientData, Examples, classification_examples
 

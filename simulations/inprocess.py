@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.task_identity import TaskIdentity
+
+from privet.server.flower_door import set_task_node, task_identity
 
 __all__ = ["InProcessGrid", "run_in_process"]
 
@@ -25,14 +26,8 @@ SERVER_NODE = 0
 def _task_identity(run_id: int) -> Iterator[None]:
     # Flower's Message() stamps the run and node of the current task; outside a Flower process
     # nobody has set them, so the driver sets them (and restores them afterwards).
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id = run_id
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = SERVER_NODE
-    try:
+    with task_identity(run_id, SERVER_NODE):
         yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 
 
 class InProcessGrid(Grid):
@@ -79,11 +74,11 @@ class InProcessGrid(Grid):
                 }
             )
             node = msg.metadata.dst_node_id
-            TaskIdentity.node_id = node
+            set_task_node(node)
             try:
                 replies.append(self.client_app(msg, self.contexts[node]))
             finally:
-                TaskIdentity.node_id = SERVER_NODE
+                set_task_node(SERVER_NODE)
         return replies
 
     # The rest of Grid's interface is not needed by privet's server loop.

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +132,70 @@ def test_stop_cuts_the_wait_short(tmp_path: Path) -> None:
     with pytest.raises(DeploymentError, match="stopped while waiting"):
         site.start(stop=stop)  # ACTIVATION_WAIT is 65 s: returning at once shows the cut
     assert starts == ["refused"]
+
+
+def _admitting_site(tmp_path: Path, *, key: bytes = b"private key bytes") -> SiteClient:
+    """A SiteClient whose SuperNode is admitted as node 77 (Flower's admission line in its log)."""
+    site, _ = _site(tmp_path, [None])
+    site.key.write_bytes(key)  # type: ignore[union-attr]
+
+    def start_once(log_file: Path | None) -> None:
+        site._log_path = tmp_path / "supernode.log"
+        site._log_path.write_text("INFO :      Starting\nINFO :      SuperNode ID: 77\n")
+        site.child = _DeadChild("")  # type: ignore[assignment]
+
+    site._start_once = start_once  # type: ignore[method-assign]
+    return site
+
+
+def test_a_restarted_site_signs_off_the_node_it_was_admitted_as(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed: list[tuple[str, int, Path | None]] = []
+
+    def deactivate(server: str, *, node_id: int, key: Path | None, ca: Path | None) -> bool:
+        signed.append((server, node_id, key))
+        return True
+
+    monkeypatch.setattr(deploy.door, "deactivate_node", deactivate)
+    first = _admitting_site(tmp_path)
+    first.start()
+    assert signed == []  # nothing known yet: a first start signs nothing off
+    node = json.loads((first.settings.state_dir / "flower" / deploy.NODE_FILE).read_text())
+    assert node == {"node_id": 77}
+    _admitting_site(tmp_path).start()  # the same site restarted (its SuperNode was killed)
+    assert signed == [("127.0.0.1:9092", 77, tmp_path / "site-a.key")]
+    # With another key (or against another coordinator) the record is not this node's.
+    _admitting_site(tmp_path, key=b"another key").start()
+    assert len(signed) == 1
+
+
+def test_a_node_whose_supernode_still_runs_here_is_not_signed_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed: list[int] = []
+    monkeypatch.setattr(deploy.door, "deactivate_node", lambda *_a, **k: signed.append(1) or True)
+    _admitting_site(tmp_path).start()
+    # A second `privet client` of the same site while the first one's SuperNode runs here.
+    settings = (tmp_path / "state" / "client.json").resolve()
+    fake = tmp_path / "bin" / "flower-supernode"
+    fake.parent.mkdir()
+    fake.write_text("import time\ntime.sleep(60)\n")
+    live = subprocess.Popen(
+        [sys.executable, str(fake), "--node-config", f'privet-client="{settings}"']
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not deploy._live_supernodes(settings) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert deploy._live_supernodes(settings) == [live.pid]
+        assert not _admitting_site(tmp_path).release_previous_node()
+        assert signed == []
+    finally:
+        live.kill()
+        live.wait()
+    assert deploy._live_supernodes(settings) == []
+    assert _admitting_site(tmp_path).release_previous_node() and signed == [1]
 
 
 class _SilentGrid(NodesGrid):
