@@ -55,7 +55,7 @@ from flwr.serverapp.strategy import (
 
 from privet.common.config import ClientLevelConfig, PrivetConfig, sampled_per_round
 from privet.common.errors import BudgetExhaustedError, ConfigError
-from privet.common.privacy import Ledger, open_ledger, save_ledger
+from privet.common.privacy import Ledger, example_sampling, open_ledger, save_ledger
 from privet.common.privacy.federation import FederationMechanism, plan_federation
 
 __all__ = [
@@ -594,11 +594,18 @@ def privacy_report(
         reported.update(getattr(rec, "examples_per_client", {}))
     for name in [*client_names, *sorted(set(reported) - set(client_names))]:
         n = reported.get(name, examples_per_client.get(name, 0))
-        q = min(1.0, cfg.train.batch_size / n) if n else None
+        # The client's own arithmetic on the count it trained on: what its ledger records.
+        sampling = (
+            example_sampling(
+                n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs
+            )
+            if n
+            else None
+        )
         clients[name] = {
             "examples": n,
-            "sample_rate": q,
-            "steps_per_round": max(1, round(cfg.train.local_epochs / q)) if q else None,
+            "sample_rate": sampling.sample_rate if sampling else None,
+            "steps_per_round": sampling.steps if sampling else None,
             "epsilon_per_round": {},
             "rounds_joined": [],
             "budget_refused_rounds": [],
