@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privet.common.lora_residual import RESIDUAL_RECORD, is_residual_key, residual_key
+from privet.common.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 
 __all__ = [
     "FedExLoraAggregation",
@@ -147,7 +148,7 @@ class LoraSvdAggregation(Strategy):
     The weights are the replies' ``num-examples``, as in FedAvg.
     """
 
-    def __init__(self, inner: Strategy, *, weighted_by_key: str = "num-examples") -> None:
+    def __init__(self, inner: Strategy, *, weighted_by_key: str = NUM_EXAMPLES) -> None:
         self.inner = inner
         self.weighted_by_key = weighted_by_key
 
@@ -167,14 +168,13 @@ class LoraSvdAggregation(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Let the wrapped strategy average, then replace each LoRA pair by the SVD of the mean product."""
         replies = list(replies)
-        good = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
+        good = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records]
         # Copies first: some strategies consume the reply arrays while aggregating.
         states = [
-            {k: v.numpy().copy() for k, v in m.content.array_records["arrays"].items()}
-            for m in good
+            {k: v.numpy().copy() for k, v in m.content.array_records[ARRAYS].items()} for m in good
         ]
         weights = [
-            float(m.content.metric_records["metrics"][self.weighted_by_key])  # type: ignore[arg-type]
+            float(m.content.metric_records[METRICS][self.weighted_by_key])  # type: ignore[arg-type]
             for m in good
         ]
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
@@ -226,7 +226,7 @@ class FedExLoraAggregation(Strategy):
     the metric ``fedex-residual-bytes`` reports its size per client message.
     """
 
-    def __init__(self, inner: Strategy, *, weighted_by_key: str = "num-examples") -> None:
+    def __init__(self, inner: Strategy, *, weighted_by_key: str = NUM_EXAMPLES) -> None:
         self.inner = inner
         self.weighted_by_key = weighted_by_key
         self._residuals: dict[str, NDArray] = {}
@@ -264,14 +264,13 @@ class FedExLoraAggregation(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The wrapped strategy's means, plus the accumulated residual of every LoRA pair."""
         replies = list(replies)
-        good = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
+        good = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records]
         # Copies first: some strategies consume the reply arrays while aggregating.
         states = [
-            {k: v.numpy().copy() for k, v in m.content.array_records["arrays"].items()}
-            for m in good
+            {k: v.numpy().copy() for k, v in m.content.array_records[ARRAYS].items()} for m in good
         ]
         weights = [
-            float(m.content.metric_records["metrics"][self.weighted_by_key])  # type: ignore[arg-type]
+            float(m.content.metric_records[METRICS][self.weighted_by_key])  # type: ignore[arg-type]
             for m in good
         ]
         arrays, metrics = self.inner.aggregate_train(server_round, replies)

@@ -16,6 +16,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from privet.common.protocol import NUM_PARTITIONS, PARTITION_ID
+
 __all__ = ["InProcessGrid", "run_in_process"]
 
 SERVER_NODE = 0
@@ -49,7 +51,7 @@ class InProcessGrid(Grid):
             node: Context(
                 run_id=run_id,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                node_config={PARTITION_ID: node - 1, NUM_PARTITIONS: num_nodes},
                 state=RecordDict(),
                 run_config={},
             )
