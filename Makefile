@@ -49,12 +49,12 @@ pytest: install
 
 test: lint types pytest
 
-# Mutation testing of the privacy-critical code (docs/testing.md), not part of `make test`: cosmic-ray
-# mutates each module of MUTANT_MODULES in a scratch copy (.mutants/tree) and runs that module's own
-# tests (tests/mutation.py maps them; MUTANT_TESTS="tests/test_x.py" overrides). Sessions resume;
-# MUTANT_FRESH=1 starts over. About 10 s per mutant on two cores: the default three modules take
-# hours; add client/bookkeeping.py client/training.py client/client_level.py server/privacy.py
-# common/privacy/federation.py for clipping, noise and client-level aggregation.
+# Mutation testing of the privacy-critical code (docs/testing.md), not part of `make test`: mutmut
+# mutates MUTANT_MODULES in a scratch copy laid out as privet/... (.mutants/tree) and runs, per mutant,
+# the tests that call the mutated function (tests/mutation.py maps modules to tests; MUTANT_TESTS=
+# "tests/test_x.py" overrides). About 2-3 mutants a second on two cores. Clipping, noise and
+# client-level aggregation: MUTANT_MODULES="client/bookkeeping.py client/training.py
+# client/client_level.py server/privacy.py common/privacy/federation.py".
 MUTANT_MODULES ?= common/privacy/mechanism.py common/privacy/ledger.py common/privacy/accounting.py
 mutants: install
 	nice -n 10 $(PY) tests/mutation.py $(MUTANT_MODULES)
