@@ -443,3 +443,78 @@ def test_report_lists_rounds_charged_again() -> None:
     lines = privacy_lines(report)
     assert "joined rounds [1, 2], round 2 charged 2 times (redone after a resume)" in lines[0]
     assert "charged" not in lines[1]
+
+
+# ---- every refusal, word for word (mutation testing found messages and fixes no test read) ------
+
+
+def _refusal(call: Any) -> PrivacyError:
+    with pytest.raises(PrivacyError) as info:
+        call()
+    return info.value
+
+
+def test_each_refusal_of_an_existing_ledger_says_why_and_how_to_fix_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.record_round(round=1, **ROUND)
+    save_ledger(ledger, path)
+    where = repr(str(path))
+    other = _refusal(lambda: _open(path, client_id="c1"))
+    assert other.message == (
+        f"privacy ledger {where} belongs to client 'c0', not 'c1'; using it would mix two "
+        "clients' privacy spending"
+    )
+    assert other.fix == "give each client its own state dir or ledger file"
+    prv = _refusal(lambda: _open(path, accountant="prv"))
+    assert prv.message == (
+        f"privacy ledger {where} was kept with the 'rdp' accountant, not 'prv'; privet does not "
+        "switch accountants mid-way, because restarting the count under another accountant "
+        "would forget the rounds already spent"
+    )
+    assert prv.fix == "set privacy.accountant = 'rdp'"
+    delta = _refusal(lambda: _open(path, delta=1e-6))
+    assert delta.message == (
+        f"privacy ledger {where} was kept at delta=1e-05, not 1e-06; an epsilon only means "
+        "something together with its delta, and a larger delta would quietly weaken the "
+        "guarantee of the rounds already released"
+    )
+    assert delta.fix == "set privacy.delta = 1e-05"
+
+
+def test_an_unreadable_ledger_is_refused_word_for_word(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text("[]")
+    err = _refusal(lambda: _open(path))
+    assert err.message.startswith(
+        f"privacy ledger {str(path)!r} cannot be read (not a valid ledger"
+    )
+    assert err.message.endswith(
+        "; privet will not treat it as empty, because that would forget the privacy this client "
+        "has already spent"
+    )
+    assert err.fix == "restore the file from a backup, or, knowingly, start a new client state dir"
+
+
+def test_a_budget_refusal_says_what_was_spent_and_how_to_go_on(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=1.3)
+    ledger.record_round(round=1, **ROUND)  # eps 1.21
+    with pytest.raises(BudgetExhaustedError) as info:
+        ledger.check_round(**ROUND)
+    assert info.value.message == (
+        f"client 'c0' has spent eps={ledger.epsilon():.4f} of its budget 1.3 (delta=1e-05, rdp "
+        f"accountant); this round would bring it to "
+        f"{ledger.projected_epsilon(**ROUND):.4f}"
+    )
+    assert info.value.fix == (
+        "raise privacy.budget_epsilon (a deliberate decision to spend more privacy), or start a "
+        "new client state dir knowingly (it forgets what this client already spent)"
+    )
+
+
+def test_a_bad_round_number_is_refused_word_for_word(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json")
+    err = _refusal(lambda: ledger.record_round(round=-1, **ROUND))
+    assert err.message == "round must be an integer >= 0, got -1"
+    err = _refusal(lambda: ledger.record_round(round=True, **ROUND))
+    assert err.message == "round must be an integer >= 0, got True"
