@@ -33,7 +33,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / ".mutants"
+#: Where the scratch copy and the results go (``MUTANT_WORK`` lets two runs stand side by side).
+WORK = ROOT / os.environ.get("MUTANT_WORK", ".mutants")
 TREE = WORK / "tree"
 BIN = Path(sys.executable).parent
 
@@ -152,6 +153,14 @@ def main(modules: list[str]) -> int:
         f"mutants: {total}, killed {killed}, survived {survived}, other {total - killed - survived}"
         f" (score {score:.1f} %) in {minutes:.1f} min"
     )
+    by_status: dict[str, int] = {}
+    for line in results.splitlines():
+        if ": " in line:
+            name, _, what = line.strip().rpartition(": ")
+            module = name.split(".x", 1)[0]
+            by_status[f"{module} {what}"] = by_status.get(f"{module} {what}", 0) + 1
+    for key, count in sorted(by_status.items()):
+        print(f"  {key}: {count}")
     for line in results.splitlines():
         if line.rstrip().endswith(("survived", "no tests", "timeout", "suspicious")):
             print(line.strip())
