@@ -518,3 +518,38 @@ def test_a_bad_round_number_is_refused_word_for_word(tmp_path: Path) -> None:
     assert err.message == "round must be an integer >= 0, got -1"
     err = _refusal(lambda: ledger.record_round(round=True, **ROUND))
     assert err.message == "round must be an integer >= 0, got True"
+
+
+def test_round_zero_is_a_round_and_attempts_count_per_run(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    assert ledger.record_round(round=0, **ROUND).attempt == 1
+    assert ledger.record_round(round=1, run="a", **ROUND).attempt == 1
+    # The same round number in another run is that run's first attempt, not a redo.
+    assert ledger.record_round(round=1, run="b", **ROUND).attempt == 1
+    assert ledger.record_round(round=1, run="a", **ROUND).attempt == 2
+    assert ledger.attempts("a") == {1: 2} and ledger.attempts("b") == {1: 1}
+    assert ledger.attempts() == {0: 1}
+
+
+def test_a_release_is_found_by_its_fingerprint(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    first = ledger.record_round(round=1, release="f1", **ROUND)
+    second = ledger.record_round(round=2, release="f2", **ROUND)
+    assert ledger.released("f1") is first and ledger.released("f2") is second
+    assert ledger.released("f3") is None
+
+
+def test_a_round_without_a_finite_epsilon_is_never_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from privet.common.privacy import ledger as ledger_module
+
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    monkeypatch.setattr(ledger_module, "epsilon_from_history", lambda *a, **k: float("inf"))
+    err = _refusal(lambda: ledger.record_round(round=3, **ROUND))
+    assert err.message == (
+        "client 'c0': round 3 (noise_multiplier=1.0) gives no finite epsilon, so its update must "
+        "not be released"
+    )
+    assert err.fix == "use a larger noise multiplier"
+    assert ledger.entries == []
