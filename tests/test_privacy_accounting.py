@@ -418,3 +418,44 @@ def test_the_fast_rdp_search_counts_the_prior_history() -> None:
     assert sigma is not None
     eps = epsilon_from_history([*prior, (sigma, 0.01, 500)], delta=DELTA, accountant="rdp")
     assert 3.0 - 0.05 <= eps <= 3.0
+
+
+# The search itself, on hand-made monotone "epsilon" curves: its answer and how many evaluations
+# it took (each is an accountant call, up to seconds with PRV), pinned. Exact hits of the target
+# are included, where "within the target" must mean <=.
+SEARCHES = [
+    # name, eps(sigma), keyword arguments, (sigma, evaluations)
+    ("exact hit at the start", lambda s: 8.0 / s, {}, (1.0, 1)),
+    ("exact hit walking down", lambda s: 4.0 / s, {}, (0.5, 2)),
+    ("walk down to the floor", lambda s: 2.0 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
+    ("the floor is enough", lambda s: 0.1 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
+    ("walk up, bisect", lambda s: 40.0 / s, {}, (5.0, 6)),
+    ("walk up, interpolate", lambda s: 40.0 / s**2, {"interpolate": True}, (2.2367670764624705, 4)),
+    (
+        "start, factor, interpolate",
+        lambda s: 3.0 / s,
+        {"start": 0.5, "factor": 1.1, "interpolate": True, "tolerance": 0.001, "target": 2.0},
+        (1.5003750937734432, 14),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("eps_of", "kwargs", "expected"),
+    [pytest.param(f, kw, exp, id=name) for name, f, kw, exp in SEARCHES],
+)
+def test_the_noise_search_on_hand_made_curves(
+    eps_of: Any, kwargs: dict[str, Any], expected: tuple[float, int]
+) -> None:
+    from privet.common.privacy.accounting import _search_sigma
+
+    calls: list[float] = []
+
+    def counted(sigma: float) -> float:
+        calls.append(sigma)
+        return float(eps_of(sigma))
+
+    args = {"target": 8.0, "tolerance": 0.01, **kwargs}
+    sigma = _search_sigma(counted, **args)
+    assert (sigma, len(calls)) == pytest.approx(expected, abs=1e-12)
+    assert eps_of(sigma) <= args["target"]  # never above the target
