@@ -553,3 +553,51 @@ def test_a_round_without_a_finite_epsilon_is_never_released(
     )
     assert err.fix == "use a larger noise multiplier"
     assert ledger.entries == []
+
+
+def test_the_budget_is_reached_not_passed(tmp_path: Path) -> None:
+    import math
+
+    from privet.common.privacy.ledger import _BUDGET_SLACK
+
+    projected = _open(tmp_path / "probe.json", budget_epsilon=None).projected_epsilon(**ROUND)
+    # A budget exactly equal to the projection admits the round ...
+    assert (
+        _open(tmp_path / "equal.json", budget_epsilon=projected).check_round(**ROUND) == projected
+    )
+    # ... and so does one whose slack brings it exactly to the projection (fp rounding aside).
+    budget = projected - _BUDGET_SLACK
+    while budget + _BUDGET_SLACK < projected:
+        budget = math.nextafter(budget, math.inf)
+    while budget + _BUDGET_SLACK > projected:
+        budget = math.nextafter(budget, -math.inf)
+    assert budget + _BUDGET_SLACK == projected
+    assert _open(tmp_path / "slack.json", budget_epsilon=budget).check_round(**ROUND) == projected
+    # One slack below that, the round is refused.
+    lower = _open(tmp_path / "lower.json", budget_epsilon=projected - 3 * _BUDGET_SLACK)
+    with pytest.raises(BudgetExhaustedError):
+        lower.check_round(**ROUND)
+
+
+def test_entries_are_stamped_in_utc(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta
+
+    entry = _open(tmp_path / "ledger.json").record_round(round=1, **ROUND)
+    assert datetime.fromisoformat(entry.recorded_at).utcoffset() == timedelta(0)
+
+
+def test_only_a_redone_round_is_logged_as_charged_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    with caplog.at_level("WARNING", logger="privet"):
+        ledger.record_round(round=1, run="r", **ROUND)
+        assert caplog.messages == []
+        ledger.record_round(round=1, run="r", **ROUND)
+        ledger.record_round(round=1, run="r", **ROUND)
+    eps = ledger.epsilon()
+    assert caplog.messages[-1] == (
+        "c0: round 1 released again (attempt 3, new inputs or no kept update): charged again, "
+        f"cumulative eps={eps:.4f}"
+    )
+    assert caplog.messages[0].startswith("c0: round 1 released again (attempt 2,")
