@@ -601,3 +601,50 @@ def test_only_a_redone_round_is_logged_as_charged_again(
         f"cumulative eps={eps:.4f}"
     )
     assert caplog.messages[0].startswith("c0: round 1 released again (attempt 2,")
+
+
+def test_a_ledger_is_saved_into_missing_folders_as_indented_json(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "clients" / "ledger.json"
+    save_ledger(Ledger(client_id="c0", accountant="rdp", delta=DELTA, budget_epsilon=None), path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith('{\n  "format_version": ') and text.endswith("}\n")
+
+
+def test_the_temporary_file_is_written_beside_the_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # os.replace is atomic only within one file system: the temporary file must sit beside the
+    # ledger, named after it.
+    made: list[str] = []
+    real = tempfile.mkstemp
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real(*args, **kwargs)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    path = tmp_path / "ledger.json"
+    _open(path)
+    assert len(made) == 1
+    tmp = Path(made[0])
+    assert tmp.parent == tmp_path
+    assert tmp.name.startswith(".ledger.json.") and tmp.name.endswith(".tmp")
+
+
+def test_a_failed_cleanup_does_not_hide_the_failed_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+
+    def boom(*args: Any) -> None:
+        raise OSError("disk full")
+
+    def stuck(*args: Any) -> None:
+        raise OSError("cannot unlink")
+
+    monkeypatch.setattr(os, "replace", boom)
+    monkeypatch.setattr(os, "unlink", stuck)
+    with pytest.raises(OSError, match="disk full"):
+        save_ledger(ledger, path)
