@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export FLWR_TELEMETRY_ENABLED ?= 0
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install demo test lint types pytest clean bench
+.PHONY: install demo test lint types pytest clean bench mutants
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ pytest: install
 	$(VENV)/bin/pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test: lint types pytest
+
+# Mutation testing of the privacy-critical code (docs/testing.md), not part of `make test`: mutmut
+# mutates MUTANT_MODULES in a scratch copy laid out as privet/... (.mutants/tree) and runs, per mutant,
+# the tests that call the mutated function (tests/mutation.py maps modules to tests; MUTANT_TESTS=
+# "tests/test_x.py" overrides). About 2-3 mutants a second on two cores. Clipping, noise and
+# client-level aggregation: MUTANT_MODULES="client/bookkeeping.py client/training.py
+# client/client_level.py server/privacy.py common/privacy/federation.py".
+MUTANT_MODULES ?= common/privacy/mechanism.py common/privacy/ledger.py common/privacy/accounting.py
+mutants: install
+	nice -n 10 $(PY) tests/mutation.py $(MUTANT_MODULES)
 
 # Benchmarks (docs/benchmarks.md): each writes benchmarks/results/<name>.json; the report prints
 # one table and writes it into docs/benchmarks.md. BENCH_ARGS="--device cuda" on a GPU machine.

@@ -41,6 +41,30 @@ from privet.common.modeling import (
     pick_device,
 )
 from privet.common.privacy import Ledger
+from privet.common.protocol import (
+    ACCURACY,
+    ARRAYS,
+    CONFIG,
+    EPSILON,
+    EXAMPLES_SEEN,
+    FINGERPRINT,
+    LOSS,
+    METRICS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PRIVACY_ATTEMPT,
+    PROXIMAL_MU,
+    REPLAYED,
+    RUN_DIR_KEY,
+    SERVER_ROUND,
+    STARTUP_SECONDS,
+    TOTAL_ROUNDS,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    ErrorCode,
+    error_reason,
+)
 from privet.common.tasks import Task, TaskData, task_for
 from privet.common.transport import Encoding, message_encoding, read_arrays, write_arrays
 
@@ -49,11 +73,11 @@ __all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "RUN_KEY", "make_client_app", "messag
 log = logging.getLogger("privet")
 
 # Error codes in replies (Flower reserves small numbers for its own).
-ERROR_BUDGET = 1001
-ERROR_CLIENT = 1002
+ERROR_BUDGET = int(ErrorCode.BUDGET)
+ERROR_CLIENT = int(ErrorCode.CLIENT)
 
 #: Run-config key naming the coordinator's run (its run directory; the same after a resume).
-RUN_KEY = "privet-run-dir"
+RUN_KEY = RUN_DIR_KEY
 
 
 @dataclass
@@ -167,10 +191,10 @@ def message_partition(msg: Message, context: Context) -> int:
     A simulation whose population is larger than its Flower nodes (``server/population.py``)
     names the client in the message's ``config`` record; otherwise it is the node's own.
     """
-    conf = msg.content.config_records.get("config")
-    if conf is not None and "partition-id" in conf:
-        return int(str(conf["partition-id"]))
-    return int(context.node_config.get("partition-id", 0))
+    conf = msg.content.config_records.get(CONFIG)
+    if conf is not None and PARTITION_ID in conf:
+        return int(str(conf[PARTITION_ID]))
+    return int(context.node_config.get(PARTITION_ID, 0))
 
 
 def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
@@ -182,7 +206,7 @@ def _error_reply(msg: Message, partition: int, exc: Exception) -> Message:
     else:  # a bug or an environment failure: keep the traceback in this process's log
         log.error("client %s failed:\n%s", partition, traceback.format_exc())
         code, reason = ERROR_CLIENT, f"{type(exc).__name__}: {exc}"
-    return Message(Error(code=code, reason=f"[{partition}] {reason}"), reply_to=msg)
+    return Message(Error(code=code, reason=error_reason(partition, reason)), reply_to=msg)
 
 
 def _kept_release(
@@ -201,7 +225,7 @@ def _kept_release(
     if kept is None:
         return None
     metrics = dict(kept.metrics)
-    metrics.update({"epsilon": ledger.epsilon(), "replayed": 1, "startup-seconds": 0.0})
+    metrics.update({EPSILON: ledger.epsilon(), REPLAYED: 1, STARTUP_SECONDS: 0.0})
     return kept.state, metrics
 
 
@@ -216,9 +240,9 @@ def _train_reply(
     record = MetricRecord(metrics)
     if encoding == "float32":
         return Message(
-            RecordDict({"arrays": state_to_arrayrecord(state), "metrics": record}), reply_to=msg
+            RecordDict({ARRAYS: state_to_arrayrecord(state), METRICS: record}), reply_to=msg
         )
-    content = RecordDict({"metrics": record})
+    content = RecordDict({METRICS: record})
     write_arrays(content, state, encoding, reference=received)
     return Message(content, reply_to=msg)
 
@@ -299,16 +323,16 @@ def make_client_app(
         progress: _Progress | None = None
         try:
             loaded = _load(cfg, partition, local=local, data_hook=data_hook)
-            conf = msg.content.config_records["config"]
-            expected = str(conf.get("fingerprint", loaded.fingerprint))
+            conf = msg.content.config_records[CONFIG]
+            expected = str(conf.get(FINGERPRINT, loaded.fingerprint))
             if expected != loaded.fingerprint:
                 raise PrivetError(
                     "this client's frozen weights differ from the server's (fingerprint "
                     f"{loaded.fingerprint} vs {expected}); averaging its update would be wrong",
                     fix="use the same model, adapter and train.seed on server and clients",
                 )
-            server_round = int(str(conf["server-round"]))
-            total_rounds = int(str(conf.get("total-rounds", cfg.federation.rounds)))
+            server_round = int(str(conf[SERVER_ROUND]))
+            total_rounds = int(str(conf.get(TOTAL_ROUNDS, cfg.federation.rounds)))
             run = str(context.run_config[RUN_KEY]) if RUN_KEY in context.run_config else None
             if local is None:  # a simulation: the console shows steps inside the round
                 progress = _Progress(state_dir / "progress", loaded.data.name, server_round)
@@ -368,7 +392,7 @@ def make_client_app(
                 if local is None
                 else secrets.randbits(62),
                 # Flower's FedProx sends its mu in the train config; other strategies send none.
-                proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+                proximal_mu=float(conf.get(PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
                 on_step=progress.step if progress is not None else None,
                 task=loaded.task,
             )
@@ -382,22 +406,22 @@ def make_client_app(
         if progress is not None:
             progress.write(result.steps, result.steps, done=True)
         metrics: dict[str, Any] = {
-            "num-examples": result.num_examples,
+            NUM_EXAMPLES: result.num_examples,
             # deployed clients are named by node id on the server, not by a data share
-            **({"partition-id": partition} if local is None else {}),
-            "train-loss": result.train_loss,
+            **({PARTITION_ID: partition} if local is None else {}),
+            TRAIN_LOSS: result.train_loss,
             "steps": result.steps,
-            "examples-seen": result.examples_seen,
-            "epsilon": epsilon,
+            EXAMPLES_SEEN: result.examples_seen,
+            EPSILON: epsilon,
             # 2, 3, ...: this round was redone after a resume and charged again.
-            "privacy-attempt": plan.ledger.entries[-1].attempt
+            PRIVACY_ATTEMPT: plan.ledger.entries[-1].attempt
             if plan.ledger is not None and plan.ledger.entries
             else 1,
-            "noise-multiplier": plan.dp.noise_multiplier if plan.dp else 0.0,
-            "train-seconds": result.seconds,
+            NOISE_MULTIPLIER: plan.dp.noise_multiplier if plan.dp else 0.0,
+            TRAIN_SECONDS: result.seconds,
             # Cold start of this worker (model load) or of this client (tokenization, noise
             # calibration), reported apart so that start-up does not hide in round 1's time.
-            "startup-seconds": startup,
+            STARTUP_SECONDS: startup,
         }
         if release is not None:
             # After the ledger holds the charge: a kept update is always one that was paid for.
@@ -429,15 +453,15 @@ def make_client_app(
             return _error_reply(msg, partition, exc)
         metrics = MetricRecord(
             {
-                "num-examples": max(res.num_examples, 1),
+                NUM_EXAMPLES: max(res.num_examples, 1),
                 # deployed clients are named by node id on the server, not by a data share
-                **({"partition-id": partition} if local is None else {}),
-                "accuracy": res.accuracy if res.num_examples else 0.0,
-                "loss": res.loss if res.num_examples else 0.0,
+                **({PARTITION_ID: partition} if local is None else {}),
+                ACCURACY: res.accuracy if res.num_examples else 0.0,
+                LOSS: res.loss if res.num_examples else 0.0,
                 # the task's own metrics (a causal LM's perplexity, token accuracy, exact match)
                 **(res.metrics if res.num_examples else {}),
             }
         )
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
     return app

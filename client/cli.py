@@ -18,6 +18,7 @@ from rich.console import Console
 from privet.common.config import format_validation_error
 from privet.common.console import INSECURE_WARNING, sigterm_as_interrupt
 from privet.common.errors import ConfigError, DeploymentError
+from privet.common.protocol import CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REPLAYED, SERVER_ROUND
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -201,11 +202,11 @@ def _report_reply(message: Message, reply: Message) -> None:
     if reply.has_error():
         console.print(f"[yellow]{reply.metadata.message_type}: {reply.error.reason}[/yellow]")
         return
-    metrics = reply.content.metric_records.get("metrics")
-    if metrics is not None and "epsilon" in metrics:
-        server_round = message.content.config_records["config"].get("server-round", "?")
-        eps = float(metrics["epsilon"])  # type: ignore[arg-type]
-        if metrics.get("replayed"):
+    metrics = reply.content.metric_records.get(METRICS)
+    if metrics is not None and EPSILON in metrics:
+        server_round = message.content.config_records[CONFIG].get(SERVER_ROUND, "?")
+        eps = float(metrics[EPSILON])  # type: ignore[arg-type]
+        if metrics.get(REPLAYED):
             # A coordinator that crashed and resumed asked for this round again with the same
             # inputs: the update already released was sent again, nothing charged.
             console.print(
@@ -214,6 +215,6 @@ def _report_reply(message: Message, reply: Message) -> None:
             )
             return
         console.print(
-            f"round {server_round!s}: trained on {int(metrics['num-examples'])} examples; "  # type: ignore[arg-type]
+            f"round {server_round!s}: trained on {int(metrics[NUM_EXAMPLES])} examples; "  # type: ignore[arg-type]
             f"cumulative ε = {eps:.3f}"
         )

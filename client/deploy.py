@@ -52,6 +52,7 @@ from privet.common.errors import (
     PrivacyError,
     PrivetError,
 )
+from privet.common.protocol import CONFIG_KEY, ErrorCode
 
 __all__ = [
     "ERROR_POLICY",
@@ -89,10 +90,10 @@ ADMITTED_FILE = "admitted.json"
 NODE_FILE = "node.json"
 
 #: Node-config key naming the site's settings file, and the run-config key of the federation config.
-SETTINGS_KEY, CONFIG_KEY = "privet-client", "privet-config"
+SETTINGS_KEY = "privet-client"
 
 #: Error code of a reply refusing a run that asks for more than the site's policy grants.
-ERROR_POLICY = 1007
+ERROR_POLICY = int(ErrorCode.POLICY)
 
 
 class SiteSettings(BaseModel):

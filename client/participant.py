@@ -29,6 +29,7 @@ from privet.client.policy import SitePolicy
 from privet.common.config import PrivacyConfig
 from privet.common.data import Examples, LabelledRows
 from privet.common.errors import ConfigError, DataError, DeploymentError, PrivetError
+from privet.common.protocol import CONFIG, SERVER_ROUND, TOTAL_ROUNDS
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -333,15 +334,15 @@ class Participant:
         return float(entries[-1]["epsilon_after"]) if entries else None
 
     def _note(self, message: Message, reply: Message) -> None:
-        conf = message.content.config_records.get("config")
+        conf = message.content.config_records.get(CONFIG)
         with self._lock:
             if reply.has_error():
                 self._error = reply.error.reason
-            elif conf is not None and "server-round" in conf:
-                self._round = int(str(conf["server-round"]))
+            elif conf is not None and SERVER_ROUND in conf:
+                self._round = int(str(conf[SERVER_ROUND]))
                 self._phase = message.metadata.message_type.split(".")[0]
-                if "total-rounds" in conf:
-                    self._total_rounds = int(str(conf["total-rounds"]))
+                if TOTAL_ROUNDS in conf:
+                    self._total_rounds = int(str(conf[TOTAL_ROUNDS]))
                 if self._total_rounds is not None and self._round >= self._total_rounds:
                     self._final_round_done = self._final_round_done or self._phase == "train"
 

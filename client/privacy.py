@@ -13,10 +13,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from privet.client.training import DPSettings, TrainResult, plan_steps
+from privet.client.training import DPSettings, TrainResult
 from privet.common.config import PrivacyConfig, TrainConfig
 from privet.common.errors import PrivacyError
-from privet.common.privacy import Ledger, calibrate_noise, open_ledger, save_ledger
+from privet.common.privacy import (
+    Ledger,
+    example_sampling,
+    open_ledger,
+    round_mechanism,
+    save_ledger,
+)
 
 __all__ = ["RoundPrivacy", "ledger_path", "plan_round", "record_round"]
 
@@ -96,21 +102,26 @@ def plan_round(
         delta=privacy.delta,
         budget_epsilon=privacy.effective_budget,
     )
-    q, steps = plan_steps(num_examples, train)
-    if privacy.noise_multiplier is not None:
-        sigma = privacy.noise_multiplier
-    elif ledger.planned_noise_multiplier is not None:
-        sigma = ledger.planned_noise_multiplier
-    else:
-        assert privacy.target_epsilon is not None
-        sigma = calibrate_noise(
-            target_epsilon=privacy.target_epsilon,
-            delta=privacy.delta,
-            sample_rate=q,
-            steps=steps * total_rounds,
-            accountant=privacy.accountant,
-            prior_history=ledger.history(),
-        )
+    sampling = example_sampling(
+        num_examples, batch_size=train.batch_size, local_epochs=train.local_epochs
+    )
+    # A noise multiplier stored in the ledger at the first round is reused as if it were fixed,
+    # so a restarted client keeps the same mechanism.
+    mechanism = round_mechanism(
+        sampling,
+        rounds=total_rounds,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        noise_multiplier=(
+            privacy.noise_multiplier
+            if privacy.noise_multiplier is not None
+            else ledger.planned_noise_multiplier
+        ),
+        target_epsilon=privacy.target_epsilon,
+        prior_history=ledger.history(),
+    )
+    q, steps, sigma = mechanism.sample_rate, mechanism.steps, mechanism.noise_multiplier
+    if mechanism.calibrated:
         ledger.planned_noise_multiplier = sigma
         save_ledger(ledger, path)
     if min_noise_multiplier is not None and sigma < min_noise_multiplier:

@@ -35,13 +35,21 @@ from privet.client.flower_door import (
 )
 from privet.common.config import SecureAggregationConfig
 from privet.common.privacy.secagg import SECAGG_RECORD
+from privet.common.protocol import (
+    ARRAYS,
+    MAX_WEIGHT,
+    METRICS,
+    NUM_EXAMPLES,
+    UNIFORM_WEIGHTS,
+    ErrorCode,
+)
 
 __all__ = ["ERROR_SECAGG_REQUIRED", "secagg_mod"]
 
 log = logging.getLogger("privet")
 
 #: Error code of a client that requires secure aggregation and got a plain train message.
-ERROR_SECAGG_REQUIRED = 1006
+ERROR_SECAGG_REQUIRED = int(ErrorCode.SECAGG_REQUIRED)
 
 
 class _InnerError(Exception):
@@ -83,7 +91,7 @@ def secagg_mod(*, required: bool, sa: SecureAggregationConfig) -> Mod:
 
         def _train(inner: Message, ctx: Context) -> Message:
             # Flower's mod passes the whole message on; the train function gets privet's records.
-            sent = inner.content.array_records.get("arrays", ArrayRecord())
+            sent = inner.content.array_records.get(ARRAYS, ArrayRecord())
             plain = RecordDict(
                 {
                     k: v
@@ -114,8 +122,8 @@ def _as_fitres(
 ) -> Message:
     """Add the legacy ``FitRes`` records Flower's mod reads to privet's reply."""
     content = reply.content
-    arrays = content.array_records["arrays"]
-    metrics = content.metric_records["metrics"]
+    arrays = content.array_records[ARRAYS]
+    metrics = content.metric_records[METRICS]
     if list(arrays.keys()) != list(sent.keys()):
         _refuse(incoming, "the reply's arrays differ from the ones the server sent")
     ndarrays = [arrays[k].numpy() for k in sent]
@@ -126,11 +134,11 @@ def _as_fitres(
             f"a weight of magnitude {top:.4g} lies outside privacy.secagg.clipping_range = "
             f"{sa.clipping_range:g}; SecAgg+ would clip it and corrupt the sum (raise clipping_range)",
         )
-    if bool(weighting.get("uniform-weights", False)):
+    if bool(weighting.get(UNIFORM_WEIGHTS, False)):
         weight = 1
     else:
-        weight = int(float(str(metrics.get("num-examples", 1))))
-        limit = int(float(str(weighting.get("max-weight", weight))))
+        weight = int(float(str(metrics.get(NUM_EXAMPLES, 1))))
+        limit = int(float(str(weighting.get(MAX_WEIGHT, weight))))
         if weight > limit:
             # Only the FedAvg weight is capped (a utility matter, not a privacy one): a larger
             # weight would overflow the masked sum's fixed-point range.

@@ -31,6 +31,7 @@ from privet.common.data import length_sorted_microbatches
 from privet.common.errors import PrivacyError
 from privet.common.evaluation import EvalResult, evaluate
 from privet.common.modeling import trainable_state
+from privet.common.privacy.mechanism import example_sampling
 from privet.common.tasks import Classification, Task, TaskData
 
 # torch warns once per process that a full backward hook "is firing when gradients are computed
@@ -86,12 +87,11 @@ def plan_steps(num_examples: int, cfg: TrainConfig) -> tuple[float, int]:
 
     With Poisson sampling at rate ``q = batch_size / n`` a pass over the data takes ``1 / q`` steps
     in expectation; the same step count is used without DP so both modes see as many examples.
+    The arithmetic is :func:`~privet.common.privacy.mechanism.example_sampling`'s (the ledger,
+    the plan and ``privacy.json`` use the same).
     """
-    if num_examples <= 0:
-        raise ValueError("no training examples")
-    q = min(1.0, cfg.batch_size / num_examples)
-    steps = max(1, round(cfg.local_epochs / q))
-    return q, steps
+    s = example_sampling(num_examples, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs)
+    return s.sample_rate, s.steps
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -1322,8 +1322,12 @@ def sampled_per_round(cfg: PrivetConfig) -> int | None:
         total = d.num_clients
     else:
         return None
+    # Imported here: the privacy package pulls in Opacus and torch, which a configuration that is
+    # only being read or validated should not wait for.
+    from privet.common.privacy.mechanism import flower_sample_size
+
     fed = cfg.federation
-    return min(total, max(int(total * fed.fraction_train), min(fed.min_train_clients, total)))
+    return flower_sample_size(total, fraction=fed.fraction_train, minimum=fed.min_train_clients)
 
 
 def require_plain_averaging(cfg: PrivetConfig, *, feature: str, why: str) -> None:

@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.errors import UpdateError
+from privet.common.protocol import ARRAYS
 
 __all__ = [
     "SCALE_SUFFIX",
@@ -118,7 +119,7 @@ def write_arrays(
         payload = {k: v.detach().float() - reference[k].float() for k, v in state.items()}
     else:
         payload = dict(state)
-    content["arrays"] = encode_state(payload, encoding)
+    content[ARRAYS] = encode_state(payload, encoding)
     content[TRANSPORT_RECORD] = ConfigRecord({"encoding": encoding, "delta": delta})
 
 
@@ -133,7 +134,7 @@ def read_arrays(
         When the message carries an update but no ``reference`` is known, or cannot be decoded.
 
     """
-    arrays = content.array_records["arrays"]
+    arrays = content.array_records[ARRAYS]
     meta = content.config_records.get(TRANSPORT_RECORD)
     if meta is None:
         return arrayrecord_to_state(arrays)

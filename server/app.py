@@ -30,6 +30,7 @@ from privet.common.modeling import (
     pick_device,
     trainable_state,
 )
+from privet.common.protocol import FINGERPRINT, TOTAL_ROUNDS
 from privet.common.tasks import task_for
 from privet.server.loop import run_rounds
 from privet.server.population import PopulationGrid
@@ -223,7 +224,7 @@ def make_server_app(
                 observer.round_finished(rec)
 
         train_config = ConfigRecord(
-            {"total-rounds": fed_cfg.rounds, "fingerprint": frozen_fingerprint(model)}
+            {TOTAL_ROUNDS: fed_cfg.rounds, FINGERPRINT: frozen_fingerprint(model)}
         )
         stopped: str | None = None
         try:

@@ -54,6 +54,7 @@ from privet.common.deployment import (
     wait_healthy,
 )
 from privet.common.errors import DeploymentError
+from privet.common.protocol import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY
 from privet.server.flower_door import register_outcome
 from privet.server.loop import WAITING
 from privet.server.proxy import start_proxy
@@ -64,8 +65,9 @@ __all__ = ["ServeResult", "serve", "server_app"]
 
 log = logging.getLogger("privet")
 
-#: Run-config keys the coordinator sets for its ServerApp and the clients.
-RUN_DIR_KEY, CONFIG_KEY, RESUME_KEY = "privet-run-dir", "privet-config", "privet-resume"
+# The run-config keys the coordinator sets for its ServerApp and the clients (RUN_DIR_KEY,
+# CONFIG_KEY, RESUME_KEY) are privet.common.protocol's.
+
 CONNECTION = "privet"
 
 server_app = ServerApp()

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privet.common.lora_residual import RESIDUAL_RECORD, is_residual_key, residual_key
+from privet.common.protocol import ARRAYS, METRICS, NUM_EXAMPLES
 from privet.server.wrapping import WrappedStrategy
 
 __all__ = [
@@ -148,12 +149,12 @@ def _reply_states(
 
     Copies first: some strategies consume the reply arrays while aggregating.
     """
-    good = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
+    good = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records]
     states = [
-        {k: v.numpy().copy() for k, v in m.content.array_records["arrays"].items()} for m in good
+        {k: v.numpy().copy() for k, v in m.content.array_records[ARRAYS].items()} for m in good
     ]
     weights = [
-        float(m.content.metric_records["metrics"][weighted_by_key])  # type: ignore[arg-type]
+        float(m.content.metric_records[METRICS][weighted_by_key])  # type: ignore[arg-type]
         for m in good
     ]
     return states, weights
@@ -166,7 +167,7 @@ class LoraSvdAggregation(WrappedStrategy):
     The weights are the replies' ``num-examples``, as in FedAvg.
     """
 
-    def __init__(self, inner: Strategy, *, weighted_by_key: str = "num-examples") -> None:
+    def __init__(self, inner: Strategy, *, weighted_by_key: str = NUM_EXAMPLES) -> None:
         super().__init__(inner)
         self.weighted_by_key = weighted_by_key
 
@@ -218,7 +219,7 @@ class FedExLoraAggregation(WrappedStrategy):
     the metric ``fedex-residual-bytes`` reports its size per client message.
     """
 
-    def __init__(self, inner: Strategy, *, weighted_by_key: str = "num-examples") -> None:
+    def __init__(self, inner: Strategy, *, weighted_by_key: str = NUM_EXAMPLES) -> None:
         super().__init__(inner)
         self.weighted_by_key = weighted_by_key
         self._residuals: dict[str, NDArray] = {}

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from privet.common.protocol import CONFIG, PARTITION_ID
 from privet.server.flower_door import NodeInfo, set_src_node_id
 from privet.server.loop import WrappedGrid, send_and_receive
 
@@ -39,7 +40,7 @@ __all__ = ["PARTITION_KEY", "PopulationGrid"]
 log = logging.getLogger("privet")
 
 #: The config key that names the logical client a message is for (the ClientApp reads it).
-PARTITION_KEY = "partition-id"
+PARTITION_KEY = PARTITION_ID
 
 
 class PopulationGrid(WrappedGrid):
@@ -148,10 +149,10 @@ class PopulationGrid(WrappedGrid):
         # Strategies address one content object to many nodes: give each message its own
         # RecordDict and config record (never write into the shared one).
         content = RecordDict(dict(msg.content.items()))
-        config = msg.content.config_records.get("config")
+        config = msg.content.config_records.get(CONFIG)
         conf = ConfigRecord(dict(config.items()) if config is not None else {})
         conf[PARTITION_KEY] = logical - 1
-        content["config"] = conf
+        content[CONFIG] = conf
         msg.content = content
         msg.metadata.dst_node_id = node
         return msg, logical

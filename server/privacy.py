@@ -53,8 +53,9 @@ from flwr.serverapp.strategy import (
 
 from privet.common.config import ClientLevelConfig, PrivetConfig, sampled_per_round
 from privet.common.errors import BudgetExhaustedError, ConfigError
-from privet.common.privacy import Ledger, open_ledger, save_ledger
+from privet.common.privacy import Ledger, example_sampling, open_ledger, save_ledger
 from privet.common.privacy.federation import FederationMechanism, plan_federation
+from privet.common.protocol import ErrorCode, partition_of_reason
 from privet.server.flower_door import (
     AdaptiveClipHooks,
     ClientSideAdaptiveClipping,
@@ -542,11 +543,10 @@ def secure_aggregation_report(cfg: PrivetConfig) -> dict[str, Any]:
 
 
 def _client_of_error(reason: str, client_names: list[str]) -> str | None:
-    # Client error replies start with "[<partition-id>] " (client/app.py's _error_reply).
-    if reason.startswith("[") and "]" in reason:
-        head = reason[1 : reason.index("]")]
-        if head.isdigit() and int(head) < len(client_names):
-            return client_names[int(head)]
+    # Client error replies name their partition (privet.common.protocol.error_reason).
+    partition = partition_of_reason(reason)
+    if partition is not None and partition < len(client_names):
+        return client_names[partition]
     return None
 
 
@@ -594,11 +594,18 @@ def privacy_report(
         reported.update(getattr(rec, "examples_per_client", {}))
     for name in [*client_names, *sorted(set(reported) - set(client_names))]:
         n = reported.get(name, examples_per_client.get(name, 0))
-        q = min(1.0, cfg.train.batch_size / n) if n else None
+        # The client's own arithmetic on the count it trained on: what its ledger records.
+        sampling = (
+            example_sampling(
+                n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs
+            )
+            if n
+            else None
+        )
         clients[name] = {
             "examples": n,
-            "sample_rate": q,
-            "steps_per_round": max(1, round(cfg.train.local_epochs / q)) if q else None,
+            "sample_rate": sampling.sample_rate if sampling else None,
+            "steps_per_round": sampling.steps if sampling else None,
             "epsilon_per_round": {},
             "rounds_joined": [],
             "budget_refused_rounds": [],
@@ -615,9 +622,10 @@ def privacy_report(
         for name, attempt in rec.charged_again.items():
             if name in clients:
                 clients[name]["charges_per_round"][str(rec.round)] = attempt
-        for reason in rec.errors.values():
+        for key, reason in rec.errors.items():
             who = _client_of_error(reason, client_names)
-            if who is not None and "budget" in reason:
+            # A refusal is known by its code, never by the wording of its reason.
+            if who is not None and rec.error_codes.get(key) == ErrorCode.BUDGET:
                 clients[who]["budget_refused_rounds"].append(rec.round)
     for info in clients.values():
         eps = list(info["epsilon_per_round"].values())

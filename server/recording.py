@@ -19,6 +19,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from privet.common.protocol import (
+    ACCURACY,
+    ARRAYS,
+    EPSILON,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PRIVACY_ATTEMPT,
+    STARTUP_SECONDS,
+    TRAIN_LOSS,
+)
 from privet.server.wrapping import WrappedStrategy
 
 __all__ = [
@@ -76,6 +87,9 @@ class RoundRecord:
     #: ``generated``), for the report; empty for classification.
     server_samples: list[dict[str, str]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    #: The code of each error reply in ``errors`` (:class:`privet.common.protocol.ErrorCode`):
+    #: how the server tells a budget refusal from a failure, whatever the reason says.
+    error_codes: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     #: False when the round kept the previous global model (too few valid replies, or the
     #: strategy declined to aggregate, e.g. Krum with fewer than 2f+3 replies).
@@ -186,8 +200,8 @@ class RecordingStrategy(WrappedStrategy):
             return self.node_names[node_id]
         if self.deployed:
             return f"node-{node_id}"
-        if metrics is not None and "partition-id" in metrics:
-            pid = int(metrics["partition-id"])  # type: ignore[arg-type]
+        if metrics is not None and PARTITION_ID in metrics:
+            pid = int(metrics[PARTITION_ID])  # type: ignore[arg-type]
             if 0 <= pid < len(self.client_names):
                 self._seen[node_id] = self.client_names[pid]
                 return self.client_names[pid]
@@ -226,9 +240,9 @@ class RecordingStrategy(WrappedStrategy):
         # global state when a wrapper sends part of it apart (FedEx-LoRA's residuals).
         self._sent = next(
             (
-                m.content.array_records["arrays"]
+                m.content.array_records[ARRAYS]
                 for m in messages
-                if "arrays" in m.content.array_records
+                if ARRAYS in m.content.array_records
             ),
             arrays,
         )
@@ -246,6 +260,7 @@ class RecordingStrategy(WrappedStrategy):
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 who = self.name_of(None, msg.metadata.src_node_id)
                 rec.errors[who] = reason
+                rec.error_codes[who] = int(msg.error.code)
                 log.warning(
                     "round %d: %s %s (code %d): %s",
                     server_round,
@@ -258,10 +273,10 @@ class RecordingStrategy(WrappedStrategy):
                 # the true count of replies.
                 kept.append(msg)
                 continue
-            metrics = msg.content.metric_records.get("metrics")
+            metrics = msg.content.metric_records.get(METRICS)
             name = self.name_of(metrics, msg.metadata.src_node_id)
-            if "arrays" in msg.content.array_records:
-                rec.bytes_received += msg.content.array_records["arrays"].count_bytes()
+            if ARRAYS in msg.content.array_records:
+                rec.bytes_received += msg.content.array_records[ARRAYS].count_bytes()
             rejection = self._first_rejection(msg)
             if rejection is None and any(name == other for other, _ in candidates):
                 # One name, one vote: a second reply under a name already heard this round.
@@ -285,21 +300,21 @@ class RecordingStrategy(WrappedStrategy):
         weights: list[float] = []
         for name, msg in candidates:
             kept.append(msg)
-            metrics = msg.content.metric_records.get("metrics")
+            metrics = msg.content.metric_records.get(METRICS)
             if metrics is None:
                 continue
             rec.clients_trained.append(name)
-            loss = float(metrics.get("train-loss", float("nan")))  # type: ignore[arg-type]
+            loss = float(metrics.get(TRAIN_LOSS, float("nan")))  # type: ignore[arg-type]
             rec.train_loss_per_client[name] = loss
-            rec.epsilon_per_client[name] = float(metrics.get("epsilon", 0.0))  # type: ignore[arg-type]
-            rec.examples_per_client[name] = int(metrics.get("num-examples", 0))  # type: ignore[arg-type]
-            attempt = int(metrics.get("privacy-attempt", 1))  # type: ignore[arg-type]
+            rec.epsilon_per_client[name] = float(metrics.get(EPSILON, 0.0))  # type: ignore[arg-type]
+            rec.examples_per_client[name] = int(metrics.get(NUM_EXAMPLES, 0))  # type: ignore[arg-type]
+            attempt = int(metrics.get(PRIVACY_ATTEMPT, 1))  # type: ignore[arg-type]
             if attempt > 1:
                 rec.charged_again[name] = attempt
-            startup = float(metrics.get("startup-seconds", 0.0))  # type: ignore[arg-type]
+            startup = float(metrics.get(STARTUP_SECONDS, 0.0))  # type: ignore[arg-type]
             rec.startup_seconds = max(rec.startup_seconds, startup)
             losses.append(loss)
-            weights.append(float(metrics.get("num-examples", 1)))  # type: ignore[arg-type]
+            weights.append(float(metrics.get(NUM_EXAMPLES, 1)))  # type: ignore[arg-type]
         if losses:
             rec.train_loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
         if rec.epsilon_per_client:
@@ -351,12 +366,12 @@ class RecordingStrategy(WrappedStrategy):
                 who = self.name_of(None, msg.metadata.src_node_id)
                 rec.errors[f"{who}-eval"] = msg.error.reason or "error"
                 continue
-            metrics = msg.content.metric_records.get("metrics")
+            metrics = msg.content.metric_records.get(METRICS)
             if metrics is None:
                 continue
             name = self.name_of(metrics, msg.metadata.src_node_id)
-            acc = float(metrics.get("accuracy", 0.0))  # type: ignore[arg-type]
-            n = float(metrics.get("num-examples", 0))  # type: ignore[arg-type]
+            acc = float(metrics.get(ACCURACY, 0.0))  # type: ignore[arg-type]
+            n = float(metrics.get(NUM_EXAMPLES, 0))  # type: ignore[arg-type]
             rec.accuracy_per_client[name] = acc
             correct += acc * n
             total += n

@@ -33,6 +33,15 @@ from flwr.serverapp import Grid
 from privet.common.config import SecureAggregationConfig
 from privet.common.errors import ConfigError
 from privet.common.privacy.secagg import SECAGG_RECORD, quantization_slack
+from privet.common.protocol import (
+    ARRAYS,
+    CONFIG,
+    MAX_WEIGHT,
+    METRICS,
+    SERVER_ROUND,
+    UNIFORM_WEIGHTS,
+    ErrorCode,
+)
 from privet.server.flower_door import (
     CLIPPING_NORM_KEY,
     SECAGG_CONFIGS_KEY,
@@ -48,7 +57,7 @@ __all__ = ["ERROR_SECAGG", "SecAggGrid"]
 log = logging.getLogger("privet")
 
 #: Error code of a client left out of a round because secure aggregation halted.
-ERROR_SECAGG = 1005
+ERROR_SECAGG = int(ErrorCode.SECAGG)
 
 
 class _StageGrid:
@@ -161,9 +170,9 @@ class SecAggGrid(ByteCounts, WrappedGrid):
     def _secure_round(self, messages: list[Message]) -> list[Message]:
         by_node = {m.metadata.dst_node_id: m for m in messages}
         first = messages[0].content
-        conf = first.config_records["config"]
-        server_round = int(cast(int, conf.get("server-round", 0)))
-        sent = first.array_records["arrays"]
+        conf = first.config_records[CONFIG]
+        server_round = int(cast(int, conf.get(SERVER_ROUND, 0)))
+        sent = first.array_records[ARRAYS]
         self._check_global(sent)
         k, t = self.sa.shares_and_threshold(len(messages))
         contents: dict[int, RecordDict] = {}
@@ -172,9 +181,9 @@ class SecAggGrid(ByteCounts, WrappedGrid):
             # the workflow adds its stage record to each).
             content = RecordDict(dict(msg.content.items()))
             if self.client_clipping:
-                content["config"] = self._lowered_clip(msg.content.config_records["config"], sent)
+                content[CONFIG] = self._lowered_clip(msg.content.config_records[CONFIG], sent)
             content[SECAGG_RECORD] = ConfigRecord(
-                {"uniform-weights": self.uniform_weights, "max-weight": self.max_weight}
+                {UNIFORM_WEIGHTS: self.uniform_weights, MAX_WEIGHT: self.max_weight}
             )
             contents[node] = content
         stage_grid = _StageGrid(self.inner, timeout=self.timeout)
@@ -226,7 +235,7 @@ class SecAggGrid(ByteCounts, WrappedGrid):
             if upload is not None:
                 # The client's own metrics (they travel in the clear) with the unmasked mean.
                 upload.content = RecordDict(
-                    {"arrays": mean, "metrics": upload.content.metric_records["metrics"]}
+                    {ARRAYS: mean, METRICS: upload.content.metric_records[METRICS]}
                 )
                 replies.append(upload)
             elif node in stage_grid.errors:

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 )
 
 from privet.common.config import AggregationConfig, FederationConfig
+from privet.common.privacy.mechanism import flower_sample_size
 from privet.server.lora import FedExLoraAggregation, LoraSvdAggregation
 
 __all__ = ["build_strategy"]
@@ -107,5 +108,6 @@ def build_strategy(
 
 def _expected_replies(fed: FederationConfig, num_clients: int) -> int:
     """Flower's sample size per round (the number of replies when nobody fails)."""
-    min_train = min(fed.min_train_clients, num_clients)
-    return min(num_clients, max(int(num_clients * fed.fraction_train), min_train))
+    return flower_sample_size(
+        num_clients, fraction=fed.fraction_train, minimum=fed.min_train_clients
+    )

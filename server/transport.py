@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from privet.common.arrays import arrayrecord_to_state
 from privet.common.errors import UpdateError
+from privet.common.protocol import ARRAYS
 from privet.common.transport import (
     TRANSPORT_RECORD,
     Encoding,
@@ -65,34 +66,34 @@ class TransportGrid(ByteCounts, WrappedGrid):
         encoded_by_id: dict[int, tuple[RecordDict, dict[str, torch.Tensor]]] = {}
         out = []
         for msg in messages:
-            arrays = msg.content.array_records.get("arrays")
+            arrays = msg.content.array_records.get(ARRAYS)
             if arrays is not None:
                 if id(arrays) not in encoded_by_id:
                     wire_part = RecordDict()
                     write_arrays(wire_part, arrayrecord_to_state(arrays), self.encoding)
-                    decoded = decode_state(wire_part.array_records["arrays"], self.encoding)
+                    decoded = decode_state(wire_part.array_records[ARRAYS], self.encoding)
                     encoded_by_id[id(arrays)] = (wire_part, decoded)
                 wire_part, decoded = encoded_by_id[id(arrays)]
                 content = RecordDict(dict(msg.content.items()))
-                content["arrays"] = wire_part.array_records["arrays"]
+                content[ARRAYS] = wire_part.array_records[ARRAYS]
                 content[TRANSPORT_RECORD] = wire_part.config_records[TRANSPORT_RECORD]
                 msg.content = content
                 # What the client will decode: its update is relative to exactly this.
                 sent[msg.metadata.dst_node_id] = decoded
                 if msg.metadata.message_type == "train":
-                    self.bytes_sent += content.array_records["arrays"].count_bytes()
+                    self.bytes_sent += content.array_records[ARRAYS].count_bytes()
             out.append(msg)
         # privet's short-poll delivery on the wrapped grid (server/loop.py)
         replies = send_and_receive(self.inner, out, timeout=timeout or 3600.0)
         for reply in replies:
-            if reply.has_error() or "arrays" not in reply.content.array_records:
+            if reply.has_error() or ARRAYS not in reply.content.array_records:
                 continue
-            self.bytes_received += reply.content.array_records["arrays"].count_bytes()
+            self.bytes_received += reply.content.array_records[ARRAYS].count_bytes()
             try:
                 state = read_arrays(reply.content, reference=sent.get(reply.metadata.src_node_id))
             except UpdateError:
                 # Leave the reply as it came: the reply checks (or the strategy) reject it.
                 continue
-            reply.content["arrays"] = encode_state(state, "float32")
+            reply.content[ARRAYS] = encode_state(state, "float32")
             del reply.content[TRANSPORT_RECORD]
         return replies

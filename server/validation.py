@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Message
 
 from privet.common.arrays import arrayrecord_to_state, check_update
 from privet.common.errors import UpdateError
+from privet.common.protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID
 from privet.server.recording import ReplyCheck, RoundCheck
 
 __all__ = [
@@ -30,12 +31,12 @@ __all__ = [
 
 def check_structure(msg: Message, sent: ArrayRecord) -> str | None:
     """Keys, shapes and dtypes equal to what was sent, and every value finite."""
-    if "arrays" not in msg.content.array_records:
+    if ARRAYS not in msg.content.array_records:
         return "the reply holds no 'arrays' record"
-    if "metrics" not in msg.content.metric_records:
+    if METRICS not in msg.content.metric_records:
         return "the reply holds no 'metrics' record"
     try:
-        got = arrayrecord_to_state(msg.content.array_records["arrays"])
+        got = arrayrecord_to_state(msg.content.array_records[ARRAYS])
         check_update(got, arrayrecord_to_state(sent), who="update")
     except UpdateError as exc:
         return str(exc).removeprefix("update: ")
@@ -66,8 +67,8 @@ def check_num_examples(
     ``max_per_client`` (``federation.max_examples_per_client``) bounds every claim, also where the
     server cannot know a site's data (a deployment).
     """
-    metrics = msg.content.metric_records.get("metrics")
-    raw = None if metrics is None else metrics.get("num-examples")
+    metrics = msg.content.metric_records.get(METRICS)
+    raw = None if metrics is None else metrics.get(NUM_EXAMPLES)
     if raw is None:
         return "the reply reports no num-examples"
     n = float(raw)  # type: ignore[arg-type]
@@ -77,8 +78,8 @@ def check_num_examples(
         return (
             f"num-examples = {int(n)} exceeds federation.max_examples_per_client = {max_per_client}"
         )
-    if max_examples is not None and metrics is not None and "partition-id" in metrics:
-        limit = max_examples.get(int(metrics["partition-id"]))  # type: ignore[arg-type]
+    if max_examples is not None and metrics is not None and PARTITION_ID in metrics:
+        limit = max_examples.get(int(metrics[PARTITION_ID]))  # type: ignore[arg-type]
         if limit is not None and n > limit:
             return f"num-examples = {int(n)} exceeds the client's {limit} training examples"
     return None
@@ -117,7 +118,7 @@ def make_reply_checks(
 
         def _norm(msg: Message, sent: ArrayRecord) -> str | None:
             # Runs after check_structure accepted the reply, so the shapes match.
-            norm = update_norm(msg.content.array_records["arrays"], sent)
+            norm = update_norm(msg.content.array_records[ARRAYS], sent)
             if norm > bound:
                 return f"update norm {norm:.4g} exceeds federation.max_update_norm = {bound:.4g}"
             return None
@@ -171,7 +172,7 @@ def make_round_checks(*, norm_factor: float | None) -> list[RoundCheck]:
     factor = norm_factor
 
     def _relative_norm(replies: Sequence[Message], sent: ArrayRecord) -> list[str | None]:
-        norms = [update_norm(m.content.array_records["arrays"], sent) for m in replies]
+        norms = [update_norm(m.content.array_records[ARRAYS], sent) for m in replies]
         return norm_outliers(norms, factor=factor)
 
     return [_relative_norm]

@@ -40,7 +40,7 @@ from privet.client.training import DPSettings, train
 from privet.common.config import PrivetConfig
 from privet.common.data import Examples, TokenizedExamples
 from privet.common.errors import ConfigError
-from privet.common.privacy import accountant_steps, calibrate_noise, epsilon_from_history
+from privet.common.privacy import epsilon_from_history, example_sampling, round_mechanism
 
 __all__ = ["AuditResult", "epsilon_lower_bound", "run_audit"]
 
@@ -175,20 +175,17 @@ def run_audit(
     examples = Examples(texts=[str(int(i)) for i in idx], labels=labels[idx].astype(np.int64))
     data = TokenizedExamples(examples, _IdTokenizer(), max_length=4)
     n = len(data)
-    q = min(1.0, cfg.train.batch_size / n)
-    steps_per_round = accountant_steps(sample_rate=q, epochs=cfg.train.local_epochs)
-    steps = steps_per_round * cfg.federation.rounds
-    if p.noise_multiplier is not None:
-        sigma = p.noise_multiplier
-    else:
-        assert p.target_epsilon is not None
-        sigma = calibrate_noise(
-            target_epsilon=p.target_epsilon,
-            delta=p.delta,
-            sample_rate=q,
-            steps=steps,
-            accountant=p.accountant,
-        )
+    # The audit trains all planned rounds in one go: the same mechanism, rounds x steps long.
+    mechanism = round_mechanism(
+        example_sampling(n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs),
+        rounds=cfg.federation.rounds,
+        delta=p.delta,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        target_epsilon=p.target_epsilon,
+    )
+    q, sigma = mechanism.sample_rate, mechanism.noise_multiplier
+    steps = mechanism.steps * cfg.federation.rounds
     accounted = epsilon_from_history([(sigma, q, steps)], delta=p.delta, accountant=p.accountant)
     dp = DPSettings(
         noise_multiplier=0.0 if broken else sigma,

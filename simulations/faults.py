@@ -30,14 +30,23 @@ from privet.client.app import message_partition
 from privet.client.flower_door import ClientAppCallable, Mod
 from privet.common.config import FaultsConfig
 from privet.common.data import ClientData, Examples, classification_examples
+from privet.common.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    ErrorCode,
+    error_reason,
+)
 
 __all__ = ["ERROR_DROPOUT", "ERROR_LATE", "AttackingApp", "FaultPlan"]
 
 log = logging.getLogger("privet")
 
 #: Error codes of simulated failures (privet's own client errors are 1001 and 1002).
-ERROR_DROPOUT = 1003
-ERROR_LATE = 1004
+ERROR_DROPOUT = int(ErrorCode.DROPOUT)
+ERROR_LATE = int(ErrorCode.LATE)
 
 
 def _rng(seed: int, *parts: int | str) -> np.random.Generator:
@@ -144,11 +153,11 @@ class FaultPlan:
 
         def _faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
             partition = message_partition(msg, context)
-            conf = msg.content.config_records.get("config")
-            server_round = int(str(conf.get("server-round", 0))) if conf is not None else 0
+            conf = msg.content.config_records.get(CONFIG)
+            server_round = int(str(conf.get(SERVER_ROUND, 0))) if conf is not None else 0
             if self.drops_out(partition, server_round):
                 return Message(
-                    Error(code=ERROR_DROPOUT, reason=f"[{partition}] simulated dropout"),
+                    Error(code=ERROR_DROPOUT, reason=error_reason(partition, "simulated dropout")),
                     reply_to=msg,
                 )
             delay = self.delay(partition, server_round)
@@ -156,12 +165,15 @@ class FaultPlan:
                 return Message(
                     Error(
                         code=ERROR_LATE,
-                        reason=f"[{partition}] simulated straggler: {delay:.1f} s exceeds the "
-                        f"round timeout of {self.round_timeout:g} s",
+                        reason=error_reason(
+                            partition,
+                            f"simulated straggler: {delay:.1f} s exceeds the "
+                            f"round timeout of {self.round_timeout:g} s",
+                        ),
                     ),
                     reply_to=msg,
                 )
-            sent = msg.content.array_records.get("arrays")
+            sent = msg.content.array_records.get(ARRAYS)
             reply = call_next(msg, context)
             if delay and sleep:
                 time.sleep(delay)
@@ -170,11 +182,11 @@ class FaultPlan:
                 and self.faults.attack != "label_flip"
                 and not reply.has_error()
                 and sent is not None
-                and "arrays" in reply.content.array_records
+                and ARRAYS in reply.content.array_records
             ):
-                reply.content["arrays"] = self.corrupt(
+                reply.content[ARRAYS] = self.corrupt(
                     sent,
-                    reply.content.array_records["arrays"],
+                    reply.content.array_records[ARRAYS],
                     partition=partition,
                     server_round=server_round,
                 )
@@ -209,18 +221,18 @@ class AttackingApp:
 
     def __call__(self, message: Message, context: Context) -> Message:
         """Run the real app; corrupt a successful train reply before it leaves."""
-        sent = message.content.array_records.get("arrays")
+        sent = message.content.array_records.get(ARRAYS)
         reply = self.app(message=message, context=context)  # type: ignore[call-arg]
         if message.metadata.message_type != "train" or reply.has_error() or sent is None:
             return reply
-        if "arrays" in reply.content.array_records and self.plan.faults.attack != "label_flip":
-            conf = message.content.config_records.get("config")
-            server_round = int(str(conf.get("server-round", 0))) if conf is not None else 0
-            reply.content["arrays"] = self.plan.corrupt(
-                sent, reply.content.array_records["arrays"], partition=0, server_round=server_round
+        if ARRAYS in reply.content.array_records and self.plan.faults.attack != "label_flip":
+            conf = message.content.config_records.get(CONFIG)
+            server_round = int(str(conf.get(SERVER_ROUND, 0))) if conf is not None else 0
+            reply.content[ARRAYS] = self.plan.corrupt(
+                sent, reply.content.array_records[ARRAYS], partition=0, server_round=server_round
             )
-        metrics = reply.content.metric_records.get("metrics")
+        metrics = reply.content.metric_records.get(METRICS)
         if self.claim_examples is not None and metrics is not None:
-            metrics["num-examples"] = self.claim_examples
+            metrics[NUM_EXAMPLES] = self.claim_examples
         log.warning("test attack: sent a %s update", self.plan.faults.attack)
         return reply

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from privet.common.protocol import NUM_PARTITIONS, PARTITION_ID
 from privet.server.flower_door import set_task_node, task_identity
 
 __all__ = ["InProcessGrid", "run_in_process"]
@@ -44,7 +45,7 @@ class InProcessGrid(Grid):
             node: Context(
                 run_id=run_id,
                 node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                node_config={PARTITION_ID: node - 1, NUM_PARTITIONS: num_nodes},
                 state=RecordDict(),
                 run_config={},
             )

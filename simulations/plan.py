@@ -7,7 +7,7 @@ planned rounds; for the federation, the client-level noise and epsilon per round
 A run whose budget cannot hold is refused with the knob to change.  ``privet simulate`` runs the
 same checks before any worker starts.
 
-The numbers come from the code the run uses (``calibrate_noise``, ``plan_federation``, the same
+The numbers come from the code the run uses (``round_mechanism``, ``plan_federation``, the same
 partition of the same data), so the plan and the run cannot disagree.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from privet.common.config import PrivetConfig, sampled_per_round
 from privet.common.data import cached_federated_data
 from privet.common.errors import PrivacyError
-from privet.common.privacy import accountant_steps, calibrate_noise, epsilon_from_history
+from privet.common.privacy import epsilon_from_history, example_sampling, round_mechanism
 from privet.common.privacy.federation import FederationMechanism, plan_federation
 from privet.common.privacy.secagg import quantization_slack
 
@@ -133,8 +133,15 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
     small: list[tuple[str, int]] = []  # clients with fewer examples than one batch
     for client in fed.clients:
         n = len(client.train)
-        q = min(1.0, cfg.train.batch_size / n) if n else 1.0
-        steps = accountant_steps(sample_rate=q, epochs=cfg.train.local_epochs) if n else 0
+        sampling = (
+            example_sampling(
+                n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs
+            )
+            if n
+            else None
+        )
+        q = sampling.sample_rate if sampling else 1.0
+        steps = sampling.steps if sampling else 0
         plan = ClientPlan(
             name=client.name,
             examples=n,
@@ -156,23 +163,22 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
             )
             problems.append(plan.problem)
             continue
-        if p.noise_multiplier is not None:
-            sigma: float | str = p.noise_multiplier
-        else:
-            key = (q, steps)
-            if key not in sigma_cache:
-                assert p.target_epsilon is not None
-                try:
-                    sigma_cache[key] = calibrate_noise(
-                        target_epsilon=p.target_epsilon,
-                        delta=p.delta,
-                        sample_rate=q,
-                        steps=steps * rounds,
-                        accountant=p.accountant,
-                    )
-                except PrivacyError as exc:
-                    sigma_cache[key] = exc.message
-            sigma = sigma_cache[key]
+        assert sampling is not None
+        # Clients with the same sampling get the same noise: calibrate once per (q, steps).
+        key = (q, steps)
+        if key not in sigma_cache:
+            try:
+                sigma_cache[key] = round_mechanism(
+                    sampling,
+                    rounds=rounds,
+                    delta=p.delta,
+                    accountant=p.accountant,
+                    noise_multiplier=p.noise_multiplier,
+                    target_epsilon=p.target_epsilon,
+                ).noise_multiplier
+            except PrivacyError as exc:
+                sigma_cache[key] = exc.message
+        sigma = sigma_cache[key]
         if isinstance(sigma, str):
             plan.problem = (
                 f"client {client.name}: {sigma}; raise privacy.target_epsilon, or lower "

@@ -23,6 +23,7 @@ from privet.common.config import PrivetConfig
 from privet.common.data import cached_federated_data
 from privet.common.deployment import adopt_orphans
 from privet.common.modeling import check_model_loads
+from privet.common.privacy.mechanism import flower_sample_size
 from privet.server import RoundObserver, make_server_app
 from privet.server.rundir import check_output_dir, create_run_dir, write_json
 from privet.server.tracking import check_tracking
@@ -246,7 +247,9 @@ def simulated_nodes(cfg: PrivetConfig, num_clients: int) -> int:
         # four stages, so a node must play one client for the whole run.
         return num_clients
     fed = cfg.federation
-    per_round = max(int(num_clients * fed.fraction_train), min(fed.min_train_clients, num_clients))
+    per_round = flower_sample_size(
+        num_clients, fraction=fed.fraction_train, minimum=fed.min_train_clients
+    )
     sim = cfg.simulation
     parallel = (
         1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -315,3 +316,146 @@ def test_fast_calibration_never_exceeds_the_target_in_opacus(
         eps = acc.get_epsilon(delta=DELTA)
     assert eps <= target
     assert sigma == MIN_NOISE_MULTIPLIER or eps >= target - 0.01
+
+
+# ---- every refusal, word for word (mutation testing found messages and fixes no test read) ------
+
+
+def _refusal(call: Any) -> PrivacyError:
+    with pytest.raises(PrivacyError) as info:
+        call()
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("history", "message", "fix"),
+    [
+        (
+            [(1.0, 0.1)],
+            "history[0]: a history entry must be (noise_multiplier, sample_rate, steps), got "
+            "(1.0, 0.1)",
+            None,
+        ),
+        ([(1.0, 0.1, 0)], "history[0]: steps must be an integer >= 1, got 0", None),
+        ([(1.0, 0.1, True)], "history[0]: steps must be an integer >= 1, got True", None),
+        (
+            [(1.0, 0.1, 1), (0.0, 0.1, 1)],
+            "history[1]: noise_multiplier must be a finite number > 0, got 0.0; without noise "
+            "DP-SGD gives no privacy guarantee at all",
+            "set privacy.enabled = false for a deliberately non-private baseline",
+        ),
+        (
+            [(1.0, 1.5, 1)],
+            "history[0]: sample_rate must be in (0, 1], got 1.5; the accountants assume each "
+            "example is in a batch independently with this probability (Poisson sampling)",
+            "use sample_rate = expected batch size / number of examples",
+        ),
+    ],
+)
+def test_a_bad_history_is_refused_word_for_word(
+    history: list[Any], message: str, fix: str | None
+) -> None:
+    err = _refusal(lambda: epsilon_from_history(history, delta=DELTA, accountant="rdp"))
+    assert (err.message, err.fix) == (message, fix)
+
+
+def test_bad_delta_and_accountant_are_refused_word_for_word() -> None:
+    err = _refusal(lambda: epsilon_from_history(SINGLE, delta=1.0, accountant="rdp"))
+    assert (err.message, err.fix) == (
+        "delta must be in (0, 1), got 1.0",
+        "use e.g. privacy.delta = 1e-5",
+    )
+    err = _refusal(lambda: epsilon_from_history(SINGLE, delta=DELTA, accountant="gdp"))  # type: ignore[arg-type]
+    assert (err.message, err.fix) == (
+        "unknown accountant 'gdp'",
+        "use privacy.accountant = 'rdp' or 'prv'",
+    )
+
+
+def test_calibration_refusals_word_for_word() -> None:
+    def calibrate(**kw: Any) -> float:
+        args: dict[str, Any] = {
+            "target_epsilon": 2.0,
+            "delta": DELTA,
+            "sample_rate": 0.01,
+            "steps": 100,
+            "accountant": "rdp",
+        }
+        return calibrate_noise(**{**args, **kw})
+
+    err = _refusal(lambda: calibrate(target_epsilon=0.0))
+    assert (err.message, err.fix) == (
+        "target_epsilon must be a finite number > 0, got 0.0",
+        "set privacy.target_epsilon to e.g. 8",
+    )
+    err = _refusal(lambda: calibrate(epsilon_tolerance=0.0))
+    assert (err.message, err.fix) == ("epsilon_tolerance must be > 0, got 0.0", None)
+    err = _refusal(lambda: calibrate(prior_history=SINGLE))
+    assert (err.message, err.fix) == (
+        "the steps already taken have spent eps=2.101, which is not below the target epsilon 2: "
+        "no amount of noise lets further steps stay within it",
+        "raise privacy.target_epsilon (knowingly spending more privacy), or stop training",
+    )
+    err = _refusal(lambda: calibrate(target_epsilon=0.05))
+    assert (err.message, err.fix) == (
+        "reaching the target epsilon would need a noise multiplier above 10000: the update would "
+        "be pure noise. Either the target is below what the accountant can certify for this many "
+        "steps (RDP and PRV both have a floor), or earlier rounds have spent almost all of it",
+        "raise privacy.target_epsilon, or take fewer steps (fewer rounds or local_epochs)",
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+def test_the_fast_rdp_search_counts_the_prior_history() -> None:
+    # The fast search's own answer, before the full accountant's check that would otherwise
+    # hide a prior it forgot (the slow search would then run, and give the same answer slower).
+    from privet.common.privacy.accounting import _search_sigma_rdp
+
+    prior = [(1.0, 0.01, 500)]
+    sigma = _search_sigma_rdp(
+        prior=prior, sample_rate=0.01, steps=500, delta=DELTA, target=3.0, tolerance=0.01
+    )
+    assert sigma is not None
+    eps = epsilon_from_history([*prior, (sigma, 0.01, 500)], delta=DELTA, accountant="rdp")
+    assert 3.0 - 0.05 <= eps <= 3.0
+
+
+# The search itself, on hand-made monotone "epsilon" curves: its answer and how many evaluations
+# it took (each is an accountant call, up to seconds with PRV), pinned. Exact hits of the target
+# are included, where "within the target" must mean <=.
+SEARCHES = [
+    # name, eps(sigma), keyword arguments, (sigma, evaluations)
+    ("exact hit at the start", lambda s: 8.0 / s, {}, (1.0, 1)),
+    ("exact hit walking down", lambda s: 4.0 / s, {}, (0.5, 2)),
+    ("walk down to the floor", lambda s: 2.0 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
+    ("the floor is enough", lambda s: 0.1 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
+    ("walk up, bisect", lambda s: 40.0 / s, {}, (5.0, 6)),
+    ("walk up, interpolate", lambda s: 40.0 / s**2, {"interpolate": True}, (2.2367670764624705, 4)),
+    (
+        "start, factor, interpolate",
+        lambda s: 3.0 / s,
+        {"start": 0.5, "factor": 1.1, "interpolate": True, "tolerance": 0.001, "target": 2.0},
+        (1.5003750937734432, 14),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("eps_of", "kwargs", "expected"),
+    [pytest.param(f, kw, exp, id=name) for name, f, kw, exp in SEARCHES],
+)
+def test_the_noise_search_on_hand_made_curves(
+    eps_of: Any, kwargs: dict[str, Any], expected: tuple[float, int]
+) -> None:
+    from privet.common.privacy.accounting import _search_sigma
+
+    calls: list[float] = []
+
+    def counted(sigma: float) -> float:
+        calls.append(sigma)
+        return float(eps_of(sigma))
+
+    args = {"target": 8.0, "tolerance": 0.01, **kwargs}
+    sigma = _search_sigma(counted, **args)
+    assert (sigma, len(calls)) == pytest.approx(expected, abs=1e-12)
+    assert eps_of(sigma) <= args["target"]  # never above the target

@@ -443,3 +443,208 @@ def test_report_lists_rounds_charged_again() -> None:
     lines = privacy_lines(report)
     assert "joined rounds [1, 2], round 2 charged 2 times (redone after a resume)" in lines[0]
     assert "charged" not in lines[1]
+
+
+# ---- every refusal, word for word (mutation testing found messages and fixes no test read) ------
+
+
+def _refusal(call: Any) -> PrivacyError:
+    with pytest.raises(PrivacyError) as info:
+        call()
+    return info.value
+
+
+def test_each_refusal_of_an_existing_ledger_says_why_and_how_to_fix_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.record_round(round=1, **ROUND)
+    save_ledger(ledger, path)
+    where = repr(str(path))
+    other = _refusal(lambda: _open(path, client_id="c1"))
+    assert other.message == (
+        f"privacy ledger {where} belongs to client 'c0', not 'c1'; using it would mix two "
+        "clients' privacy spending"
+    )
+    assert other.fix == "give each client its own state dir or ledger file"
+    prv = _refusal(lambda: _open(path, accountant="prv"))
+    assert prv.message == (
+        f"privacy ledger {where} was kept with the 'rdp' accountant, not 'prv'; privet does not "
+        "switch accountants mid-way, because restarting the count under another accountant "
+        "would forget the rounds already spent"
+    )
+    assert prv.fix == "set privacy.accountant = 'rdp'"
+    delta = _refusal(lambda: _open(path, delta=1e-6))
+    assert delta.message == (
+        f"privacy ledger {where} was kept at delta=1e-05, not 1e-06; an epsilon only means "
+        "something together with its delta, and a larger delta would quietly weaken the "
+        "guarantee of the rounds already released"
+    )
+    assert delta.fix == "set privacy.delta = 1e-05"
+
+
+def test_an_unreadable_ledger_is_refused_word_for_word(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text("[]")
+    err = _refusal(lambda: _open(path))
+    assert err.message.startswith(
+        f"privacy ledger {str(path)!r} cannot be read (not a valid ledger"
+    )
+    assert err.message.endswith(
+        "; privet will not treat it as empty, because that would forget the privacy this client "
+        "has already spent"
+    )
+    assert err.fix == "restore the file from a backup, or, knowingly, start a new client state dir"
+
+
+def test_a_budget_refusal_says_what_was_spent_and_how_to_go_on(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=1.3)
+    ledger.record_round(round=1, **ROUND)  # eps 1.21
+    with pytest.raises(BudgetExhaustedError) as info:
+        ledger.check_round(**ROUND)
+    assert info.value.message == (
+        f"client 'c0' has spent eps={ledger.epsilon():.4f} of its budget 1.3 (delta=1e-05, rdp "
+        f"accountant); this round would bring it to "
+        f"{ledger.projected_epsilon(**ROUND):.4f}"
+    )
+    assert info.value.fix == (
+        "raise privacy.budget_epsilon (a deliberate decision to spend more privacy), or start a "
+        "new client state dir knowingly (it forgets what this client already spent)"
+    )
+
+
+def test_a_bad_round_number_is_refused_word_for_word(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json")
+    err = _refusal(lambda: ledger.record_round(round=-1, **ROUND))
+    assert err.message == "round must be an integer >= 0, got -1"
+    err = _refusal(lambda: ledger.record_round(round=True, **ROUND))
+    assert err.message == "round must be an integer >= 0, got True"
+
+
+def test_round_zero_is_a_round_and_attempts_count_per_run(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    assert ledger.record_round(round=0, **ROUND).attempt == 1
+    assert ledger.record_round(round=1, run="a", **ROUND).attempt == 1
+    # The same round number in another run is that run's first attempt, not a redo.
+    assert ledger.record_round(round=1, run="b", **ROUND).attempt == 1
+    assert ledger.record_round(round=1, run="a", **ROUND).attempt == 2
+    assert ledger.attempts("a") == {1: 2} and ledger.attempts("b") == {1: 1}
+    assert ledger.attempts() == {0: 1}
+
+
+def test_a_release_is_found_by_its_fingerprint(tmp_path: Path) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    first = ledger.record_round(round=1, release="f1", **ROUND)
+    second = ledger.record_round(round=2, release="f2", **ROUND)
+    assert ledger.released("f1") is first and ledger.released("f2") is second
+    assert ledger.released("f3") is None
+
+
+def test_a_round_without_a_finite_epsilon_is_never_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from privet.common.privacy import ledger as ledger_module
+
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    monkeypatch.setattr(ledger_module, "epsilon_from_history", lambda *a, **k: float("inf"))
+    err = _refusal(lambda: ledger.record_round(round=3, **ROUND))
+    assert err.message == (
+        "client 'c0': round 3 (noise_multiplier=1.0) gives no finite epsilon, so its update must "
+        "not be released"
+    )
+    assert err.fix == "use a larger noise multiplier"
+    assert ledger.entries == []
+
+
+def test_the_budget_is_reached_not_passed(tmp_path: Path) -> None:
+    import math
+
+    from privet.common.privacy.ledger import _BUDGET_SLACK
+
+    projected = _open(tmp_path / "probe.json", budget_epsilon=None).projected_epsilon(**ROUND)
+    # A budget exactly equal to the projection admits the round ...
+    assert (
+        _open(tmp_path / "equal.json", budget_epsilon=projected).check_round(**ROUND) == projected
+    )
+    # ... and so does one whose slack brings it exactly to the projection (fp rounding aside).
+    budget = projected - _BUDGET_SLACK
+    while budget + _BUDGET_SLACK < projected:
+        budget = math.nextafter(budget, math.inf)
+    while budget + _BUDGET_SLACK > projected:
+        budget = math.nextafter(budget, -math.inf)
+    assert budget + _BUDGET_SLACK == projected
+    assert _open(tmp_path / "slack.json", budget_epsilon=budget).check_round(**ROUND) == projected
+    # One slack below that, the round is refused.
+    lower = _open(tmp_path / "lower.json", budget_epsilon=projected - 3 * _BUDGET_SLACK)
+    with pytest.raises(BudgetExhaustedError):
+        lower.check_round(**ROUND)
+
+
+def test_entries_are_stamped_in_utc(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta
+
+    entry = _open(tmp_path / "ledger.json").record_round(round=1, **ROUND)
+    assert datetime.fromisoformat(entry.recorded_at).utcoffset() == timedelta(0)
+
+
+def test_only_a_redone_round_is_logged_as_charged_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=None)
+    with caplog.at_level("WARNING", logger="privet"):
+        ledger.record_round(round=1, run="r", **ROUND)
+        assert caplog.messages == []
+        ledger.record_round(round=1, run="r", **ROUND)
+        ledger.record_round(round=1, run="r", **ROUND)
+    eps = ledger.epsilon()
+    assert caplog.messages[-1] == (
+        "c0: round 1 released again (attempt 3, new inputs or no kept update): charged again, "
+        f"cumulative eps={eps:.4f}"
+    )
+    assert caplog.messages[0].startswith("c0: round 1 released again (attempt 2,")
+
+
+def test_a_ledger_is_saved_into_missing_folders_as_indented_json(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "clients" / "ledger.json"
+    save_ledger(Ledger(client_id="c0", accountant="rdp", delta=DELTA, budget_epsilon=None), path)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith('{\n  "format_version": ') and text.endswith("}\n")
+
+
+def test_the_temporary_file_is_written_beside_the_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # os.replace is atomic only within one file system: the temporary file must sit beside the
+    # ledger, named after it.
+    made: list[str] = []
+    real = tempfile.mkstemp
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real(*args, **kwargs)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    path = tmp_path / "ledger.json"
+    _open(path)
+    assert len(made) == 1
+    tmp = Path(made[0])
+    assert tmp.parent == tmp_path
+    assert tmp.name.startswith(".ledger.json.") and tmp.name.endswith(".tmp")
+
+
+def test_a_failed_cleanup_does_not_hide_the_failed_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+
+    def boom(*args: Any) -> None:
+        raise OSError("disk full")
+
+    def stuck(*args: Any) -> None:
+        raise OSError("cannot unlink")
+
+    monkeypatch.setattr(os, "replace", boom)
+    monkeypatch.setattr(os, "unlink", stuck)
+    with pytest.raises(OSError, match="disk full"):
+        save_ledger(ledger, path)

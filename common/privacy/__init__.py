@@ -5,7 +5,6 @@ from privet.common.privacy.accounting import (
     MIN_NOISE_MULTIPLIER,
     AccountantName,
     HistoryEntry,
-    accountant_steps,
     calibrate_noise,
     epsilon_from_history,
 )
@@ -16,6 +15,15 @@ from privet.common.privacy.ledger import (
     open_ledger,
     save_ledger,
 )
+from privet.common.privacy.mechanism import (
+    Mechanism,
+    Sampling,
+    accountant_steps,
+    client_sampling,
+    example_sampling,
+    flower_sample_size,
+    round_mechanism,
+)
 
 __all__ = [
     "LEDGER_FORMAT_VERSION",
@@ -25,9 +33,15 @@ __all__ = [
     "HistoryEntry",
     "Ledger",
     "LedgerEntry",
+    "Mechanism",
+    "Sampling",
     "accountant_steps",
     "calibrate_noise",
+    "client_sampling",
     "epsilon_from_history",
+    "example_sampling",
+    "flower_sample_size",
     "open_ledger",
+    "round_mechanism",
     "save_ledger",
 ]

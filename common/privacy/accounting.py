@@ -25,7 +25,6 @@ __all__ = [
     "MIN_NOISE_MULTIPLIER",
     "AccountantName",
     "HistoryEntry",
-    "accountant_steps",
     "calibrate_noise",
     "epsilon_from_history",
 ]
@@ -150,29 +149,6 @@ def epsilon_from_history(
         # returns the int 0: answer the trivial case ourselves.
         return 0.0
     return _epsilon_cached(_compact(checked), float(delta), accountant)
-
-
-def accountant_steps(*, sample_rate: float, epochs: float) -> int:
-    """Number of DP-SGD steps in ``epochs`` passes over the data at Poisson sample rate ``q``.
-
-    Parameters
-    ----------
-    sample_rate
-        Poisson sampling rate q (expected batch size / number of examples), in (0, 1].
-    epochs
-        Passes over the data; may be fractional.
-
-    Returns
-    -------
-    int
-        ``max(1, round(epochs / q))``: a round always takes at least one step.
-
-    """
-    if not math.isfinite(sample_rate) or not 0 < sample_rate <= 1:
-        raise PrivacyError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if not math.isfinite(epochs) or epochs <= 0:
-        raise PrivacyError(f"epochs must be a finite number > 0, got {epochs!r}")
-    return max(1, round(epochs / sample_rate))
 
 
 def _search_sigma(

@@ -15,13 +15,13 @@ The server (``privet.server.privacy``) and the preflight (``privet plan``) both 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from privet.common.config import ClientLevelConfig, FederationConfig
 from privet.common.errors import PrivacyError
-from privet.common.privacy.accounting import AccountantName, calibrate_noise, epsilon_from_history
+from privet.common.privacy.accounting import AccountantName, epsilon_from_history
+from privet.common.privacy.mechanism import client_sampling, flower_sample_size, round_mechanism
 
 __all__ = [
     "FederationMechanism",
@@ -84,14 +84,10 @@ class FederationMechanism:
 def clients_per_round(fed: FederationConfig, *, num_clients: int) -> int:
     """How many clients Flower's FedAvg asks per round when ``num_clients`` are connected.
 
-    Mirrors ``FedAvg.configure_train``: ``max(int(N * fraction_train), min_train_nodes)``, with the
-    minimum capped at ``N`` as ``build_strategy`` does.
+    :func:`~privet.common.privacy.mechanism.flower_sample_size` with the federation's settings.
     """
-    if num_clients < 1:
-        raise PrivacyError(f"a federation needs at least one client, got {num_clients}")
-    return min(
-        num_clients,
-        max(int(num_clients * fed.fraction_train), min(fed.min_train_clients, num_clients)),
+    return flower_sample_size(
+        num_clients, fraction=fed.fraction_train, minimum=fed.min_train_clients
     )
 
 
@@ -137,28 +133,28 @@ def plan_federation(
     """
     if not cl.enabled:
         raise PrivacyError("privacy.client_level is not enabled")
-    m = clients_per_round(fed, num_clients=num_clients)
-    q = m / num_clients if cl.sampling_amplification else 1.0
+    sampling = client_sampling(
+        num_clients,
+        fraction=fed.fraction_train,
+        minimum=fed.min_train_clients,
+        amplification=cl.sampling_amplification,
+    )
     delta = federation_delta(cl, num_clients=num_clients)
-    if cl.noise_multiplier is not None:
-        sigma = cl.noise_multiplier
-    else:
-        assert cl.target_epsilon is not None
-        try:
-            sigma = calibrate_noise(
-                target_epsilon=cl.target_epsilon,
-                delta=delta,
-                sample_rate=q,
-                steps=fed.rounds,
-                accountant=cl.accountant,
-            )
-        except PrivacyError as exc:
-            raise PrivacyError(
-                f"client-level DP: {exc.message}",
-                fix="raise privacy.client_level.target_epsilon or lower federation.rounds",
-            ) from None
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise PrivacyError(f"client-level noise multiplier must be > 0, got {sigma!r}")
+    try:
+        mechanism = round_mechanism(
+            sampling,
+            rounds=fed.rounds,
+            delta=delta,
+            accountant=cl.accountant,
+            noise_multiplier=cl.noise_multiplier,
+            target_epsilon=cl.target_epsilon,
+        )
+    except PrivacyError as exc:
+        raise PrivacyError(
+            f"client-level DP: {exc.message}",
+            fix="raise privacy.client_level.target_epsilon or lower federation.rounds",
+        ) from None
+    sigma, q, m = mechanism.noise_multiplier, mechanism.sample_rate, sampling.per_round
     return FederationMechanism(
         noise_multiplier=sigma,
         sample_rate=q,
