@@ -61,6 +61,7 @@ from privet.server.flower_door import (
     ClientSideAdaptiveClipping,
     ServerSideAdaptiveClipping,
 )
+from privet.server.wrapping import WrappedStrategy
 
 __all__ = [
     "ClientLevelDP",
@@ -168,7 +169,7 @@ class _ClientSideAdaptive(_RoundClipNoise, ClientSideAdaptiveClipping):
     """Flower's client-side adaptive clipping, noised with the round's own clip."""
 
 
-class _FixedDenominatorMean(Strategy):
+class _FixedDenominatorMean(WrappedStrategy):
     """FedAvg's sampling and evaluation, but ``current + sum(updates) / m`` as the aggregate.
 
     ``m`` (``denominator``) is the number of clients asked this round; replies count with equal
@@ -176,13 +177,10 @@ class _FixedDenominatorMean(Strategy):
     """
 
     def __init__(self, base: FedAvg) -> None:
+        super().__init__(base)
         self.base = base
         self.current = ArrayRecord()
         self.denominator = 1
-
-    def summary(self) -> None:
-        """Delegate to FedAvg."""
-        self.base.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -208,20 +206,8 @@ class _FixedDenominatorMean(Strategy):
             out[k] = Array(np.asarray(base + (total[k] / self.denominator).astype(base.dtype)))
         return out, None
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to FedAvg."""
-        return self.base.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to FedAvg."""
-        return self.base.aggregate_evaluate(server_round, replies)
-
-
-class ClientLevelDP(Strategy):
+class ClientLevelDP(WrappedStrategy):
     """DP-FedAvg around a FedAvg-like strategy: Flower's DP wrapper plus accounting and a budget.
 
     Parameters
@@ -302,6 +288,8 @@ class ClientLevelDP(Strategy):
                 clip_norm_lr=cl.clip_learning_rate,
                 clipped_count_stddev=stddev,
             )
+        # Flower's DP wrapper is the strategy this one wraps: the steps not written below are its.
+        super().__init__(self.dp)
         self._asked = 0
 
     # -- accounting -----------------------------------------------------------------------------
@@ -312,10 +300,6 @@ class ClientLevelDP(Strategy):
 
     def _clip(self) -> float:
         return float(self.dp.clipping_norm)  # type: ignore[attr-defined]
-
-    def summary(self) -> None:
-        """Delegate to Flower's wrapper."""
-        self.dp.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -436,18 +420,6 @@ class ClientLevelDP(Strategy):
             )
         )
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to Flower's wrapper."""
-        return self.dp.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to Flower's wrapper."""
-        return self.dp.aggregate_evaluate(server_round, replies)
 
 
 def wrap_client_level_dp(

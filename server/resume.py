@@ -83,8 +83,11 @@ _STATELESS: tuple[type, ...] = (
     _FixedDenominatorMean,
 )
 
-#: Attributes through which privet's and Flower's wrappers hold the strategy they wrap.
-_WRAPPED = ("inner", "dp", "strategy", "_mean", "base")
+#: Attributes through which privet's and Flower's wrappers hold the strategy they wrap. A wrapper
+#: may hold one strategy under two names (``ClientLevelDP.dp`` is also its ``inner``); the first
+#: name found is the path saved state is stored under, so ``inner`` comes last and paths written
+#: before ``WrappedStrategy`` existed still match.
+_WRAPPED = ("dp", "strategy", "_mean", "base", "inner")
 
 
 def _stateful_fields(node: Strategy) -> tuple[str, ...] | None:
