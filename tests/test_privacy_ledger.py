@@ -666,3 +666,22 @@ def test_a_raised_budget_is_logged_and_a_bad_one_refused(
     err = _refusal(lambda: _open(path, budget_epsilon=-1.0))
     assert err.message.startswith("invalid budget_epsilon -1.0: ")
     assert _open(path, budget_epsilon=5.0).budget_epsilon == 5.0  # the file was not touched
+
+
+def test_a_lowered_budget_is_not_logged_as_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ledger.json"
+    _open(path)
+    with caplog.at_level("WARNING", logger="privet"):
+        assert _open(path, budget_epsilon=0.5).budget_epsilon == 0.5
+    assert caplog.messages == []
+
+
+def test_a_ledger_that_cannot_be_created_or_read_is_refused_word_for_word(tmp_path: Path) -> None:
+    err = _refusal(lambda: _open(tmp_path / "new.json", budget_epsilon=-1.0))
+    assert err.message.startswith("cannot create a privacy ledger for client 'c0': ")
+    folder = tmp_path / "a-folder.json"
+    folder.mkdir()  # reading it fails with an OSError, not a validation error
+    err = _refusal(lambda: _open(folder))
+    assert err.message.startswith(f"privacy ledger {str(folder)!r} cannot be read ([Errno ")
