@@ -52,9 +52,9 @@ test: lint types pytest
 # Mutation testing of the privacy-critical code (docs/testing.md), not part of `make test`: mutmut
 # mutates MUTANT_MODULES in a scratch copy laid out as privet/... (.mutants/tree) and runs, per mutant,
 # the tests that call the mutated function (tests/mutation.py maps modules to tests; MUTANT_TESTS=
-# "tests/test_x.py" overrides). About 2-3 mutants a second on two cores. Clipping, noise and
-# client-level aggregation: MUTANT_MODULES="client/bookkeeping.py client/training.py
-# client/client_level.py server/privacy.py common/privacy/federation.py".
+# "tests/test_x.py" overrides). On two shared cores: mechanism 1-4 min, ledger ~30, accountant ~1 h.
+# Clipping, noise and client-level aggregation: MUTANT_MODULES="client/bookkeeping.py
+# client/training.py client/client_level.py server/privacy.py common/privacy/federation.py".
 MUTANT_MODULES ?= common/privacy/mechanism.py common/privacy/ledger.py common/privacy/accounting.py
 mutants: install
 	nice -n 10 $(PY) tests/mutation.py $(MUTANT_MODULES)

@@ -459,3 +459,12 @@ def test_the_noise_search_on_hand_made_curves(
     sigma = _search_sigma(counted, **args)
     assert (sigma, len(calls)) == pytest.approx(expected, abs=1e-12)
     assert eps_of(sigma) <= args["target"]  # never above the target
+
+
+def test_calibration_names_itself_in_a_bad_sampling_refusal() -> None:
+    err = _refusal(
+        lambda: calibrate_noise(
+            target_epsilon=8.0, delta=DELTA, sample_rate=1.01, steps=10, accountant="rdp"
+        )
+    )
+    assert err.message.startswith("calibrate_noise: sample_rate must be in (0, 1], got 1.01; ")

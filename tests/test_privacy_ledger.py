@@ -648,3 +648,40 @@ def test_a_failed_cleanup_does_not_hide_the_failed_save(
     monkeypatch.setattr(os, "unlink", stuck)
     with pytest.raises(OSError, match="disk full"):
         save_ledger(ledger, path)
+
+
+def test_a_raised_budget_is_logged_and_a_bad_one_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path)
+    ledger.record_round(round=1, **ROUND)
+    save_ledger(ledger, path)
+    spent = ledger.epsilon()
+    with caplog.at_level("WARNING", logger="privet"):
+        _open(path, budget_epsilon=5.0)
+    assert caplog.messages == [
+        f"client c0: privacy budget raised from 2.0 to 5.0 (spent so far: eps={spent:.4f})"
+    ]
+    err = _refusal(lambda: _open(path, budget_epsilon=-1.0))
+    assert err.message.startswith("invalid budget_epsilon -1.0: ")
+    assert _open(path, budget_epsilon=5.0).budget_epsilon == 5.0  # the file was not touched
+
+
+def test_a_lowered_budget_is_not_logged_as_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ledger.json"
+    _open(path)
+    with caplog.at_level("WARNING", logger="privet"):
+        assert _open(path, budget_epsilon=0.5).budget_epsilon == 0.5
+    assert caplog.messages == []
+
+
+def test_a_ledger_that_cannot_be_created_or_read_is_refused_word_for_word(tmp_path: Path) -> None:
+    err = _refusal(lambda: _open(tmp_path / "new.json", budget_epsilon=-1.0))
+    assert err.message.startswith("cannot create a privacy ledger for client 'c0': ")
+    folder = tmp_path / "a-folder.json"
+    folder.mkdir()  # reading it fails with an OSError, not a validation error
+    err = _refusal(lambda: _open(folder))
+    assert err.message.startswith(f"privacy ledger {str(folder)!r} cannot be read ([Errno ")
