@@ -675,6 +675,7 @@ def stage_federation(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     import privet.client.app as client_app
     import privet.server.app as server_app
     from privet.common.config import PrivetConfig
+    from privet.common.tasks import Classification
     from privet.simulations import simulate
 
     clients = args.clients or (4 if args.quick else 200)
@@ -698,15 +699,16 @@ def stage_federation(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     cfg = PrivetConfig.model_validate(overrides)
     counts = {"client": 0, "server": 0}
 
-    def counting(role: str, fn: Any) -> Any:
-        def wrapped(*a: Any, **k: Any) -> Any:
-            counts[role] += 1
-            return fn(*a, **k)
+    # Both roles build their model through the task; the caller's module tells them apart.
+    build = Classification.build_model
 
-        return wrapped
+    def counting(self: Any, *a: Any, **k: Any) -> Any:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        role = "client" if caller == client_app.__name__ else "server"
+        counts[role] += caller in (client_app.__name__, server_app.__name__)
+        return build(self, *a, **k)
 
-    client_app.build_model = counting("client", client_app.build_model)  # type: ignore[attr-defined]
-    server_app.build_model = counting("server", server_app.build_model)  # type: ignore[attr-defined]
+    Classification.build_model = counting  # type: ignore[method-assign]
     device = torch.device(args.device)
     _reset_peak(device)
     t0 = time.perf_counter()

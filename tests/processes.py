@@ -43,10 +43,17 @@ class ProcessWatch:
         for proc in children:
             try:
                 key = (proc.pid, proc.create_time())
-                if key not in self.seen:
-                    self.seen[key] = " ".join(proc.cmdline())[:200] or proc.name()
+                now = " ".join(proc.cmdline())[:200] or proc.name()
             except psutil.Error:
                 continue
+            # Every name a process had is kept: a child seen between fork and exec still shows
+            # its parent's command line (under load that window is long), and Ray's workers
+            # rename themselves to `ray::...` only once they run.
+            before = self.seen.get(key)
+            if before is None:
+                self.seen[key] = now
+            elif now not in before.split(" | "):
+                self.seen[key] = f"{before} | {now}"
 
     def _poll(self) -> None:
         while not self._stop.is_set():

@@ -105,7 +105,8 @@ def test_site_stops_when_the_federation_is_over(
         _wait(lambda: p.status().current_round == 2)
         assert p.status().running and not p.status().finished
         reachable["up"] = False  # the coordinator ends after the last round
-        _wait(lambda: p.status().finished)
+        # `finished` is set before the site's thread has wound down: wait for both.
+        _wait(lambda: p.status().finished and not p.status().running)
         status = p.status()
         assert status.state == "finished" and not status.running and status.last_error is None
     finally:
