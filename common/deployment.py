@@ -20,16 +20,17 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from privet.common.errors import DeploymentError
+from privet.common.retry import attempts
 
 __all__ = [
     "Child",
     "adopt_orphans",
+    "end_processes",
     "flower_env",
     "flower_executable",
     "free_port",
@@ -189,19 +190,40 @@ class Child:
             tree += tree[0].children(recursive=True)
         except psutil.Error:
             tree = []
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+
+        def group(sig: int) -> None:
+            # The child's own process group first: members that left the tree are in it too.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, sig)
-            for p in tree:
-                with contextlib.suppress(psutil.Error):
-                    p.send_signal(sig)
-            _, alive = psutil.wait_procs(tree, timeout=timeout)
-            if not alive:
-                break
-            tree = alive
+
+        end_processes(tree, timeout=timeout, also=group)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout)
         self._log.close()
+
+
+def end_processes(
+    procs: Sequence[Any], *, timeout: float = 5.0, also: Callable[[int], None] | None = None
+) -> list[Any]:
+    """End ``procs`` (psutil processes): SIGTERM, then SIGKILL those alive after ``timeout`` s.
+
+    The one "terminate, then kill" of privet: a coordinator's and a site's child processes, and
+    the Ray workers a simulation started. ``also(sig)`` runs before each signal is sent (e.g. to
+    signal a process group). Returns the processes still alive at the end (normally none).
+    """
+    import psutil
+
+    alive = list(procs)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if also is not None:
+            also(sig)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        _, alive = psutil.wait_procs(alive, timeout=timeout)
+        if not alive:
+            break
+    return list(alive)
 
 
 def health_status(address: str, *, timeout: float = 1.0) -> str:
@@ -221,10 +243,7 @@ def health_status(address: str, *, timeout: float = 1.0) -> str:
 
 def wait_healthy(address: str, *, child: Child | None = None, timeout: float = 60.0) -> None:
     """Poll the gRPC health service at ``address`` until it says SERVING (at most ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    tries = 0
-    while time.monotonic() < deadline and tries < 10_000:
-        tries += 1
+    for _ in attempts(tries=10_000, timeout=timeout, pause=0.2):
         if health_status(address, timeout=1.0) == "SERVING":
             return
         if child is not None and not child.alive():
@@ -233,7 +252,6 @@ def wait_healthy(address: str, *, child: Child | None = None, timeout: float = 6
                 f"{child.tail()}",
                 fix=f"see {child.log_file}",
             )
-        time.sleep(0.2)
     where = f"; see {child.log_file}" if child is not None else ""
     raise DeploymentError(f"no healthy service at {address} after {timeout:.0f} s{where}")
 

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import platformdirs
 
 from privet.common.errors import PrivetError
+from privet.common.retry import attempts
 
 __all__ = [
     "PinnedDist",
@@ -192,9 +192,7 @@ def pip_download(pin: PinnedDist, dest_dir: Path, *, error: type[PrivetError]) -
         str(dest_dir),
     ]
     last_error = ""
-    for attempt in range(PIP_TRIES):
-        if attempt:
-            time.sleep(2.0 * attempt)
+    for _ in attempts(tries=PIP_TRIES, pause=lambda n: 2.0 * (n - 1)):
         try:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False

@@ -55,6 +55,7 @@ from privet.common.deployment import (
 )
 from privet.common.errors import DeploymentError
 from privet.common.protocol import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY
+from privet.common.retry import attempts
 from privet.server.flower_door import register_outcome
 from privet.server.loop import WAITING
 from privet.server.proxy import start_proxy
@@ -360,7 +361,7 @@ REGISTER_PAUSE = 2.0
 
 def _register(key: Path, *, env: dict[str, str], cwd: Path) -> None:
     """Register one node public key with the SuperLink (an already registered key is fine)."""
-    for attempt in range(1, REGISTER_TRIES + 1):
+    for attempt in attempts(tries=REGISTER_TRIES, pause=REGISTER_PAUSE):
         res = subprocess.run(
             [
                 flower_executable("flwr"),
@@ -387,7 +388,6 @@ def _register(key: Path, *, env: dict[str, str], cwd: Path) -> None:
         if outcome != "not yet" or attempt == REGISTER_TRIES:
             break
         log.info("the SuperLink is not taking registrations yet (try %d); again soon", attempt)
-        time.sleep(REGISTER_PAUSE)
     raise DeploymentError(f"registering node key {key.name} failed: {out.strip()[-500:]}")
 
 

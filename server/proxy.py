@@ -26,6 +26,7 @@ from pathlib import Path
 from privet.common.certs import CertPaths
 from privet.common.deployment import Child, probe_reachable
 from privet.common.errors import DeploymentError
+from privet.common.retry import attempts
 
 __all__ = ["FLEET_ROUTES", "nginx_config", "nginx_executable", "start_proxy"]
 
@@ -166,8 +167,6 @@ def start_proxy(
     timeout: float = 30.0,
 ) -> Child:
     """Start nginx as a child (no daemon; it gets SIGTERM if privet dies) and wait for its port."""
-    import time
-
     exe = nginx_executable()
     folder = Path(folder).resolve()
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -199,8 +198,7 @@ def start_proxy(
         death_signal=signal.SIGTERM,
     )
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    for _ in attempts(tries=100_000, timeout=timeout, pause=0.1):
         if not child.alive():
             err = (
                 (folder / "error.log").read_text(errors="replace")
@@ -215,6 +213,5 @@ def start_proxy(
             )
         if probe_reachable(probe_host, port, timeout=0.5):
             return child
-        time.sleep(0.1)
     child.stop()
     raise DeploymentError(f"nginx did not listen on {_listen(host, port)} within {timeout:.0f} s")

@@ -21,7 +21,7 @@ from typing import Any
 from privet.client import make_client_app
 from privet.common.config import PrivetConfig
 from privet.common.data import cached_federated_data
-from privet.common.deployment import adopt_orphans
+from privet.common.deployment import adopt_orphans, end_processes
 from privet.common.modeling import check_model_loads
 from privet.common.privacy.mechanism import flower_sample_size
 from privet.server import RoundObserver, make_server_app
@@ -97,16 +97,7 @@ def _ray_shutdown(spawned_before: set[int] | None = None) -> None:
 
 def _end(procs: list[Any], timeout: float = 5.0) -> None:
     """SIGTERM ``procs``, then SIGKILL the ones still alive after ``timeout`` seconds."""
-    import psutil
-
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    end_processes(procs, timeout=timeout)
 
 
 def simulate(
