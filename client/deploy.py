@@ -33,7 +33,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from privet.client import flower_door as door
 from privet.client.policy import SitePolicy, apply_policy, check_model_files
 from privet.common.config import PrivetConfig, format_validation_error
-from privet.common.data import ClientData, Examples, LabelledRows, load_table, train_test_split
+from privet.common.data import (
+    ClientData,
+    Examples,
+    GenerationExamples,
+    LabelledRows,
+    load_instructions,
+    load_table,
+    train_test_split,
+)
+from privet.common.data.instructions import file_shape
 from privet.common.deployment import (
     Child,
     flower_env,
@@ -135,7 +144,7 @@ class SiteSettings(BaseModel):
 
 
 def split_site_data(
-    examples: Examples, *, name: str, test_fraction: float, where: str
+    examples: Examples | GenerationExamples, *, name: str, test_fraction: float, where: str
 ) -> ClientData:
     """A site's train/test split of its examples (seeded by the site's name: stable across runs)."""
     seed = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
@@ -151,22 +160,51 @@ def split_site_data(
 def load_site_data(
     settings: SiteSettings, *, num_labels: int | None, label_names: list[str] | None = None
 ) -> ClientData:
-    """The site's train/test split of its own data file (columns and labels checked)."""
+    """The site's train/test split of its own data file (columns and labels checked).
+
+    A JSON lines file of ``prompt``/``completion`` or chat ``messages`` rows is instruction data
+    for a causal LM (:class:`GenerationExamples`); any other file is a table of labelled texts.
+    """
     if settings.data_file is None:
         raise DataError("this site names no data file", fix="pass --data FILE")
-    examples = load_table(
-        settings.data_file,
-        text_column=settings.text_column,
-        label_column=settings.label_column,
-        num_labels=num_labels,
-        label_names=label_names,
+    shape = file_shape(
+        settings.data_file, text_column=settings.text_column, label_column=settings.label_column
     )
+    examples: Examples | GenerationExamples
+    if shape == "instructions":
+        examples = load_instructions([settings.data_file])[0]
+    else:
+        examples = load_table(
+            settings.data_file,
+            text_column=settings.text_column,
+            label_column=settings.label_column,
+            num_labels=num_labels,
+            label_names=label_names,
+        )
     return split_site_data(
         examples,
         name=settings.name,
         test_fraction=settings.test_fraction,
         where=str(settings.data_file),
     )
+
+
+def _check_task(cfg: PrivetConfig, local: ClientData, where: str) -> None:
+    """Refuse a site whose data is of the other task than the run's (one line, not a traceback)."""
+    generative = isinstance(local.train, GenerationExamples)
+    if cfg.model.task == "causal_lm" and not generative:
+        raise DataError(
+            f"{where} holds labelled texts, but this run fine-tunes a causal language model "
+            "(model.task = 'causal_lm')",
+            fix="give this site a JSON lines file of {'prompt': ..., 'completion': ...} or "
+            "{'messages': [...]} rows",
+        )
+    if cfg.model.task != "causal_lm" and generative:
+        raise DataError(
+            f"{where} holds instructions (prompt/completion or chat rows), but this run trains a "
+            f"classifier (model.task = {cfg.model.task!r})",
+            fix="give this site a file of labelled texts (text and label columns)",
+        )
 
 
 def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> tuple[PrivetConfig, float | None]:
@@ -188,7 +226,8 @@ def _site_config(server_cfg: PrivetConfig, site: SiteSettings) -> tuple[PrivetCo
 
 
 def make_site_app(
-    site: SiteSettings | None = None, examples: Examples | LabelledRows | None = None
+    site: SiteSettings | None = None,
+    examples: Examples | LabelledRows | GenerationExamples | None = None,
 ) -> ClientApp:
     """The ClientApp a site runs: the coordinator's recipe, the site's policy and data.
 
@@ -205,7 +244,8 @@ def make_site_app(
         Flower loads from the run's bundle when a SuperNode runs ClientApps itself).
     examples
         The site's examples in memory (the embedding API); ``None``: ``site.data_file``. Rows
-        whose labels are class names are mapped with the run's ``data.label_names``.
+        whose labels are class names are mapped with the run's ``data.label_names``;
+        :class:`GenerationExamples` (prompts and completions) serve a ``causal_lm`` run.
 
     """
     from privet.client.app import make_client_app
@@ -239,6 +279,12 @@ def make_site_app(
             local = load_site_data(
                 s, num_labels=cfg.data.num_labels, label_names=cfg.data.label_names
             )
+            where = str(s.data_file)
+        elif isinstance(examples, GenerationExamples):
+            local = split_site_data(
+                examples, name=s.name, test_fraction=s.test_fraction, where="the site's data"
+            )
+            where = "this site's data"
         else:
             n = cfg.data.num_labels or 2
             if isinstance(examples, LabelledRows):  # a Participant's rows: names take the run's
@@ -254,6 +300,8 @@ def make_site_app(
             local = split_site_data(
                 own, name=s.name, test_fraction=s.test_fraction, where="the site's data"
             )
+            where = "this site's data"
+        _check_task(cfg, local, where)
         built.clear()  # one federation at a time: drop the model of an older run
         built[key] = make_client_app(
             cfg,
@@ -347,7 +395,7 @@ class SiteClient:
         ca: Path | None,
         key: Path | None,
         insecure: bool = False,
-        examples: Examples | LabelledRows | None = None,
+        examples: Examples | LabelledRows | GenerationExamples | None = None,
     ) -> None:
         if (ca is None) != insecure:
             raise DeploymentError(

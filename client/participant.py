@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from privet.client.policy import SitePolicy
 from privet.common.config import PrivacyConfig
-from privet.common.data import Examples, LabelledRows
+from privet.common.data import Examples, GenerationExamples, LabelledRows, load_instructions
+from privet.common.data.instructions import file_shape
 from privet.common.errors import ConfigError, DataError, DeploymentError, PrivetError
 from privet.common.protocol import CONFIG, SERVER_ROUND, TOTAL_ROUNDS
 
@@ -63,6 +64,17 @@ def to_examples(
     their place in ``label_names``, else to their place among the sorted distinct names.
     """
     return to_rows(data, text_key=text_key, label_key=label_key).examples(label_names=label_names)
+
+
+def _generation_data(data: Any, *, text_key: str, label_key: str) -> GenerationExamples | None:
+    """The data as prompts and completions for a causal LM, or None when it is labelled texts."""
+    if isinstance(data, GenerationExamples):
+        return data
+    if isinstance(data, str | Path) and (
+        file_shape(Path(data), text_column=text_key, label_column=label_key) == "instructions"
+    ):
+        return load_instructions([Path(data)])[0]
+    return None
 
 
 def to_rows(data: Any, *, text_key: str = "text", label_key: str = "label") -> LabelledRows:
@@ -168,7 +180,9 @@ class Participant:
     server
         The coordinator's ``host:port``.
     data
-        The site's data (see :func:`to_examples`).
+        The site's data (see :func:`to_examples`), or, for a causal-LM federation
+        (``model.task = 'causal_lm'``), :class:`~privet.common.data.GenerationExamples` or a JSON
+        lines file of ``prompt``/``completion`` or chat ``messages`` rows.
     state_dir
         Folder for the privacy ledger and Flower's files; keep it across restarts.
     privacy
@@ -225,10 +239,16 @@ class Participant:
             )
         if privacy is not None:
             policy = SitePolicy.from_privacy(privacy)
-        # Labels stay as given until the run brings the federation's class names (a name this
-        # site has that the federation lacks is refused then); checked here, mapped there.
-        self._rows = to_rows(data, text_key=text_key, label_key=label_key)
-        self._rows.examples()  # integers below 0, a mix of names and numbers: refused now
+        # Instructions (a JSON lines file of prompt/completion or chat rows, or
+        # GenerationExamples) serve a causal-LM federation as they are.
+        own: LabelledRows | GenerationExamples | None = _generation_data(
+            data, text_key=text_key, label_key=label_key
+        )
+        if own is None:
+            # Labels stay as given until the run brings the federation's class names (a name
+            # this site has that the federation lacks is refused then); checked here, mapped there.
+            own = to_rows(data, text_key=text_key, label_key=label_key)
+            own.examples()  # integers below 0, a mix of names and numbers: refused now
         self._settings = SiteSettings(
             name=name,
             state_dir=Path(state_dir).resolve(),
@@ -243,7 +263,7 @@ class Participant:
             ca=Path(ca) if ca is not None else None,
             key=Path(key) if key is not None else None,
             insecure=insecure,
-            examples=self._rows,
+            examples=own,
         )
         self._max_restarts = max_restarts
         self._stop = threading.Event()

@@ -300,10 +300,27 @@ class CausalLM(Task):
             ce, tokens, correct = self._token_sums(
                 model, data, batch_size, pad_token_id, device, mixed_precision
             )
-            scores = [
-                self._token_sums(model, rows, batch_size, pad_token_id, device, mixed_precision)[0]
-                for rows in getattr(data, "choices", [])
-            ]
+            scores = []
+            for rows in getattr(data, "choices", []):
+                # A row whose target is this very choice is the same token row the loss pass
+                # just scored: only the other rows need a forward pass (a two-way choice costs
+                # two passes over the data, not three).
+                score = ce.copy()
+                todo = [
+                    i
+                    for i in range(n)
+                    if rows.input_ids[i] != data.input_ids[i] or rows.labels[i] != data.labels[i]
+                ]
+                if todo:
+                    score[todo] = self._token_sums(
+                        model,
+                        _Rows([rows.input_ids[i] for i in todo], [rows.labels[i] for i in todo]),
+                        batch_size,
+                        pad_token_id,
+                        device,
+                        mixed_precision,
+                    )[0]
+                scores.append(score)
         finally:
             model.train(was_training)
         total = max(int(tokens.sum()), 1)

@@ -23,9 +23,24 @@ from privet.common.privacy import epsilon_from_history, example_sampling, round_
 from privet.common.privacy.federation import FederationMechanism, plan_federation
 from privet.common.privacy.secagg import quantization_slack
 
-__all__ = ["ClientPlan", "RunPlan", "check_plan", "make_plan", "render_plan"]
+__all__ = ["ClientPlan", "RunPlan", "check_plan", "make_plan", "privacy_unit", "render_plan"]
 
 _BUDGET_SLACK = 1e-9
+
+
+def privacy_unit(cfg: PrivetConfig) -> str:
+    """What sample-level DP protects in this run: one example, in the task's terms.
+
+    A causal LM's examples have many tokens; DP-SGD clips each example's gradient summed over
+    its tokens, so the unit is the whole sequence or chat, never a token (docs/llm.md).
+    """
+    if cfg.model.task == "causal_lm":
+        return (
+            "one example = one sequence (a plain text) or one chat (prompt and completion), "
+            "however many tokens it has; someone with many examples is protected per example, "
+            "a whole client only by privacy.client_level"
+        )
+    return "one example = one labelled text"
 
 
 @dataclass
@@ -59,6 +74,8 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     #: SecAgg+ per round (shares, threshold, tolerated dropouts, upload bytes); None when off.
     secure_aggregation: dict[str, Any] | None = None
+    #: What one unit of sample-level DP is (:func:`privacy_unit`).
+    privacy_unit: str = ""
 
     def as_json(self) -> dict[str, Any]:
         """The plan as a JSON-ready dictionary."""
@@ -264,6 +281,7 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
         memory_bytes_estimate=memory,
         problems=problems,
         notes=notes,
+        privacy_unit=privacy_unit(cfg),
     )
 
 
@@ -352,6 +370,8 @@ def render_plan(plan: RunPlan, cfg: PrivetConfig) -> Any:
             ),
         )
     parts.append(t)
+    if p.enabled and plan.privacy_unit:
+        parts.append(Text(f"privacy unit of sample-level DP: {plan.privacy_unit}"))
     if plan.federation is not None:
         m = plan.federation
         cl = p.client_level

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +41,30 @@ def test_demo_config_is_the_readme_config() -> None:
     # README's `privet plan --config examples/demo.toml` names this file: same settings.
     assert block in (ROOT / "examples" / "demo.toml").read_text(encoding="utf-8")
     assert demo.federation.rounds == 3 and demo.data.num_clients == 4
+
+
+@pytest.mark.parametrize("name", ["llm_shakespeare", "llm_sentiment"])
+def test_llm_presets_plan_a_dp_federation_of_smollm2(name: str) -> None:
+    # The documented generative presets (docs/llm.md) validate and plan: DP at ε = 8 per client,
+    # every budget holding, and the plan names the privacy unit of a causal LM. (Their real runs,
+    # ~6 minutes each on 2 CPU cores, are measured in docs/llm.md, not repeated here.)
+    from rich.console import Console
+
+    from privet.common.config import load_config
+    from privet.simulations.plan import make_plan, render_plan
+
+    path = ROOT / "examples" / f"{name}.toml"
+    cfg = load_config(path, [])
+    assert cfg.model.task == "causal_lm" and cfg.model.name == "embedded:SmolLM2-135M-Instruct"
+    assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
+    # The header states the full-size command, and every --set it gives is a valid override.
+    text = path.read_text(encoding="utf-8")
+    sets = re.findall(r"--set (\S+)", text)
+    assert sets and load_config(path, sets).model.task == "causal_lm"
+    plan = make_plan(cfg, with_model=False)
+    assert not plan.problems
+    assert all(c.epsilon_planned is not None and c.epsilon_planned <= 8.0 for c in plan.clients)
+    console = Console(width=200, record=True)
+    console.print(render_plan(plan, cfg))
+    assert "privacy unit of sample-level DP: one example = one sequence" in console.export_text()
+    assert "one chat" in plan.as_json()["privacy_unit"]

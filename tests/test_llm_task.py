@@ -302,6 +302,22 @@ def test_evaluation_reports_perplexity_token_accuracy_and_exact_match() -> None:
     )
 
 
+def test_exact_match_scores_each_row_once_per_other_choice() -> None:
+    # The row of an example's own answer is the row the loss pass scored: with two choices the
+    # evaluation forwards each example twice (its target, the other answer), not three times.
+    built = _built()
+    data = TASK.tokenize(sentiment_examples(6), built.tokenizer, max_length=48)
+    rows: list[int] = []
+    hook = built.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
+    )
+    try:
+        TASK.evaluate(built.model, data, batch_size=4, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert sum(rows) == 2 * len(data)
+
+
 # --- the real tokenizer and weights -------------------------------------------------------------
 
 

@@ -140,3 +140,31 @@ def test_a_run_stopped_by_the_federation_budget(tmp_path: Path) -> None:
     assert "stopped after round 2" in page
     assert "The run stopped early: the federation budget would be passed" in page
     assert page.count('<td class="">untrained</td>') == 1
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_causal_lm_run_shows_perplexity_its_accuracy_and_privacy_unit(
+    tmp_path: Path, exact: bool
+) -> None:
+    metric = "exact-match" if exact else "token-accuracy"
+    records = [
+        {
+            **r,
+            "server_metrics": {"perplexity": 40.0 / (i + 1), metric: r["server_accuracy"]},
+            "server_samples": [{"prompt": "Speak", "target": " on", "generated": f"g{i}"}],
+        }
+        for i, r in enumerate(RECORDS)
+    ]
+    extra = ["model.task='causal_lm'", "data.source='vader_instructions'"]
+    run_dir, _ = make_run(tmp_path, "lm", extra=extra, records=records, adapter=False)
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    name = "exact match" if exact else "token accuracy"
+    # cards: the last and the base model's perplexity, the accuracy under its own name
+    assert '<div class="v">13.33</div><div class="k">server perplexity</div>' in page
+    assert '<div class="v">40.00</div><div class="k">untrained perplexity</div>' in page
+    assert f'<div class="v">87.50%</div><div class="k">server {name}</div>' in page
+    # the rounds table
+    assert '<th class="">server perplexity</th>' in page and '<td class="">20.00</td>' in page
+    assert "server accuracy" not in page
+    assert "The privacy unit is one example: one sequence, or one chat" in page
+    assert '<td class="l">g0</td>' in page and '<td class="l">g2</td>' in page

@@ -74,6 +74,27 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _causal_lm(run: _Run) -> bool:
+    return (run.config.get("model") or {}).get("task") == "causal_lm"
+
+
+def _accuracy_name(run: _Run) -> str:
+    """What ``server_accuracy`` means in this run.
+
+    A classifier's accuracy, or a causal LM's exact match (data with answer choices) or token
+    accuracy.
+    """
+    if not _causal_lm(run):
+        return "accuracy"
+    exact = any("exact-match" in (r.get("server_metrics") or {}) for r in run.records)
+    return "exact match" if exact else "token accuracy"
+
+
+def _perplexity(record: dict[str, Any]) -> float | None:
+    value = (record.get("server_metrics") or {}).get("perplexity")
+    return None if value is None else float(value)
+
+
 def _figures(run: _Run) -> dict[str, bytes]:
     """Render each plot to PNG bytes."""
     import matplotlib
@@ -107,7 +128,8 @@ def _figures(run: _Run) -> dict[str, bytes]:
         xs, ys = _series(recs, key)
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
-    _finish(fig, ax, "accuracy", "accuracy", "Accuracy of the global model")
+    acc = _accuracy_name(run)
+    _finish(fig, ax, "accuracy", acc, f"{acc[0].upper()}{acc[1:]} of the global model")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for key, label in (
@@ -117,7 +139,11 @@ def _figures(run: _Run) -> dict[str, bytes]:
         xs, ys = _series(recs, key)
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
-    _finish(fig, ax, "loss", "cross-entropy", "Loss per round")
+    loss_title = "Loss per round"
+    if _causal_lm(run):
+        # A causal LM's loss is the mean cross-entropy per target token: perplexity = exp(loss).
+        loss_title = "Loss per target token (perplexity = exp(loss))"
+    _finish(fig, ax, "loss", "cross-entropy", loss_title)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     clients = sorted({c for r in recs for c in (r.get("epsilon_per_client") or {})})
@@ -254,6 +280,12 @@ def _privacy_body(run: _Run) -> str:
         f"clipping norm C = {p.get('max_grad_norm')}, {str(p.get('accountant', 'rdp')).upper()} accountant; "
         f"a client refuses any round that would take its cumulative ε past {budget}.</p>"
     ]
+    if _causal_lm(run):
+        lines.append(
+            "<p>The privacy unit is one example: one sequence, or one chat (prompt and "
+            "completion), however many tokens it has; each example's gradient, summed over its "
+            "tokens, is clipped to C.</p>"
+        )
     last: dict[str, tuple[int, float]] = {}
     for r in run.records:
         for c, e in (r.get("epsilon_per_client") or {}).items():
@@ -291,14 +323,20 @@ def _privacy_body(run: _Run) -> str:
 
 
 def _rounds_table(run: _Run) -> str:
+    lm = _causal_lm(run)
+    acc = {"accuracy": "acc", "exact match": "exact match", "token accuracy": "token acc"}[
+        _accuracy_name(run)
+    ]
     rows = []
     for r in run.records:
+        ppl = [_fmt(_perplexity(r), ".2f")] if lm else []
         rows.append(
             [
                 str(r["round"]),
                 str(len(r.get("clients_trained") or [])) if r["round"] else "untrained",
                 _fmt(r.get("train_loss"), ".4f"),
                 _fmt(r.get("server_loss"), ".4f"),
+                *ppl,
                 _fmt(r.get("server_accuracy"), ".2%"),
                 _fmt(r.get("client_accuracy"), ".2%"),
                 _fmt(r.get("max_epsilon"), ".4f"),
@@ -313,8 +351,9 @@ def _rounds_table(run: _Run) -> str:
             "trained",
             "train loss",
             "server loss",
-            "server acc",
-            "client acc",
+            *(["server perplexity"] if lm else []),
+            f"server {acc}",
+            f"client {acc}",
             "max ε",
             "bytes sent",
             "bytes received",
@@ -378,20 +417,27 @@ def write_report(run_dir: Path, *, out: Path | None = None) -> Path:
     )
     if run.summary.get("stopped"):
         status = f"stopped after round {done}"
+    acc = _accuracy_name(run)
+    first = run.records[0] if run.records else {}
     cards = [
         ("rounds", f"{done} / {planned}"),
-        ("server accuracy", _fmt(last.get("server_accuracy"), ".2%")),
-        ("untrained", _fmt(run.records[0].get("server_accuracy") if run.records else None, ".2%")),
-        ("client accuracy", _fmt(last.get("client_accuracy"), ".2%")),
+        (f"server {acc}", _fmt(last.get("server_accuracy"), ".2%")),
+        ("untrained", _fmt(first.get("server_accuracy"), ".2%")),
+        (f"client {acc}", _fmt(last.get("client_accuracy"), ".2%")),
         ("max ε", _fmt(run.summary.get("max_epsilon", last.get("max_epsilon")), ".3f")),
         ("status", status),
     ]
+    if _causal_lm(run):
+        cards[1:1] = [
+            ("server perplexity", _fmt(_perplexity(last), ".2f")),
+            ("untrained perplexity", _fmt(_perplexity(first), ".2f")),
+        ]
     card_html = "".join(
         f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">{html.escape(k)}</div></div>'
         for k, v in cards
     )
     captions = {
-        "accuracy": "Accuracy of the global adapter on the server's held-out test set and on the clients' own test splits (round 0: untrained).",
+        "accuracy": f"{acc[0].upper()}{acc[1:]} of the global adapter on the server's held-out test set and on the clients' own test splits (round 0: untrained).",
         "loss": "Weighted mean of the clients' training loss, and the server test loss.",
         "epsilon": "Cumulative ε of each client (from its ledger, as reported each round) and the largest among them.",
         "bytes": "Adapter bytes sent to and received from all clients per round.",
