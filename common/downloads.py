@@ -14,7 +14,9 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,12 +29,15 @@ from privet.common.retry import attempts
 __all__ = [
     "PinnedDist",
     "cached_download",
+    "extracted_intact",
     "make_cache_folder",
     "pip_download",
     "read_manifest",
+    "read_tar_member",
     "resolve_cache_dir",
     "sha256_file",
     "write_atomic",
+    "write_manifest",
 ]
 
 PIP_TRIES = 3
@@ -133,6 +138,52 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def extracted_intact(
+    folder: Path, *, manifest: str, source_sha256: str, names: Collection[str]
+) -> bool:
+    """Whether ``folder`` holds a complete, untouched extraction of the pinned source.
+
+    The extraction writes its manifest last (:func:`write_manifest`), so a manifest that names
+    the pinned ``source_sha256`` and exactly ``names``, each file on disk matching its recorded
+    hash, marks a cache that may be used without touching the network.  Anything else (no
+    manifest, another pin, a missing or edited file) is extracted again.
+    """
+    found = read_manifest(folder / manifest)
+    if found is None or found.get("sdist_sha256") != source_sha256:
+        return False
+    files = found.get("files")
+    if not isinstance(files, dict) or set(files) != set(names):
+        return False
+    return all(
+        (folder / name).is_file() and sha256_file(folder / name) == digest
+        for name, digest in files.items()
+    )
+
+
+def write_manifest(folder: Path, name: str, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` as ``folder / name``; the caller writes it last, after every file."""
+    write_atomic(folder / name, json.dumps(manifest, indent=2).encode("utf-8"))
+
+
+def read_tar_member(
+    tar: tarfile.TarFile, member: str, *, source: Path, max_bytes: int, error: type[PrivetError]
+) -> bytes:
+    """The bytes of the regular file ``member`` of ``tar``, refused when absurdly large.
+
+    Members are read by their exact expected names and written by the caller to names it
+    chooses, so a hostile archive can neither escape the cache folder nor plant links.  A missing
+    member raises ``KeyError`` (from tarfile), which the caller reports with its package's name;
+    ``source`` names the downloaded file in the other refusals.
+    """
+    info = tar.getmember(member)
+    if not info.isfile() or info.size > max_bytes:
+        raise error(f"{source}: {info.name} is not a regular file of sane size")
+    fh = tar.extractfile(info)
+    if fh is None:
+        raise error(f"{source}: cannot read {info.name}")
+    return fh.read()
 
 
 def cached_download(pin: PinnedDist, folder: Path, *, error: type[PrivetError]) -> Path:

