@@ -44,6 +44,8 @@ from privet.common.privacy import Ledger
 from privet.common.protocol import (
     ACCURACY,
     ARRAYS,
+    CLIPPING,
+    CLIPPING_CODES,
     CONFIG,
     EPSILON,
     EXAMPLES_SEEN,
@@ -183,6 +185,22 @@ def _load(
             task=task,
             load_seconds=time.perf_counter() - start,
         )
+
+
+_clipping_logged: set[str] = set()
+
+
+def _log_clipping(asked: str, ran: str, client: str, device: torch.device) -> None:
+    """Say once per client which clipping ``privacy.clipping = 'auto'`` resolved to, and why."""
+    if asked != "auto" or client in _clipping_logged:
+        return
+    _clipping_logged.add(client)
+    why = (
+        "CUDA, every trainable layer covered"
+        if ran == "bookkeeping"
+        else f"{device.type}: book-keeping runs on CUDA only when it covers every trainable layer"
+    )
+    log.info("client %s: privacy.clipping = 'auto' runs %s clipping (%s)", client, ran, why)
 
 
 def message_partition(msg: Message, context: Context) -> int:
@@ -423,6 +441,9 @@ def make_client_app(
             # calibration), reported apart so that start-up does not hide in round 1's time.
             STARTUP_SECONDS: startup,
         }
+        if result.clipping is not None:
+            metrics[CLIPPING] = CLIPPING_CODES[result.clipping]
+            _log_clipping(cfg.privacy.clipping, result.clipping, loaded.data.name, loaded.device)
         if release is not None:
             # After the ledger holds the charge: a kept update is always one that was paid for.
             try:

@@ -42,7 +42,7 @@ __all__ = [
     "model_sha256",
 ]
 
-ClippingKind = Literal["flat", "ghost", "bookkeeping"]
+ClippingKind = Literal["auto", "flat", "ghost", "bookkeeping"]
 
 #: The least noise multiplier a site accepts unless it says otherwise. Below about 0.5 the
 #: privacy of DP-SGD degrades quickly (epsilon in the hundreds for a few hundred steps); the site's
@@ -102,10 +102,11 @@ class SitePrivacy(_Strict):
         "less is refused, a calibrated noise below it is raised to it.",
     )
     clipping: tuple[ClippingKind, ...] = Field(
-        ("flat", "ghost", "bookkeeping"),
+        ("auto", "flat", "ghost", "bookkeeping"),
         min_length=1,
         description="The per-sample clipping implementations this site lets a coordinator pick "
-        "(privacy.clipping); all three compute the same clipped gradients.",
+        "(privacy.clipping); all compute the same clipped gradients ('auto': book-keeping on a "
+        "CUDA device when it covers every trainable layer, else flat).",
     )
 
     @model_validator(mode="after")
