@@ -23,6 +23,10 @@ with it; each writes ``DIR/stage-<name>.json`` and ``DIR/stage-<name>.log`` as i
     The bf16 64 x 512 case with ``torch.compile``: the MLPs only (no DP, book-keeping; DP's
     hooks sit on the LoRA layers and must run eagerly) and whole blocks (no DP); compile time is
     left out. Every LLM figure says whether the step trained every LoRA weight.
+``llm_quant``
+    The SmolLM2-135M shape under DP (book-keeping) at 32 x 512, its frozen base held in fp32, in
+    bf16, and quantized by ``model.base_quantization`` (int8, NF4; torchao, bf16 compute): tokens/s,
+    peak memory and the weights' own size. Needs CUDA: the CPU dry run reports it skipped.
 
 On the CPU, ``--device cpu --quick`` runs every stage at toy sizes (the test suite does, so the
 script cannot rot). Models are built from their configs; weights do not matter for timing.
@@ -53,7 +57,13 @@ STAGES: dict[str, tuple[int, int]] = {
     "llm": (80, 300),
     "federation": (200, 400),
     "llm_compile": (70, 300),
+    "llm_quant": (120, 60),
 }
+
+
+class SkipStageError(Exception):
+    """A stage that cannot run on this machine: reported with the reason, not as a failure."""
+
 
 Rows = list[dict[str, Any]]
 
@@ -422,12 +432,18 @@ def stage_full_ft(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
 
 
 def _llama(args: argparse.Namespace, base_dtype: str) -> Any:
-    """The SmolLM2-135M shape with random weights and LoRA r8 (A frozen) on q and v."""
+    """The SmolLM2-135M shape with random weights and LoRA r8 (A frozen) on q and v.
+
+    ``base_dtype`` may name a quantization after a ``+`` (``bfloat16+nf4``): the frozen linear
+    weights are then stored as ``model.base_quantization`` would store them.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from privet.common.modeling import hold_base_in
+    from privet.common.modeling import hold_base_in, quantize_base
+
+    base_dtype, _, quant = base_dtype.partition("+")
 
     quick = args.quick
     cfg = LlamaConfig(
@@ -453,6 +469,8 @@ def _llama(args: argparse.Namespace, base_dtype: str) -> Any:
     if base_dtype != "float32":
         hold_base_in(model, getattr(torch, base_dtype))
     model.to(device)
+    if quant:
+        quantize_base(model, quant)
     model.train()
     return model, cfg.vocab_size
 
@@ -549,6 +567,8 @@ def _llm_cases(
     """
     import torch
 
+    from privet.common.modeling import stored_bytes
+
     device = torch.device(args.device)
     repeats = 1 if args.quick else 3
     rows: Rows = []
@@ -570,6 +590,7 @@ def _llm_cases(
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
         entry: dict[str, Any] = {"batch": batch, "tokens": tokens, "base_dtype": base_dtype}
+        entry["weights_mib"] = round(stored_bytes(model) / 2**20, 1)
         try:
             with _llm_step(model, ids, clipping) as step:
                 before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -652,6 +673,43 @@ def stage_llm_compile(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
             (f"{big} MLPs compiled DP bookkeeping", f"{big} MLPs compiled no DP", 1.15),
             (f"{big} MLPs compiled DP bookkeeping", f"{big} blocks compiled no DP", None),
         ],
+    )
+    return rows, details
+
+
+def stage_llm_quant(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
+    """DP (book-keeping) on the 135M shape: fp32, bf16, int8 and NF4 bases side by side."""
+    import torch
+
+    if torch.device(args.device).type != "cuda":
+        raise SkipStageError(
+            "needs CUDA: model.base_quantization is refused on a CPU (tests/test_base_quantization.py "
+            "runs the quantized path there)"
+        )
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise SkipStageError(
+            "torchao is not installed (carry its wheel, benchmarks/gpu_run.sh)"
+        ) from None
+    shape = "135M LoRA 32x512 DP bookkeeping"
+    cases = [
+        (f"{shape}, fp32 base", "float32", 32, 512, "bookkeeping", None),
+        (f"{shape}, bf16 base", "bfloat16", 32, 512, "bookkeeping", None),
+        (f"{shape}, int8 base", "bfloat16+int8", 32, 512, "bookkeeping", None),
+        (f"{shape}, nf4 base", "bfloat16+nf4", 32, 512, "bookkeeping", None),
+        ("135M LoRA 32x512 no DP, nf4 base", "bfloat16+nf4", 32, 512, None, None),
+    ]
+    rows, details = _llm_cases(args, cases)
+    for label, *_ in cases:
+        mib = details.get(label, {}).get("weights_mib")
+        if mib is not None:
+            rows.append(benchlib.row(f"{label}: weights", mib, "MiB"))
+    rows += _ratio_rows(
+        "",
+        details["times"],
+        [(f"{shape}, {q} base", f"{shape}, bf16 base", None) for q in ("fp32", "int8", "nf4")]
+        + [(f"{shape}, nf4 base", "135M LoRA 32x512 no DP, nf4 base", None)],
     )
     return rows, details
 
@@ -755,6 +813,7 @@ STAGE_FUNCS: dict[str, Callable[[argparse.Namespace], tuple[Rows, dict[str, Any]
     "llm": stage_llm,
     "llm_compile": stage_llm_compile,
     "federation": stage_federation,
+    "llm_quant": stage_llm_quant,
 }
 
 
@@ -773,6 +832,9 @@ def _run_one_stage(args: argparse.Namespace) -> None:
     try:
         rows, details = STAGE_FUNCS[name](args)
         status = "ok"
+    except SkipStageError as why:
+        rows, details, status = [benchlib.row(f"{name}: skipped", str(why))], {}, "skipped"
+        details["skipped"] = str(why)
     except Exception:
         traceback.print_exc()
         rows, details, status = [benchlib.row(f"{name}: failed", "see the log")], {}, "failed"

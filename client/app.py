@@ -244,6 +244,7 @@ def _kept_release(
         return None
     metrics = dict(kept.metrics)
     metrics.update({EPSILON: ledger.epsilon(), REPLAYED: 1, STARTUP_SECONDS: 0.0})
+    metrics.setdefault(CLIPPING, 0)  # kept before the key existed: the same keys as a trained reply
     return kept.state, metrics
 
 
@@ -441,8 +442,9 @@ def make_client_app(
             # calibration), reported apart so that start-up does not hide in round 1's time.
             STARTUP_SECONDS: startup,
         }
+        # Every reply carries the key (Flower aggregates only metrics whose keys agree).
+        metrics[CLIPPING] = CLIPPING_CODES.get(result.clipping or "", 0)
         if result.clipping is not None:
-            metrics[CLIPPING] = CLIPPING_CODES[result.clipping]
             _log_clipping(cfg.privacy.clipping, result.clipping, loaded.data.name, loaded.device)
         if release is not None:
             # After the ledger holds the charge: a kept update is always one that was paid for.

@@ -95,7 +95,8 @@ NOISE_MULTIPLIER = "noise-multiplier"
 #: Seconds of training.
 TRAIN_SECONDS = "train-seconds"
 #: The per-example clipping that ran (``privacy.clipping = 'auto'`` resolved by the client), as
-#: its code in :data:`CLIPPING_CODES` (a metric holds numbers only); absent without DP.
+#: its code in :data:`CLIPPING_CODES` (a metric holds numbers only); 0 without DP. Every train
+#: reply carries it: Flower aggregates only replies whose metric keys agree.
 CLIPPING = "clipping"
 #: Code of each clipping implementation in the :data:`CLIPPING` metric.
 CLIPPING_CODES: dict[str, int] = {"flat": 1, "ghost": 2, "bookkeeping": 3}

@@ -316,7 +316,7 @@ class RecordingStrategy(WrappedStrategy):
             rec.epsilon_per_client[name] = float(metrics.get(EPSILON, 0.0))  # type: ignore[arg-type]
             rec.examples_per_client[name] = int(metrics.get(NUM_EXAMPLES, 0))  # type: ignore[arg-type]
             code = metrics.get(CLIPPING)
-            if code is not None:
+            if code:  # 0: trained without DP
                 rec.clipping_per_client[name] = _CLIPPING_NAMES.get(int(code), f"code {code}")  # type: ignore[arg-type]
             attempt = int(metrics.get(PRIVACY_ATTEMPT, 1))  # type: ignore[arg-type]
             if attempt > 1:

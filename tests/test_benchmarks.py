@@ -100,9 +100,14 @@ def test_gpu_suite_dry_run_on_cpu_measures_every_figure(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu.json").read_text())
     stages = doc["details"]["stages"]
-    assert list(stages) == ["lora_cls", "full_ft", "llm", "federation", "llm_compile"]
+    assert list(stages) == ["lora_cls", "full_ft", "llm", "federation", "llm_compile", "llm_quant"]
+    # the quantized bases need CUDA: skipped here with the reason, not failed
+    assert stages.pop("llm_quant")["status"] == "skipped"
     assert all(s["status"] == "ok" for s in stages.values()), stages
     rows = {r["metric"]: r for r in doc["rows"]}
+    assert str(rows["llm_quant: skipped"]["value"]).startswith(
+        "needs CUDA: model.base_quantization is refused on a CPU"
+    )
     for metric in (
         "classifier batch 512: LoRA fp32 DP bookkeeping / LoRA fp32 no DP",
         "classifier batch 512: LoRA fp32 DP flat / LoRA fp32 no DP",
