@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +19,10 @@ from privet.common.data import Examples, TokenizedExamples
 from privet.common.modeling import build_model
 from privet.common.protocol import CLIPPING, CLIPPING_CODES
 from privet.server import RecordingStrategy
+from privet.server.rundir.html_report import write_report
 
 from .flower_fakes import NodesGrid, arrays, reply, run_identity
+from .rundirs import RECORDS, make_run
 from .test_ghost_clipping import TEXTS
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
@@ -126,3 +129,20 @@ def test_each_round_records_the_clipping_every_client_ran() -> None:
         "client-0": "bookkeeping",
         "client-1": "flat",
     }
+
+
+def test_the_report_states_what_auto_resolved_to(tmp_path: Path) -> None:
+    records = [dict(r) for r in RECORDS]
+    records[1]["clipping_per_client"] = {"client-0": "bookkeeping", "client-1": "flat"}
+    records[2]["clipping_per_client"] = {"client-0": "bookkeeping"}
+    run_dir, _ = make_run(tmp_path, records=records, adapter=False)
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    assert (
+        "Per-example clipping: privacy.clipping = &#x27;auto&#x27;; the clients ran "
+        "bookkeeping (1 client), flat (1 client)."
+    ) in page
+    # a run directory written before the record existed says what was asked for
+    old, _ = make_run(tmp_path / "old", records=RECORDS, adapter=False)
+    assert "Per-example clipping: privacy.clipping = &#x27;auto&#x27;." in write_report(
+        old
+    ).read_text(encoding="utf-8")
