@@ -26,7 +26,10 @@ with it; each writes ``DIR/stage-<name>.json`` and ``DIR/stage-<name>.log`` as i
 ``llm_quant``
     The SmolLM2-135M shape under DP (book-keeping) at 32 x 512, its frozen base held in fp32, in
     bf16, and quantized by ``model.base_quantization`` (int8, NF4; torchao, bf16 compute): tokens/s,
-    peak memory and the weights' own size. Needs CUDA: the CPU dry run reports it skipped.
+    peak memory and the weights' own size; then one DP step through privet's own path
+    (``build_model`` with ``model.base_quantization``, ``train`` with ``privacy.clipping = 'auto'``,
+    which must run book-keeping and move every LoRA weight). Needs CUDA: the CPU dry run reports it
+    skipped.
 
 On the CPU, ``--device cpu --quick`` runs every stage at toy sizes (the test suite does, so the
 script cannot rot). Models are built from their configs; weights do not matter for timing.
@@ -57,7 +60,7 @@ STAGES: dict[str, tuple[int, int]] = {
     "llm": (80, 300),
     "federation": (200, 400),
     "llm_compile": (70, 300),
-    "llm_quant": (120, 60),
+    "llm_quant": (180, 60),
 }
 
 
@@ -701,6 +704,20 @@ def stage_llm_quant(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         ("135M LoRA 32x512 no DP, nf4 base", "bfloat16+nf4", 32, 512, None, None),
     ]
     rows, details = _llm_cases(args, cases)
+    for q in ("int8", "nf4"):
+        # the path a run takes: model.base_quantization through build_model, train() with 'auto'
+        check = _privet_quant_step(args, q)
+        details[f"privet path {q}"] = check
+        ok = check.get("clipping") == "bookkeeping" and check.get("all_weights_moved") is True
+        rows.append(
+            benchlib.row(
+                f"build_model + train, {q} base, clipping 'auto'",
+                check.get("clipping", check.get("error", "?")),
+                "",
+                "bookkeeping, every LoRA weight trained",
+                ok,
+            )
+        )
     for label, *_ in cases:
         mib = details.get(label, {}).get("weights_mib")
         if mib is not None:
@@ -712,6 +729,79 @@ def stage_llm_quant(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         + [(f"{shape}, nf4 base", "135M LoRA 32x512 no DP, nf4 base", None)],
     )
     return rows, details
+
+
+def _privet_quant_step(args: argparse.Namespace, quant: str) -> dict[str, Any]:
+    """One DP round step through privet's own path: a SmolLM2-shape folder with random weights and
+    the tests' tiny BPE tokenizer, ``model.base_quantization = quant`` (bf16 compute), ``train``
+    with ``privacy.clipping = 'auto'``; what ran and whether every LoRA weight moved."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from privet.client import DPSettings, train
+    from privet.common.config import AdapterConfig, ModelConfig, TrainConfig
+    from privet.common.tasks import CausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.llm_fixtures import sentiment_examples, tiny_llama_dir
+
+    folder = Path(tempfile.gettempdir()) / f"privet-gpu-smol-{int(args.quick)}"
+    if not (folder / "model.safetensors").is_file():
+        tok = Path(tiny_llama_dir())
+        quick = args.quick
+        shape = LlamaConfig(
+            vocab_size=1024 if quick else 49152,
+            hidden_size=64 if quick else 576,
+            intermediate_size=128 if quick else 1536,
+            num_hidden_layers=2 if quick else 30,
+            num_attention_heads=4 if quick else 9,
+            num_key_value_heads=2 if quick else 3,
+            tie_word_embeddings=True,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            LlamaForCausalLM(shape).save_pretrained(folder)
+        for f in tok.iterdir():
+            if "token" in f.name or f.name.endswith(".jinja"):
+                shutil.copy(f, folder / f.name)
+    task = CausalLM()
+    out: dict[str, Any] = {}
+    try:
+        cfg = ModelConfig(
+            name=str(folder),
+            task="causal_lm",
+            max_length=64,
+            device="auto",  # the stage runs only where that is CUDA
+            base_dtype="bfloat16",
+            base_quantization=quant,  # type: ignore[arg-type]
+        )
+        built = task.build_model(cfg, AdapterConfig(top_layers=None), seed=0)
+        device = next(p for p in built.model.parameters() if p.requires_grad).device
+        out["device"] = str(device)
+        data = task.tokenize(sentiment_examples(16), built.tokenizer, max_length=64)
+        start = {
+            n: p.detach().cpu().clone()
+            for n, p in built.model.named_parameters()
+            if p.requires_grad
+        }
+        dp = DPSettings(
+            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, clipping="auto"
+        )
+        res = train(
+            built.model,
+            data,
+            TrainConfig(batch_size=16),
+            dp=dp,
+            pad_token_id=int(built.tokenizer.pad_token_id),
+            device=device,
+            task=task,
+        )
+        out["clipping"] = res.clipping
+        out["all_weights_moved"] = all(not torch.equal(start[n], res.state[n]) for n in start)
+        out["train_loss"] = res.train_loss
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return out
 
 
 def _synthetic_csv(folder: Path, n: int) -> Path:
