@@ -15,7 +15,7 @@ import torch
 import privet.common.modeling as modeling
 from privet.client import DPSettings, train
 from privet.common.config import AdapterConfig, ModelConfig, PrivetConfig, TrainConfig
-from privet.common.errors import ConfigError
+from privet.common.errors import ConfigError, PrivacyError
 from privet.common.modeling import BuiltModel, frozen_fingerprint, stored_bytes
 from privet.common.tasks import CausalLM
 
@@ -228,3 +228,24 @@ def test_smollm2_shape_quantized_takes_a_dp_step_on_cuda(tmp_path: object, q: st
     )
     assert out.clipping == "bookkeeping"
     assert all(not torch.equal(start[n], out.state[n]) for n in start)
+
+
+@pytest.mark.parametrize("q", ["int8", "nf4"])
+def test_ghost_is_refused_at_training_time_over_a_bf16_quantized_base(
+    monkeypatch: pytest.MonkeyPatch, q: str
+) -> None:
+    """A caller that skips the config's rule still cannot run ghost clipping through bf16."""
+    built = _built(monkeypatch, q, "bfloat16")
+    data = TASK.tokenize(sentiment_examples(4), built.tokenizer, max_length=48)
+    dp = DPSettings(
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, clipping="ghost"
+    )
+    with pytest.raises(PrivacyError, match="would round apart"):
+        train(
+            built.model,
+            data,
+            TrainConfig(batch_size=4),
+            dp=dp,
+            pad_token_id=int(built.tokenizer.pad_token_id),
+            task=TASK,
+        )
