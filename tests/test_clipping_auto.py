@@ -13,9 +13,17 @@ from flwr.serverapp.strategy import FedAvg
 
 import privet.client.app as client_app
 from privet.client import DPSettings, SitePolicy, train
+from privet.client.policy import SitePrivacy, apply_policy
 from privet.client.training import resolve_clipping
-from privet.common.config import AdapterConfig, ModelConfig, PrivetConfig, TrainConfig
+from privet.common.config import (
+    AdapterConfig,
+    ModelConfig,
+    PrivetConfig,
+    TrainConfig,
+    load_config,
+)
 from privet.common.data import Examples, TokenizedExamples
+from privet.common.errors import PrivacyError
 from privet.common.modeling import build_model
 from privet.common.protocol import CLIPPING, CLIPPING_CODES
 from privet.server import RecordingStrategy
@@ -146,3 +154,16 @@ def test_the_report_states_what_auto_resolved_to(tmp_path: Path) -> None:
     assert "Per-example clipping: privacy.clipping = &#x27;auto&#x27;." in write_report(
         old
     ).read_text(encoding="utf-8")
+
+
+def test_a_site_that_does_not_list_auto_runs_it_as_flat_or_refuses_it() -> None:
+    cfg = load_config(None, ["model.num_hidden_layers=1", "privacy.target_epsilon=5"])
+    assert cfg.privacy.clipping == "auto"
+    own = SitePolicy(privacy=SitePrivacy(target_epsilon=6, clipping=("flat", "ghost")))
+    site_cfg, _ = apply_policy(cfg, own)
+    assert site_cfg.privacy.clipping == "flat"  # the site's own choice among what it allows
+    site_cfg, _ = apply_policy(cfg, SitePolicy(privacy=SitePrivacy(target_epsilon=6)))
+    assert site_cfg.privacy.clipping == "auto"  # the default site lists 'auto': kept
+    strict = SitePolicy(privacy=SitePrivacy(target_epsilon=6, clipping=("bookkeeping",)))
+    with pytest.raises(PrivacyError, match=r"privacy.clipping = 'auto'"):
+        apply_policy(cfg, strict)
