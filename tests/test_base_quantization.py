@@ -23,9 +23,9 @@ from .llm_fixtures import sentiment_examples, tiny_llama_dir
 
 TASK = CausalLM()
 NEEDS_CUDA = (
-    "model.base_quantization = {q!r} needs a CUDA GPU (the quantized base is for GPU memory; "
-    "training through it on a CPU is slower, not smaller); on CPU use model.base_dtype = "
-    "'bfloat16' and model.base_quantization = 'none'"
+    "model.base_quantization = {q!r} needs a CUDA GPU (it saves GPU memory; on a CPU every "
+    "product would dequantize the weights, slowly); on CPU use model.base_dtype = 'bfloat16' "
+    "and model.base_quantization = 'none'"
 )
 
 
