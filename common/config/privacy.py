@@ -289,8 +289,10 @@ class PrivacyConfig(_Section):
             "for full fine-tuning); 'bookkeeping': privet's one-backward-pass ghost clipping "
             "(Linear, Embedding and LayerNorm layers only; the fastest DP path measured on a GPU). "
             "'auto': each client picks when it trains: 'bookkeeping' on a CUDA device when it covers "
-            "every trainable layer, else 'flat' (always 'flat' on a CPU, where flat is as fast); "
-            "the client logs its choice and reports it in the round's metrics."
+            "every trainable layer, else 'flat'; always 'flat' on a CPU, as before 'auto' existed "
+            "(LoRA costs about the same either way there; full fine-tuning on a CPU is faster with "
+            "an explicit 'bookkeeping'). The client logs its choice and reports it in the round's "
+            "metrics."
         ),
     )
     client_level: ClientLevelConfig = Field(
