@@ -43,12 +43,14 @@ print('transformers', transformers.__version__, 'peft', peft.__version__, 'flwr'
 cat "$OUT/env.txt"
 # DEVICE=cpu with --quick: the same steps as a dry run on a machine without a GPU
 mkdir -p "$OUT/gpu"
-python3 benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" --out "$OUT/gpu" ${MINILM[@]+"${MINILM[@]}"} "$@" \
-  > "$OUT/gpu/suite.log" 2>&1
+# NAME=gpu-quant (with --stages llm_quant): the result file is gpu/$NAME.json
+NAME=${NAME:-gpu}
+python3 benchmarks/gpu_suite.py --device "${DEVICE:-cuda}" --out "$OUT/gpu" --name "$NAME" \
+  ${MINILM[@]+"${MINILM[@]}"} "$@" > "$OUT/gpu/suite.log" 2>&1
 rc=$?
 grep -e '^==' -e '^   ' "$OUT/gpu/suite.log"
 # the figures, one line each (the rich tables are in suite.log)
-python3 - "$OUT/gpu/gpu.json" <<'PY'
+python3 - "$OUT/gpu/$NAME.json" <<'PY'
 import json, sys
 doc = json.load(open(sys.argv[1]))
 for r in doc["rows"]:

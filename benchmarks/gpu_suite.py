@@ -91,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
         help="override one stage's time limit",
     )
     p.add_argument("--clients", type=int, default=None, help="federation clients (default 200)")
+    p.add_argument(
+        "--name",
+        default="gpu",
+        help="result file DIR/NAME.json (e.g. gpu-quant for a later run of one stage: "
+        "report.py --gpu shows each gpu*.json as its own table)",
+    )
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # run one stage (child)
     return p
 
@@ -1000,7 +1006,7 @@ def main() -> None:
             details["stages"][name] = {"status": str(rc), "seconds": secs}
         print(f"   {name}: {details['stages'][name]['status']} in {secs} s", flush=True)
         # rewritten after every stage: a run cut short still leaves what it measured
-        benchlib.write_result("gpu", rows, details, args.out)
+        benchlib.write_result(args.name, rows, details, args.out)
 
 
 if __name__ == "__main__":
