@@ -23,6 +23,13 @@ with it; each writes ``DIR/stage-<name>.json`` and ``DIR/stage-<name>.log`` as i
     The bf16 64 x 512 case with ``torch.compile``: the MLPs only (no DP, book-keeping; DP's
     hooks sit on the LoRA layers and must run eagerly) and whole blocks (no DP); compile time is
     left out. Every LLM figure says whether the step trained every LoRA weight.
+``llm_quant``
+    The SmolLM2-135M shape under DP (book-keeping) at 32 x 512, its frozen base held in fp32, in
+    bf16, and quantized by ``model.base_quantization`` (int8, NF4; torchao, bf16 compute): tokens/s,
+    peak memory and the weights' own size; then one DP step through privet's own path
+    (``build_model`` with ``model.base_quantization``, ``train`` with ``privacy.clipping = 'auto'``,
+    which must run book-keeping and move every LoRA weight). Needs CUDA: the CPU dry run reports it
+    skipped.
 
 On the CPU, ``--device cpu --quick`` runs every stage at toy sizes (the test suite does, so the
 script cannot rot). Models are built from their configs; weights do not matter for timing.
@@ -53,7 +60,13 @@ STAGES: dict[str, tuple[int, int]] = {
     "llm": (80, 300),
     "federation": (200, 400),
     "llm_compile": (70, 300),
+    "llm_quant": (180, 60),
 }
+
+
+class SkipStageError(Exception):
+    """A stage that cannot run on this machine: reported with the reason, not as a failure."""
+
 
 Rows = list[dict[str, Any]]
 
@@ -78,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
         help="override one stage's time limit",
     )
     p.add_argument("--clients", type=int, default=None, help="federation clients (default 200)")
+    p.add_argument(
+        "--name",
+        default="gpu",
+        help="result file DIR/NAME.json (e.g. gpu-quant for a later run of one stage: "
+        "report.py --gpu shows each gpu*.json as its own table)",
+    )
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # run one stage (child)
     return p
 
@@ -422,12 +441,18 @@ def stage_full_ft(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
 
 
 def _llama(args: argparse.Namespace, base_dtype: str) -> Any:
-    """The SmolLM2-135M shape with random weights and LoRA r8 (A frozen) on q and v."""
+    """The SmolLM2-135M shape with random weights and LoRA r8 (A frozen) on q and v.
+
+    ``base_dtype`` may name a quantization after a ``+`` (``bfloat16+nf4``): the frozen linear
+    weights are then stored as ``model.base_quantization`` would store them.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from privet.common.modeling import hold_base_in
+    from privet.common.modeling import hold_base_in, quantize_base
+
+    base_dtype, _, quant = base_dtype.partition("+")
 
     quick = args.quick
     cfg = LlamaConfig(
@@ -453,6 +478,8 @@ def _llama(args: argparse.Namespace, base_dtype: str) -> Any:
     if base_dtype != "float32":
         hold_base_in(model, getattr(torch, base_dtype))
     model.to(device)
+    if quant:
+        quantize_base(model, quant)
     model.train()
     return model, cfg.vocab_size
 
@@ -549,6 +576,8 @@ def _llm_cases(
     """
     import torch
 
+    from privet.common.modeling import stored_bytes
+
     device = torch.device(args.device)
     repeats = 1 if args.quick else 3
     rows: Rows = []
@@ -570,6 +599,7 @@ def _llm_cases(
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, vocab, (batch, tokens), generator=gen).to(device)
         entry: dict[str, Any] = {"batch": batch, "tokens": tokens, "base_dtype": base_dtype}
+        entry["weights_mib"] = round(stored_bytes(model) / 2**20, 1)
         try:
             with _llm_step(model, ids, clipping) as step:
                 before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -654,6 +684,130 @@ def stage_llm_compile(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         ],
     )
     return rows, details
+
+
+def stage_llm_quant(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
+    """DP (book-keeping) on the 135M shape: fp32, bf16, int8 and NF4 bases side by side."""
+    import torch
+
+    if torch.device(args.device).type != "cuda":
+        raise SkipStageError(
+            "needs CUDA: model.base_quantization is refused on a CPU (tests/test_base_quantization.py "
+            "runs the quantized path there)"
+        )
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise SkipStageError(
+            "torchao is not installed (carry its wheel, benchmarks/gpu_run.sh)"
+        ) from None
+    shape = "135M LoRA 32x512 DP bookkeeping"
+    cases = [
+        (f"{shape}, fp32 base", "float32", 32, 512, "bookkeeping", None),
+        (f"{shape}, bf16 base", "bfloat16", 32, 512, "bookkeeping", None),
+        (f"{shape}, int8 base", "bfloat16+int8", 32, 512, "bookkeeping", None),
+        (f"{shape}, nf4 base", "bfloat16+nf4", 32, 512, "bookkeeping", None),
+        ("135M LoRA 32x512 no DP, nf4 base", "bfloat16+nf4", 32, 512, None, None),
+    ]
+    rows, details = _llm_cases(args, cases)
+    for q in ("int8", "nf4"):
+        # the path a run takes: model.base_quantization through build_model, train() with 'auto'
+        check = _privet_quant_step(args, q)
+        details[f"privet path {q}"] = check
+        ok = check.get("clipping") == "bookkeeping" and check.get("all_weights_moved") is True
+        rows.append(
+            benchlib.row(
+                f"build_model + train, {q} base, clipping 'auto'",
+                check.get("clipping", check.get("error", "?")),
+                "",
+                "bookkeeping, every LoRA weight trained",
+                ok,
+            )
+        )
+    for label, *_ in cases:
+        mib = details.get(label, {}).get("weights_mib")
+        if mib is not None:
+            rows.append(benchlib.row(f"{label}: weights", mib, "MiB"))
+    rows += _ratio_rows(
+        "",
+        details["times"],
+        [(f"{shape}, {q} base", f"{shape}, bf16 base", None) for q in ("fp32", "int8", "nf4")]
+        + [(f"{shape}, nf4 base", "135M LoRA 32x512 no DP, nf4 base", None)],
+    )
+    return rows, details
+
+
+def _privet_quant_step(args: argparse.Namespace, quant: str) -> dict[str, Any]:
+    """One DP round step through privet's own path: a SmolLM2-shape folder with random weights and
+    the tests' tiny BPE tokenizer, ``model.base_quantization = quant`` (bf16 compute), ``train``
+    with ``privacy.clipping = 'auto'``; what ran and whether every LoRA weight moved."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from privet.client import DPSettings, train
+    from privet.common.config import AdapterConfig, ModelConfig, TrainConfig
+    from privet.common.tasks import CausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.llm_fixtures import sentiment_examples, tiny_llama_dir
+
+    folder = Path(tempfile.gettempdir()) / f"privet-gpu-smol-{int(args.quick)}"
+    if not (folder / "model.safetensors").is_file():
+        tok = Path(tiny_llama_dir())
+        quick = args.quick
+        shape = LlamaConfig(
+            vocab_size=1024 if quick else 49152,
+            hidden_size=64 if quick else 576,
+            intermediate_size=128 if quick else 1536,
+            num_hidden_layers=2 if quick else 30,
+            num_attention_heads=4 if quick else 9,
+            num_key_value_heads=2 if quick else 3,
+            tie_word_embeddings=True,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            LlamaForCausalLM(shape).save_pretrained(folder)
+        for f in tok.iterdir():
+            if "token" in f.name or f.name.endswith(".jinja"):
+                shutil.copy(f, folder / f.name)
+    task = CausalLM()
+    out: dict[str, Any] = {}
+    try:
+        cfg = ModelConfig(
+            name=str(folder),
+            task="causal_lm",
+            max_length=64,
+            device="auto",  # the stage runs only where that is CUDA
+            base_dtype="bfloat16",
+            base_quantization=quant,  # type: ignore[arg-type]
+        )
+        built = task.build_model(cfg, AdapterConfig(top_layers=None), seed=0)
+        device = next(p for p in built.model.parameters() if p.requires_grad).device
+        out["device"] = str(device)
+        data = task.tokenize(sentiment_examples(16), built.tokenizer, max_length=64)
+        start = {
+            n: p.detach().cpu().clone()
+            for n, p in built.model.named_parameters()
+            if p.requires_grad
+        }
+        dp = DPSettings(
+            noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1, clipping="auto"
+        )
+        res = train(
+            built.model,
+            data,
+            TrainConfig(batch_size=16),
+            dp=dp,
+            pad_token_id=int(built.tokenizer.pad_token_id),
+            device=device,
+            task=task,
+        )
+        out["clipping"] = res.clipping
+        out["all_weights_moved"] = all(not torch.equal(start[n], res.state[n]) for n in start)
+        out["train_loss"] = res.train_loss
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return out
 
 
 def _synthetic_csv(folder: Path, n: int) -> Path:
@@ -755,6 +909,7 @@ STAGE_FUNCS: dict[str, Callable[[argparse.Namespace], tuple[Rows, dict[str, Any]
     "llm": stage_llm,
     "llm_compile": stage_llm_compile,
     "federation": stage_federation,
+    "llm_quant": stage_llm_quant,
 }
 
 
@@ -773,6 +928,9 @@ def _run_one_stage(args: argparse.Namespace) -> None:
     try:
         rows, details = STAGE_FUNCS[name](args)
         status = "ok"
+    except SkipStageError as why:
+        rows, details, status = [benchlib.row(f"{name}: skipped", str(why))], {}, "skipped"
+        details["skipped"] = str(why)
     except Exception:
         traceback.print_exc()
         rows, details, status = [benchlib.row(f"{name}: failed", "see the log")], {}, "failed"
@@ -848,7 +1006,7 @@ def main() -> None:
             details["stages"][name] = {"status": str(rc), "seconds": secs}
         print(f"   {name}: {details['stages'][name]['status']} in {secs} s", flush=True)
         # rewritten after every stage: a run cut short still leaves what it measured
-        benchlib.write_result("gpu", rows, details, args.out)
+        benchlib.write_result(args.name, rows, details, args.out)
 
 
 if __name__ == "__main__":

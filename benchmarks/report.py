@@ -23,6 +23,8 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 GPU_BEGIN, GPU_END = "<!-- bench-gpu:begin -->", "<!-- bench-gpu:end -->"
 GPU_RESULTS = benchlib.RESULTS / "gpu"
 ORDER = ["dp_overhead", "federation_overhead", "vs_flower_examples", "communication", "scale"]
+# the GPU section: the whole suite's run first, then runs of single stages (gpu_suite.py --name)
+ORDER += ["gpu", "gpu-quant"]
 
 
 def load(folder: Path, pattern: str = "*.json") -> list[dict[str, Any]]:
@@ -101,8 +103,9 @@ def main() -> None:
     args = p.parse_args()
     if args.results is None:
         args.results = GPU_RESULTS if args.gpu else benchlib.RESULTS
-    # the GPU folder also holds the suite's per-stage files; gpu.json gathers them
-    docs = load(args.results, "gpu.json" if args.gpu else "*.json")
+    # the GPU folder also holds the suite's per-stage files; gpu.json gathers them, gpu-<x>.json
+    # are later runs of single stages (each its own table, with its own machine line)
+    docs = load(args.results, "gpu*.json" if args.gpu else "*.json")
     if not docs:
         raise SystemExit(f"no results in {args.results}; run `make bench` first")
     from rich.console import Console

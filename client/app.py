@@ -44,6 +44,8 @@ from privet.common.privacy import Ledger
 from privet.common.protocol import (
     ACCURACY,
     ARRAYS,
+    CLIPPING,
+    CLIPPING_CODES,
     CONFIG,
     EPSILON,
     EXAMPLES_SEEN,
@@ -185,6 +187,22 @@ def _load(
         )
 
 
+_clipping_logged: set[str] = set()
+
+
+def _log_clipping(asked: str, ran: str, client: str, device: torch.device) -> None:
+    """Say once per client which clipping ``privacy.clipping = 'auto'`` resolved to, and why."""
+    if asked != "auto" or client in _clipping_logged:
+        return
+    _clipping_logged.add(client)
+    why = (
+        "CUDA, every trainable layer covered"
+        if ran == "bookkeeping"
+        else f"{device.type}: book-keeping runs on CUDA only when it covers every trainable layer"
+    )
+    log.info("client %s: privacy.clipping = 'auto' runs %s clipping (%s)", client, ran, why)
+
+
 def message_partition(msg: Message, context: Context) -> int:
     """The partition (simulated client) a message is for.
 
@@ -226,6 +244,7 @@ def _kept_release(
         return None
     metrics = dict(kept.metrics)
     metrics.update({EPSILON: ledger.epsilon(), REPLAYED: 1, STARTUP_SECONDS: 0.0})
+    metrics.setdefault(CLIPPING, 0)  # kept before the key existed: the same keys as a trained reply
     return kept.state, metrics
 
 
@@ -423,6 +442,10 @@ def make_client_app(
             # calibration), reported apart so that start-up does not hide in round 1's time.
             STARTUP_SECONDS: startup,
         }
+        # Every reply carries the key (Flower aggregates only metrics whose keys agree).
+        metrics[CLIPPING] = CLIPPING_CODES.get(result.clipping or "", 0)
+        if result.clipping is not None:
+            _log_clipping(cfg.privacy.clipping, result.clipping, loaded.data.name, loaded.device)
         if release is not None:
             # After the ledger holds the charge: a kept update is always one that was paid for.
             try:

@@ -42,7 +42,7 @@ __all__ = [
     "model_sha256",
 ]
 
-ClippingKind = Literal["flat", "ghost", "bookkeeping"]
+ClippingKind = Literal["auto", "flat", "ghost", "bookkeeping"]
 
 #: The least noise multiplier a site accepts unless it says otherwise. Below about 0.5 the
 #: privacy of DP-SGD degrades quickly (epsilon in the hundreds for a few hundred steps); the site's
@@ -102,10 +102,11 @@ class SitePrivacy(_Strict):
         "less is refused, a calibrated noise below it is raised to it.",
     )
     clipping: tuple[ClippingKind, ...] = Field(
-        ("flat", "ghost", "bookkeeping"),
+        ("auto", "flat", "ghost", "bookkeeping"),
         min_length=1,
         description="The per-sample clipping implementations this site lets a coordinator pick "
-        "(privacy.clipping); all three compute the same clipped gradients.",
+        "(privacy.clipping); all compute the same clipped gradients ('auto': book-keeping on a "
+        "CUDA device when it covers every trainable layer, else flat).",
     )
 
     @model_validator(mode="after")
@@ -295,7 +296,7 @@ def _privacy_refusals(own: SitePrivacy, asked: PrivacyConfig, floor: float) -> l
                 "less noise than this site accepts (its privacy.min_noise_multiplier)",
             )
         )
-    if asked.clipping not in own.clipping:
+    if asked.clipping not in own.clipping and _own_auto(asked.clipping, own.clipping) is None:
         out.append(
             _Refusal(
                 "privacy.clipping",
@@ -305,6 +306,17 @@ def _privacy_refusals(own: SitePrivacy, asked: PrivacyConfig, floor: float) -> l
             )
         )
     return out
+
+
+def _own_auto(asked: str, allowed: tuple[str, ...]) -> str | None:
+    """``auto`` asked of a site that does not list it but allows flat: the site runs flat.
+
+    All clipping modes release the same clipped sum, so this is the site's choice of code, not of
+    privacy; a site that allows neither ``auto`` nor ``flat`` refuses ``auto``.
+    """
+    if asked == "auto" and "auto" not in allowed and "flat" in allowed:
+        return "flat"
+    return None
 
 
 def apply_policy(cfg: PrivetConfig, policy: SitePolicy) -> tuple[PrivetConfig, float | None]:
@@ -382,7 +394,7 @@ def apply_policy(cfg: PrivetConfig, policy: SitePolicy) -> tuple[PrivetConfig, f
         max_grad_norm=own.max_grad_norm,
         accountant=own.accountant,
         budget_epsilon=budget,
-        clipping=asked.clipping,
+        clipping=_own_auto(asked.clipping, own.clipping) or asked.clipping,
         client_level=asked.client_level,
         secure_aggregation=asked.secure_aggregation,
         secagg=asked.secagg,

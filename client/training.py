@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -25,7 +25,7 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from privet.client.bookkeeping import BookKeepingClipper
+from privet.client.bookkeeping import BookKeepingClipper, bookkeeping_supported
 from privet.common.config import TrainConfig
 from privet.common.data import length_sorted_microbatches
 from privet.common.errors import PrivacyError
@@ -49,6 +49,7 @@ __all__ = [
     "evaluate",
     "make_clipper",
     "plan_steps",
+    "resolve_clipping",
     "train",
 ]
 
@@ -66,8 +67,9 @@ class DPSettings:
     #: of the loss reweighted by the clipping factors; no per-sample gradient is stored, which is
     #: what makes full fine-tuning affordable. ``bookkeeping``: privet's own one-pass ghost clipping
     #: (``client/bookkeeping.py``), the clipped sum formed from the first pass's activations and
-    #: output gradients. All three release the same clipped sum.
-    clipping: Literal["flat", "ghost", "bookkeeping"] = "flat"
+    #: output gradients. All three release the same clipped sum. ``auto``: :func:`resolve_clipping`
+    #: picks one for the model and device when training starts.
+    clipping: Literal["auto", "flat", "ghost", "bookkeeping"] = "flat"
 
 
 @dataclass
@@ -80,6 +82,8 @@ class TrainResult:
     train_loss: float
     examples_seen: int
     seconds: float
+    #: The clipping that ran (``privacy.clipping = 'auto'`` resolved), ``None`` without DP.
+    clipping: str | None = None
 
 
 def plan_steps(num_examples: int, cfg: TrainConfig) -> tuple[float, int]:
@@ -279,6 +283,7 @@ def train(
         train_loss=float(loss_sum) / max(seen, 1),
         examples_seen=seen,
         seconds=time.perf_counter() - start,
+        clipping=clipper.clipping,
     )
 
 
@@ -297,6 +302,8 @@ class Clipper:
         #: The module the forward pass runs through (Opacus's wrapper, or the model itself).
         self.net = net
         self.optimizer = optimizer
+        #: The clipping this clipper runs (``flat``, ``ghost``, ``bookkeeping``; ``None``: no DP).
+        self.clipping: str | None = None
 
     def start_microbatch(self) -> None:
         """Called before each micro-batch's forward pass."""
@@ -376,6 +383,26 @@ class _HookClipper(_DPClipper):
         super().close()
 
 
+def resolve_clipping(
+    clipping: str, *, model: torch.nn.Module, device: torch.device
+) -> Literal["flat", "ghost", "bookkeeping"]:
+    """The clipping to run for ``privacy.clipping = clipping`` on ``model`` trained on ``device``.
+
+    ``auto`` is book-keeping on a CUDA device when :func:`bookkeeping_supported` says it covers
+    every trainable layer (measured fastest there: one backward pass and no per-sample
+    gradients, ``docs/benchmarks.md``), else flat; on a CPU always flat, so a CPU run is exactly
+    what it was before ``auto`` existed. Every mode releases the same clipped sum: the choice is
+    one of speed and memory, never of privacy. Any other value is returned as it is.
+    """
+    if clipping in ("flat", "ghost", "bookkeeping"):
+        return clipping  # type: ignore[return-value]
+    if clipping != "auto":
+        raise ValueError(f"unknown clipping {clipping!r}")
+    if device.type == "cuda" and bookkeeping_supported(model) is None:
+        return "bookkeeping"
+    return "flat"
+
+
 def make_clipper(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -386,6 +413,8 @@ def make_clipper(
     seed: int,
 ) -> Clipper:
     """The clipper for ``dp`` (``None``: no DP): ``flat``, ``ghost`` or ``bookkeeping`` clipping.
+
+    ``auto`` is resolved here (:func:`resolve_clipping`); the clipper's ``clipping`` says what ran.
 
     Raises
     ------
@@ -402,6 +431,21 @@ def make_clipper(
             "DP training was asked for with noise_multiplier 0, which gives no privacy",
             fix="disable privacy explicitly (privacy.enabled = false) for a non-private baseline",
         )
+    dp = replace(dp, clipping=resolve_clipping(dp.clipping, model=model, device=device))
+    clipper = _dp_clipper(model, optimizer, dp, n=n, device=device, seed=seed)
+    clipper.clipping = dp.clipping
+    return clipper
+
+
+def _dp_clipper(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dp: DPSettings,
+    *,
+    n: int,
+    device: torch.device,
+    seed: int,
+) -> Clipper:
     params = [p for p in model.parameters() if p.requires_grad]
     net, dp_opt = _make_private(model, optimizer, dp, n=n, device=device, seed=seed)
     if isinstance(net, GradSampleModuleFastGradientClipping):

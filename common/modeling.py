@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from privet.common.config import AdapterConfig, ModelConfig
-from privet.common.errors import ModelError
+from privet.common.config.model import _QUANTIZATION_NEEDS_CUDA
+from privet.common.errors import ConfigError, ModelError
 from privet.common.llm_assets import EMBEDDED_LLMS, embedded_llm_folder, gguf_model_folder
 
 __all__ = [
@@ -35,8 +36,10 @@ __all__ = [
     "load_trainable_state",
     "lora_layers",
     "pick_device",
+    "quantize_base",
     "quiet_transformers",
     "resolve_model_path",
+    "stored_bytes",
     "trainable_state",
     "use_mean_pooling",
 ]
@@ -234,7 +237,9 @@ def quiet_transformers() -> Iterator[None]:
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        with warnings.catch_warnings():
+        # PEFT imports torchao when it is installed (the GPU extra), and torchao's import chatter
+        # would come with every model built.
+        with warnings.catch_warnings(), _quiet_torchao():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
@@ -284,12 +289,15 @@ def build_model(
     Returns
     -------
     BuiltModel
-        The model on the CPU in train mode, with exactly the trainable weights requiring grad.
+        The model on the CPU in train mode, with exactly the trainable weights requiring grad
+        (on the CUDA device with ``model.base_quantization``: it is quantized there).
 
     Raises
     ------
     ModelError
         When the model or tokenizer cannot be loaded, with the reason and the fix.
+    ConfigError
+        When ``model.base_quantization`` is asked for without a CUDA device or without torchao.
 
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -301,6 +309,8 @@ def build_model(
     )
 
     generative = model_cfg.task == "causal_lm"
+    if model_cfg.base_quantization != "none":
+        _check_quantized_base(model_cfg)  # before anything is loaded
     source = resolve_model_path(model_cfg.name)
     # A classifier's head is new (num_labels wide); a causal LM keeps its pretrained LM head.
     overrides: dict[str, Any] = {} if generative else {"num_labels": num_labels}
@@ -359,6 +369,10 @@ def build_model(
     keys = [n for n, p in model.named_parameters() if p.requires_grad]
     if model_cfg.base_dtype != "float32":
         hold_base_in(model, getattr(torch, model_cfg.base_dtype))
+    if model_cfg.base_quantization != "none":
+        # Quantized where it will run: the quantized tensors never have to cross devices.
+        model.to(pick_device(model_cfg.device))  # type: ignore[arg-type]
+        quantize_base(model, model_cfg.base_quantization)
     if not keys:
         raise ModelError(
             "nothing is left to train with this adapter configuration",
@@ -391,6 +405,124 @@ def hold_base_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
         own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
         if own and all(p.dtype == torch.float32 for p in own):
             module.register_forward_pre_hook(_inputs_to_float32)
+
+
+def _quantized_base_refusal(model_cfg: ModelConfig) -> str | None:
+    """Why this run cannot hold a quantized base on its device (``None``: it can)."""
+    if pick_device(model_cfg.device).type == "cuda":
+        return None
+    return _QUANTIZATION_NEEDS_CUDA.format(q=model_cfg.base_quantization)
+
+
+def _check_quantized_base(model_cfg: ModelConfig) -> None:
+    """Refuse ``model.base_quantization`` off CUDA or without torchao: one line, before any load."""
+    reason = _quantized_base_refusal(model_cfg)
+    if reason is not None:
+        raise ConfigError(reason)
+    _torchao(model_cfg.base_quantization)
+
+
+def _torchao(scheme: str) -> Any:
+    """``torchao.quantization``, imported quietly, or a :class:`ConfigError` naming the extra."""
+    try:
+        with _quiet_torchao():
+            import torchao.quantization as tq
+    except ImportError:
+        raise ConfigError(
+            f"model.base_quantization = {scheme!r} needs the torchao package, which is not installed",
+            fix="pip install 'privet[gpu]' (or pip install torchao), or set "
+            "model.base_quantization = 'none'",
+        ) from None
+    return tq
+
+
+@contextlib.contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    # torchao logs a warning per optional kernel it cannot load (triton, its C++ extensions; none
+    # is used here) as its modules import, and torch one about an enum torchao registers.
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+# NF4 (QLoRA's format): one absmax per 64 weights, the absmaxes themselves quantized to 8 bits
+# in groups; torchao wants the group size to divide the number of blocks.
+_NF4_BLOCK = 64
+_NF4_SCALER_BLOCK = 256
+
+
+def quantize_base(model: torch.nn.Module, scheme: str) -> int:
+    """Store the frozen base's linear weights of ``model`` quantized (in place); return how many.
+
+    ``scheme`` is ``int8`` (torchao's weight-only int8, one scale per output row) or ``nf4``
+    (torchao's NF4, QLoRA's 4-bit format). Each product dequantizes the weight to the dtype it
+    was held in (``model.base_dtype``), and its gradient with respect to the input flows as
+    through any frozen layer, so the LoRA layers below it train. Trainable layers, the LoRA
+    matrices, the head, and a weight shared by two modules (a tied LM head, whose other user is
+    the embedding) are left as they are; so is an NF4 layer whose size is not a multiple of 64.
+    Per-example norms are formed in the trainable layers only, which stay float32.
+    """
+    tq = _torchao(scheme)
+    with _quiet_torchao():
+        return _quantize_linears(model, scheme, tq)
+
+
+def _quantize_linears(model: torch.nn.Module, scheme: str, tq: Any) -> int:
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    chosen: list[torch.nn.Linear] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or _is_adapter(name + "."):
+            continue
+        w = module.weight
+        if w.requires_grad or uses[id(w)] > 1 or not w.is_floating_point():
+            continue
+        if module.bias is not None and module.bias.requires_grad:
+            continue
+        if scheme == "nf4" and w.numel() % _NF4_BLOCK:
+            continue
+        chosen.append(module)
+    if scheme == "int8":
+        targets = {id(m) for m in chosen}
+        tq.quantize_(
+            model,
+            tq.Int8WeightOnlyConfig(set_inductor_config=False),
+            filter_fn=lambda m, _fqn: id(m) in targets,
+        )
+    elif scheme == "nf4":
+        for module in chosen:
+            w = module.weight.detach()
+            blocks = w.numel() // _NF4_BLOCK
+            group = max(d for d in range(1, _NF4_SCALER_BLOCK + 1) if blocks % d == 0)
+            q = tq.to_nf4(w.contiguous(), _NF4_BLOCK, group)
+            module.weight = torch.nn.Parameter(q, requires_grad=False)
+    else:
+        raise ValueError(f"unknown base quantization {scheme!r}")
+    return len(chosen)
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes the parameters of ``model`` occupy, quantized ones by their packed contents."""
+    total, seen = 0, set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        flatten = getattr(type(p.data), "__tensor_flatten__", None)
+        if flatten is not None and type(p.data) is not torch.Tensor:
+            names, _ = p.data.__tensor_flatten__()  # type: ignore[attr-defined]
+            inner = [getattr(p.data, n) for n in names]
+            total += sum(t.numel() * t.element_size() for t in inner)
+        else:
+            total += p.numel() * p.element_size()
+    return total
 
 
 def _inputs_to_float32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

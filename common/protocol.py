@@ -17,6 +17,8 @@ from enum import IntEnum, unique
 __all__ = [
     "ACCURACY",
     "ARRAYS",
+    "CLIPPING",
+    "CLIPPING_CODES",
     "CONFIG",
     "CONFIG_KEY",
     "EPSILON",
@@ -92,6 +94,12 @@ PRIVACY_ATTEMPT = "privacy-attempt"
 NOISE_MULTIPLIER = "noise-multiplier"
 #: Seconds of training.
 TRAIN_SECONDS = "train-seconds"
+#: The per-example clipping that ran (``privacy.clipping = 'auto'`` resolved by the client), as
+#: its code in :data:`CLIPPING_CODES` (a metric holds numbers only); 0 without DP. Every train
+#: reply carries it: Flower aggregates only replies whose metric keys agree.
+CLIPPING = "clipping"
+#: Code of each clipping implementation in the :data:`CLIPPING` metric.
+CLIPPING_CODES: dict[str, int] = {"flat": 1, "ghost": 2, "bookkeeping": 3}
 #: Seconds of cold start (loading the model, tokenizing) before training.
 STARTUP_SECONDS = "startup-seconds"
 #: 1 when the reply resends an update kept from an earlier attempt (nothing was trained).

@@ -22,6 +22,8 @@ from flwr.serverapp.strategy import Strategy
 from privet.common.protocol import (
     ACCURACY,
     ARRAYS,
+    CLIPPING,
+    CLIPPING_CODES,
     EPSILON,
     METRICS,
     NUM_EXAMPLES,
@@ -42,6 +44,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("privet")
+
+_CLIPPING_NAMES = {code: name for name, code in CLIPPING_CODES.items()}
 
 #: Inspects one successful train reply against the arrays that were sent; returns the reason to
 #: reject it, or None to accept it.
@@ -107,6 +111,9 @@ class RoundRecord:
     #: Training examples each client reported (``num-examples``): its sampling rate is the
     #: batch size over this count, as its own ledger has it (a site's data is not the server's).
     examples_per_client: dict[str, int] = field(default_factory=dict)
+    #: The per-example clipping each DP client ran (``flat``, ``ghost``, ``bookkeeping``): what
+    #: ``privacy.clipping = 'auto'`` resolved to on its device.
+    clipping_per_client: dict[str, str] = field(default_factory=dict)
     #: Why the round kept the previous global model, when it did (``aggregated`` is False).
     skipped: str | None = None
 
@@ -308,6 +315,9 @@ class RecordingStrategy(WrappedStrategy):
             rec.train_loss_per_client[name] = loss
             rec.epsilon_per_client[name] = float(metrics.get(EPSILON, 0.0))  # type: ignore[arg-type]
             rec.examples_per_client[name] = int(metrics.get(NUM_EXAMPLES, 0))  # type: ignore[arg-type]
+            code = metrics.get(CLIPPING)
+            if code:  # 0: trained without DP
+                rec.clipping_per_client[name] = _CLIPPING_NAMES.get(int(code), f"code {code}")  # type: ignore[arg-type]
             attempt = int(metrics.get(PRIVACY_ATTEMPT, 1))  # type: ignore[arg-type]
             if attempt > 1:
                 rec.charged_again[name] = attempt

@@ -100,9 +100,14 @@ def test_gpu_suite_dry_run_on_cpu_measures_every_figure(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu.json").read_text())
     stages = doc["details"]["stages"]
-    assert list(stages) == ["lora_cls", "full_ft", "llm", "federation", "llm_compile"]
+    assert list(stages) == ["lora_cls", "full_ft", "llm", "federation", "llm_compile", "llm_quant"]
+    # the quantized bases need CUDA: skipped here with the reason, not failed
+    assert stages.pop("llm_quant")["status"] == "skipped"
     assert all(s["status"] == "ok" for s in stages.values()), stages
     rows = {r["metric"]: r for r in doc["rows"]}
+    assert str(rows["llm_quant: skipped"]["value"]).startswith(
+        "needs CUDA: model.base_quantization is refused on a CPU"
+    )
     for metric in (
         "classifier batch 512: LoRA fp32 DP bookkeeping / LoRA fp32 no DP",
         "classifier batch 512: LoRA fp32 DP flat / LoRA fp32 no DP",
@@ -168,3 +173,38 @@ def test_report_keeps_the_gpu_section_beside_the_cpu_one(tmp_path: Path) -> None
     assert "| LoRA | 1.04 x | <= 1.1 | yes |" in text
     assert "| LoRA DP | 1.10 x | <= 1.15 | yes |" in text or "| LoRA DP | 1.1 x |" in text
     assert "GPU NVIDIA H200" in text
+
+
+QUANT_PATHS = """
+import json, sys
+import gpu_suite as g
+import privet.common.modeling as modeling
+args = g.parser().parse_args(["--device", "cpu", "--quick", "--out", sys.argv[1]])
+modeling._quantized_base_refusal = lambda cfg: None  # the stage runs on CUDA only
+cases = [(q, "bfloat16+" + q, 2, 16, "bookkeeping", None) for q in ("int8", "nf4")]
+_, details = g._llm_cases(args, cases)
+print(json.dumps({"cases": details, "privet": g._privet_quant_step(args, "nf4")}, default=str))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_suite_quantized_paths_run_on_cpu_with_the_device_refusal_bypassed(
+    tmp_path: Path,
+) -> None:
+    """llm_quant's code (skipped by the CPU dry run) runs here, so the GPU session only measures."""
+    pytest.importorskip("torchao", reason="torchao (pip install 'privet[gpu]') is not installed")
+    out = subprocess.run(
+        [sys.executable, "-c", QUANT_PATHS, str(tmp_path)],
+        cwd=BENCH,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    for q in ("int8", "nf4"):
+        case = doc["cases"][q]
+        assert case["all_weights_moved"] is True and case["tokens_per_s"] > 0, case
+        assert 0 < case["weights_mib"] < 1
+    # through build_model and train: 'auto' is flat on this CPU (book-keeping on the GPU)
+    assert doc["privet"]["clipping"] == "flat" and doc["privet"]["all_weights_moved"] is True

@@ -87,6 +87,8 @@ def test_metrics_one_line_per_round_with_every_field(run) -> None:
     for r in records[1:]:
         assert len(set(r["clients_trained"])) == 2
         assert set(r["epsilon_per_client"]) == set(r["clients_trained"])
+        # privacy.clipping = 'auto' (the default) as each client resolved it: flat on a CPU
+        assert r["clipping_per_client"] == dict.fromkeys(r["clients_trained"], "flat")
         # all three clients evaluate each round: three messages through two nodes
         assert set(r["accuracy_per_client"]) == {"client-0", "client-1", "client-2"}
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0

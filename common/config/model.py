@@ -10,6 +10,13 @@ from privet.common.config._base import DEFAULT_MODEL, _Section
 
 __all__ = ["AdapterConfig", "ModelConfig"]
 
+#: The refusal of a quantized base on a CPU (the config validator and ``build_model`` share it).
+_QUANTIZATION_NEEDS_CUDA = (
+    "model.base_quantization = {q!r} needs a CUDA GPU (it saves GPU memory; on a CPU every "
+    "product would dequantize the weights, slowly); on CPU use model.base_dtype = 'bfloat16' "
+    "and model.base_quantization = 'none'"
+)
+
 
 class ModelConfig(_Section):
     """Which pretrained transformer to fine-tune and how to run it."""
@@ -92,9 +99,28 @@ class ModelConfig(_Section):
             "(slowly); pays on GPUs with bf16 support."
         ),
     )
+    base_quantization: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description=(
+            "Store the frozen base's linear weights quantized (QLoRA style; torchao, "
+            "`pip install 'privet[gpu]'`). 'none': as model.base_dtype says. 'int8': 8-bit integers "
+            "with one scale per output row (about 1/4 of float32). 'nf4': 4-bit NormalFloat, QLoRA's "
+            "format, in blocks of 64 (about 1/7 of float32). The weights are dequantized to "
+            "model.base_dtype for each product, so 'bfloat16' with it is the usual choice; the "
+            "adapters, their inputs, DP's per-example norms and the noise stay float32. LoRA only "
+            "(quantized weights cannot train), needs a CUDA GPU (on CPU use model.base_dtype = "
+            "'bfloat16'). Embeddings, norms, the head and a tied LM head are not quantized."
+        ),
+    )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub (off: safer)."
     )
+
+    @model_validator(mode="after")
+    def _quantized_base_on_cuda(self) -> ModelConfig:
+        if self.base_quantization != "none" and self.device == "cpu":
+            raise ValueError(_QUANTIZATION_NEEDS_CUDA.format(q=self.base_quantization))
+        return self
 
 
 class AdapterConfig(_Section):

@@ -281,12 +281,18 @@ class PrivacyConfig(_Section):
             "pass it is refused before any training step."
         ),
     )
-    clipping: Literal["flat", "ghost", "bookkeeping"] = Field(
-        "flat",
+    clipping: Literal["auto", "flat", "ghost", "bookkeeping"] = Field(
+        "auto",
         description=(
-            "Opacus clipping mode: 'flat' (per-sample hooks) or 'ghost' (less memory for full "
-            "fine-tuning); 'bookkeeping': privet's one-backward-pass ghost clipping (Linear, "
-            "Embedding and LayerNorm layers only; fastest for full fine-tuning)."
+            "How each example's gradient is clipped (all release the same clipped sum). 'flat': "
+            "Opacus's per-sample gradients; 'ghost': Opacus's two-pass ghost clipping (less memory "
+            "for full fine-tuning); 'bookkeeping': privet's one-backward-pass ghost clipping "
+            "(Linear, Embedding and LayerNorm layers only; the fastest DP path measured on a GPU). "
+            "'auto': each client picks when it trains: 'bookkeeping' on a CUDA device when it covers "
+            "every trainable layer, else 'flat'; always 'flat' on a CPU, as before 'auto' existed "
+            "(LoRA costs about the same either way there; full fine-tuning on a CPU is faster with "
+            "an explicit 'bookkeeping'). The client logs its choice and reports it in the round's "
+            "metrics."
         ),
     )
     client_level: ClientLevelConfig = Field(

@@ -50,6 +50,13 @@ class PrivetConfig(_Section):
                 "ghost clipping's two backward passes would round apart in low precision; use "
                 "privacy.clipping = 'bookkeeping' or 'flat'"
             )
+        if self.model.base_quantization != "none" and self.adapter.method != "lora":
+            raise ValueError(
+                f"model.base_quantization = {self.model.base_quantization!r} stores the frozen base "
+                f"quantized, and quantized weights cannot train, but adapter.method = "
+                f"{self.adapter.method!r} trains the base; use adapter.method = 'lora' or "
+                "model.base_quantization = 'none'"
+            )
         if self.model.base_dtype != "float32" and self.adapter.method != "lora":
             raise ValueError(
                 f"model.base_dtype = {self.model.base_dtype!r} holds a frozen base in low precision, "

@@ -265,6 +265,20 @@ def _privacy_section(run: _Run) -> str:
     return note + _privacy_body(run)
 
 
+def _clipping_line(run: _Run, asked: str) -> str:
+    """Which per-example clipping the clients ran (``auto`` is resolved by each client)."""
+    ran: dict[str, set[str]] = {}
+    for r in run.records:
+        for c, kind in (r.get("clipping_per_client") or {}).items():
+            ran.setdefault(str(kind), set()).add(str(c))
+    if not ran:
+        return f"Per-example clipping: privacy.clipping = {asked!r}."
+    parts = ", ".join(
+        f"{kind} ({len(cs)} client{'s' * (len(cs) != 1)})" for kind, cs in sorted(ran.items())
+    )
+    return f"Per-example clipping: privacy.clipping = {asked!r}; the clients ran {parts}."
+
+
 def _privacy_body(run: _Run) -> str:
     p = run.config.get("privacy") or {}
     if not p.get("enabled", True):
@@ -280,6 +294,7 @@ def _privacy_body(run: _Run) -> str:
         f"clipping norm C = {p.get('max_grad_norm')}, {str(p.get('accountant', 'rdp')).upper()} accountant; "
         f"a client refuses any round that would take its cumulative ε past {budget}.</p>"
     ]
+    lines.append(f"<p>{html.escape(_clipping_line(run, str(p.get('clipping', 'flat'))))}</p>")
     if _causal_lm(run):
         lines.append(
             "<p>The privacy unit is one example: one sequence, or one chat (prompt and "
