@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,13 +15,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
-from privet.common.config import ClientLevelConfig, FederationConfig, load_config
+from privet.common.config import ClientLevelConfig, FederationConfig, PrivetConfig, load_config
 from privet.common.errors import ConfigError, PrivacyError
 from privet.common.privacy.federation import (
     clients_per_round,
     federation_delta,
     plan_federation,
 )
+from privet.common.protocol import ErrorCode
 from privet.server.flower_door import ClientSideAdaptiveClipping
 from privet.server.privacy import (
     ClientLevelDP,
@@ -31,6 +34,13 @@ from privet.server.privacy import (
     federation_ledger_path,
     update_norm,
     wrap_client_level_dp,
+)
+from privet.server.recording import RoundRecord
+from privet.server.rundir.privacy_report import (
+    load_privacy_report,
+    privacy_lines,
+    privacy_report,
+    secure_aggregation_report,
 )
 from privet.server.wrapping import WrappedStrategy
 
@@ -826,3 +836,297 @@ def test_federation_refusals_word_for_word() -> None:
         plan_federation(cl, fed, num_clients=1000)
     assert exc.value.message == f"client-level DP: {inner.value.message}"
     assert exc.value.fix == "raise privacy.client_level.target_epsilon or lower federation.rounds"
+
+
+# -- the privacy report (server/rundir/privacy_report.py) on a hand-made run -----------------------
+
+
+def _report_config(*sets: str) -> PrivetConfig:
+    base = [
+        "data.num_clients=6",
+        "federation.rounds=3",
+        "federation.fraction_train=0.5",
+        "federation.min_train_clients=3",
+        "federation.min_available_clients=3",
+        "train.batch_size=10",
+        "train.local_epochs=2",
+    ]
+    return load_config(None, [*base, *sets])
+
+
+def test_the_privacy_report_says_everything_word_for_word(tmp_path: Path) -> None:
+    cfg = _report_config(
+        "privacy.secure_aggregation=true",
+        "privacy.client_level.enabled=true",
+        "privacy.client_level.side='client'",
+        "privacy.client_level.noise_multiplier=1.5",
+        "privacy.client_level.sampling_amplification=true",
+        "privacy.client_level.budget_epsilon=50",
+    )
+    cl = cfg.privacy.client_level
+    mech = plan_federation(cl, cfg.federation, num_clients=6)
+    inner = FedAvg(
+        min_train_nodes=3, min_available_nodes=3, fraction_train=0.5, fraction_evaluate=0
+    )
+    dp = ClientLevelDP(inner, cl=cl, mechanism=mech, ledger_path=tmp_path / "fed.json")
+    np.random.seed(13)
+    _round(dp, 1, np.zeros(8), [np.full(8, 0.01)] * 3)
+    history = [
+        RoundRecord(round=0),
+        RoundRecord(
+            round=1,
+            epsilon_per_client={"a": 0.5, "b": 0.75, "c": 0.25},
+            examples_per_client={"a": 100, "c": 50},  # c: a client the server did not list
+            charged_again={"a": 2},
+            errors={"k1": "[3] crashed"},  # partition 3 of 3 names: nobody
+            error_codes={"k1": int(ErrorCode.BUDGET)},
+        ),
+        RoundRecord(
+            round=2,
+            epsilon_per_client={"a": 1.0},
+            errors={"k2": "[1] budget", "k3": "[0] out of memory"},
+            error_codes={"k2": int(ErrorCode.BUDGET), "k3": 1},
+        ),
+    ]
+    report = privacy_report(
+        cfg,
+        history=history,
+        client_names=["a", "b", "d"],
+        examples_per_client={"a": 999, "b": 40},  # a reported its own 100
+        client_level=dp,
+        stopped="the budget",
+    )
+
+    def client(examples: int, rate: float | None, steps: int | None, **kw: object) -> dict:
+        row: dict[str, object] = {
+            "examples": examples,
+            "sample_rate": rate,
+            "steps_per_round": steps,
+            "epsilon_per_round": {},
+            "rounds_joined": [],
+            "budget_refused_rounds": [],
+            "charges_per_round": {},
+            "final_epsilon": 0.0,
+            "budget_stopped": False,
+        }
+        row.update(kw)
+        return row
+
+    eps = mech.epsilon_after(1)
+    assert report == {
+        "sample_level": {
+            "enabled": True,
+            "mechanism": "DP-SGD (Opacus), Poisson sampling, per-sample clipping",
+            "accountant": "rdp",
+            "delta": 1e-5,
+            "target_epsilon": 8.0,
+            "noise_multiplier": None,
+            "noise_multiplier_note": "calibrated per client at its first round to spend "
+            "target_epsilon over all planned rounds (stored in the client's ledger)",
+            "max_grad_norm": 1.0,
+            "budget_epsilon": 8.0,
+            "batch_size": 10,
+            "local_epochs": 2.0,
+            "clients": {
+                # 100 examples in batches of 10 for 2 epochs: q = 0.1, 20 steps.
+                "a": client(
+                    100,
+                    0.1,
+                    20,
+                    epsilon_per_round={"1": 0.5, "2": 1.0},
+                    rounds_joined=[1, 2],
+                    charges_per_round={"1": 2},
+                    final_epsilon=1.0,
+                ),
+                "b": client(
+                    40,
+                    0.25,
+                    8,
+                    epsilon_per_round={"1": 0.75},
+                    rounds_joined=[1],
+                    budget_refused_rounds=[2],
+                    final_epsilon=0.75,
+                    budget_stopped=True,
+                ),
+                "d": client(0, None, None),
+                "c": client(
+                    50,
+                    0.2,
+                    10,
+                    epsilon_per_round={"1": 0.25},
+                    rounds_joined=[1],
+                    final_epsilon=0.25,
+                ),
+            },
+        },
+        "client_level": {
+            "enabled": True,
+            "mechanism": "DP-FedAvg: clipped client updates, fixed-denominator mean, Gaussian noise",
+            "clipping": "fixed",
+            "side": "client",
+            "initial_clipping_norm": 0.5,
+            "noise_multiplier": 1.5,
+            "sample_rate": 0.5,
+            "delta": 1 / 60,
+            "clients_per_round": 3,
+            "population": 6,
+            # The mechanism's planned "rounds" (3) is shadowed by the rounds run, below; the plan
+            # is the report's rounds_planned.
+            "accountant": "rdp",
+            "budget_epsilon": 50.0,
+            "sampling": "Poisson-subsampling bound at q = clients per round / population "
+            "(approximation for Flower's fixed-size sampling)",
+            "rounds": [
+                {
+                    "round": 1,
+                    "clients_asked": 3,
+                    "updates_aggregated": 3,
+                    "updates_dropped": {},
+                    "clipping_norm": 0.5,
+                    "noise_std": 0.25,  # z C / m = 1.5 * 0.5 / 3
+                    "released": True,
+                    "epsilon_after": eps,
+                    "attempt": 1,
+                }
+            ],
+            "charges_per_round": {"1": 1},
+            "final_epsilon": eps,
+            "ledger": str(tmp_path / "fed.json"),
+        },
+        "secure_aggregation": {
+            "enabled": True,
+            "protocol": "SecAgg+ (Flower's SecAggPlusWorkflow and secaggplus_mod)",
+            "server_sees": "only the sum of each round's updates; per-client metrics (loss, "
+            "examples, epsilon) travel in the clear",
+            "weights": "equal (client-level DP)",
+            "clipping_range": 8.0,
+            "quantization_range": 4194304,
+            "modulus_range": 4294967296,
+            "quantization_step": 16 / 4194304,  # 2 * clipping_range / quantization_range
+            "clients_per_round": 3,
+            "num_shares": 3,
+            "reconstruction_threshold": 2,
+            "tolerated_dropouts_per_neighbourhood": 1,
+        },
+        "stopped": "the budget",
+        "rounds_run": 2,
+        "rounds_planned": 3,
+    }
+    assert privacy_lines(report) == [
+        "client a: ε = 1.000 (δ = 1e-05), joined rounds [1, 2], round 1 charged 2 times "
+        "(redone after a resume)",
+        "client b: ε = 0.750 (δ = 1e-05), joined rounds [1], budget refused rounds [2]",
+        "client c: ε = 0.250 (δ = 1e-05), joined rounds [1]",
+        "client d: ε = 0.000 (δ = 1e-05), joined rounds []",
+        f"federation (client-level): ε = {eps:.3f} (δ = 0.0166667, z = 1.5, budget 50.0)",
+        "secure aggregation: SecAgg+, the server saw only sums, 3 shares, threshold 2 (tolerates "
+        "1 dropouts per round)",
+        "training stopped early: the budget",
+    ]
+
+
+def test_the_privacy_report_of_fixed_noise_without_amplification_or_secagg(
+    tmp_path: Path,
+) -> None:
+    cfg = _report_config(
+        "privacy.noise_multiplier=1.1",
+        "privacy.target_epsilon=None",
+        "privacy.client_level.enabled=true",
+        "privacy.client_level.noise_multiplier=2.0",
+    )
+    cl = cfg.privacy.client_level
+    mech = plan_federation(cl, cfg.federation, num_clients=6)
+    inner = FedAvg(min_train_nodes=3, min_available_nodes=3, fraction_train=0.5)
+    dp = ClientLevelDP(inner, cl=cl, mechanism=mech, ledger_path=tmp_path / "fed.json")
+    kw: dict[str, Any] = {"history": [], "client_names": [], "examples_per_client": {}}
+    report = privacy_report(cfg, client_level=dp, stopped=None, **kw)
+    assert report["sample_level"]["noise_multiplier"] == 1.1
+    assert report["sample_level"]["noise_multiplier_note"] == "fixed"
+    assert report["client_level"]["sampling"] == (
+        "no amplification (q = 1): valid for any choice of clients"
+    )
+    assert report["secure_aggregation"] == {"enabled": False}
+    assert (report["rounds_run"], report["stopped"]) == (0, None)
+    assert privacy_report(cfg, client_level=None, stopped=None, **kw)["client_level"] == {
+        "enabled": False
+    }
+    plain = _report_config("privacy.secure_aggregation=true")
+    assert secure_aggregation_report(plain)["weights"] == "examples"
+
+
+def test_privacy_lines_on_a_hand_made_report() -> None:
+    report = {
+        "sample_level": {"enabled": False, "clients": {"x": {}}},
+        "client_level": {
+            "enabled": True,
+            "final_epsilon": 2.0,
+            "delta": 0.001,
+            "noise_multiplier": 0.123456,
+            "budget_epsilon": None,
+            "charges_per_round": {"10": 2, "9": 3, "1": 1},
+        },
+        "secure_aggregation": {"enabled": True},
+        "stopped": None,
+    }
+    assert privacy_lines(report) == [
+        "federation (client-level): ε = 2.000 (δ = 0.001, z = 0.1235, budget None), round 9 "
+        "charged 3 times (redone after a resume), round 10 charged 2 times (redone after a resume)",
+        "secure aggregation: SecAgg+, the server saw only sums",
+    ]
+    assert privacy_lines({"secure_aggregation": {"enabled": False}, "stopped": ""}) == []
+    # Reports of older runs lack the newer keys: the lines do without them.
+    older = {
+        "sample_level": {
+            "enabled": True,
+            "delta": 1e-5,
+            "clients": {
+                "y": {"final_epsilon": 1.0, "rounds_joined": [1, 9, 10]},
+                "x": {
+                    "final_epsilon": 3.0,
+                    "rounds_joined": [9, 10],
+                    "charges_per_round": {"10": 2, "9": 3},
+                },
+            },
+        },
+        "client_level": {
+            "enabled": True,
+            "final_epsilon": 2.0,
+            "delta": 0.001,
+            "noise_multiplier": 1.0,
+            "budget_epsilon": 4,
+        },
+    }
+    assert privacy_lines(older) == [
+        "client x: ε = 3.000 (δ = 1e-05), joined rounds [9, 10], round 9 charged 3 times (redone "
+        "after a resume), round 10 charged 2 times (redone after a resume)",
+        "client y: ε = 1.000 (δ = 1e-05), joined rounds [1, 9, 10]",
+        "federation (client-level): ε = 2.000 (δ = 0.001, z = 1, budget 4)",
+    ]
+    assert privacy_lines({"sample_level": {"enabled": True, "delta": 1e-5}}) == []
+
+
+def test_a_history_without_reported_counts_uses_the_servers(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    cfg = _report_config()
+    bare = SimpleNamespace(  # a round record without examples_per_client
+        round=1, epsilon_per_client={"a": 0.5}, charged_again={}, errors={}, error_codes={}
+    )
+    report = privacy_report(
+        cfg,
+        history=[bare],
+        client_names=["a"],
+        examples_per_client={"a": 40},
+        client_level=None,
+        stopped=None,
+    )
+    row = report["sample_level"]["clients"]["a"]
+    assert (row["examples"], row["sample_rate"], row["steps_per_round"]) == (40, 0.25, 8)
+
+
+def test_a_privacy_report_is_read_back(tmp_path: Path) -> None:
+    assert load_privacy_report(tmp_path) == {}
+    (tmp_path / "privacy.json").write_text(
+        json.dumps({"stopped": "ε spent"}, ensure_ascii=False), encoding="utf-8"
+    )
+    assert load_privacy_report(tmp_path) == {"stopped": "ε spent"}
