@@ -54,7 +54,8 @@ test: lint types pytest
 # the tests that call the mutated function (tests/mutation.py maps modules to tests; MUTANT_TESTS=
 # "tests/test_x.py" overrides). On two shared cores: mechanism 1-4 min, ledger ~30, accountant ~1 h.
 # Clipping, noise and client-level aggregation: MUTANT_MODULES="client/bookkeeping.py
-# client/training.py client/client_level.py server/privacy.py common/privacy/federation.py".
+# client/training.py client/client_level.py server/privacy.py common/privacy/federation.py";
+# the privacy report's writer: MUTANT_MODULES="server/rundir/privacy_report.py".
 MUTANT_MODULES ?= common/privacy/mechanism.py common/privacy/ledger.py common/privacy/accounting.py
 mutants: install
 	nice -n 10 $(PY) tests/mutation.py $(MUTANT_MODULES)

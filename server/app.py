@@ -37,7 +37,6 @@ from privet.server.population import PopulationGrid
 from privet.server.privacy import (
     FederationBudgetExhausted,
     client_level_of,
-    privacy_report,
     wrap_client_level_dp,
 )
 from privet.server.recording import RecordingStrategy, RoundObserver, RoundRecord
@@ -51,6 +50,7 @@ from privet.server.rundir import (
     save_checkpoint,
     write_json,
 )
+from privet.server.rundir.privacy_report import privacy_report
 from privet.server.secagg import SecAggGrid
 from privet.server.strategies import build_strategy
 from privet.server.tracking import Tracking, check_tracking, with_tracking

@@ -51,11 +51,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from privet.common.config import ClientLevelConfig, PrivetConfig, sampled_per_round
+from privet.common.config import ClientLevelConfig, PrivetConfig
 from privet.common.errors import BudgetExhaustedError, ConfigError
-from privet.common.privacy import Ledger, example_sampling, open_ledger, save_ledger
+from privet.common.privacy import Ledger, open_ledger, save_ledger
 from privet.common.privacy.federation import FederationMechanism, plan_federation
-from privet.common.protocol import ErrorCode, partition_of_reason
 from privet.server.flower_door import (
     AdaptiveClipHooks,
     ClientSideAdaptiveClipping,
@@ -69,8 +68,6 @@ __all__ = [
     "FederationRound",
     "client_level_of",
     "federation_ledger_path",
-    "privacy_report",
-    "secure_aggregation_report",
     "update_norm",
     "wrap_client_level_dp",
 ]
@@ -484,171 +481,3 @@ def client_level_of(strategy: Strategy) -> ClientLevelDP | None:
         node = getattr(node, "inner", None)
         seen += 1
     return None
-
-
-def secure_aggregation_report(cfg: PrivetConfig) -> dict[str, Any]:
-    """What secure aggregation did for a run configured by ``cfg`` (a section of ``privacy.json``)."""
-    if not cfg.privacy.secure_aggregation:
-        return {"enabled": False}
-    sa = cfg.privacy.secagg
-    m = sampled_per_round(cfg)
-    out: dict[str, Any] = {
-        "enabled": True,
-        "protocol": "SecAgg+ (Flower's SecAggPlusWorkflow and secaggplus_mod)",
-        "server_sees": "only the sum of each round's updates; per-client metrics (loss, "
-        "examples, epsilon) travel in the clear",
-        "weights": "equal (client-level DP)" if cfg.privacy.client_level.enabled else "examples",
-        "clipping_range": sa.clipping_range,
-        "quantization_range": sa.quantization_range,
-        "modulus_range": sa.modulus_range,
-        "quantization_step": 2 * sa.clipping_range / sa.quantization_range,
-    }
-    if m is not None:
-        k, t = sa.shares_and_threshold(m)
-        out.update(
-            clients_per_round=m,
-            num_shares=k,
-            reconstruction_threshold=t,
-            tolerated_dropouts_per_neighbourhood=k - t,
-        )
-    return out
-
-
-def _client_of_error(reason: str, client_names: list[str]) -> str | None:
-    # Client error replies name their partition (privet.common.protocol.error_reason).
-    partition = partition_of_reason(reason)
-    if partition is not None and partition < len(client_names):
-        return client_names[partition]
-    return None
-
-
-def privacy_report(
-    cfg: PrivetConfig,
-    *,
-    history: list[Any],
-    client_names: list[str],
-    examples_per_client: dict[str, int],
-    client_level: ClientLevelDP | None,
-    stopped: str | None,
-) -> dict[str, Any]:
-    """Everything a reader needs to check the run's privacy claims, as one JSON-ready dictionary.
-
-    Parameters
-    ----------
-    cfg
-        The run's configuration.
-    history
-        The run's ``RoundRecord`` objects (round 0 first).
-    client_names
-        All clients, by partition id.
-    examples_per_client
-        Training examples per client as the server sees the data (for each client's sampling
-        rate), used only for clients that never reported their own count (``num-examples``).
-    client_level
-        The client-level wrapper, when client-level DP is on.
-    stopped
-        Why training stopped early (``None``: it ran all planned rounds).
-
-    Returns
-    -------
-    dict
-        ``sample_level`` (per-client epsilon per round, rounds joined, budget refusals, and the
-        mechanism), ``client_level`` (per-round federation epsilon, clip, noise, dropped updates),
-        ``stopped``.
-
-    """
-    p = cfg.privacy
-    clients: dict[str, dict[str, Any]] = {}
-    # What each client reported training on wins over the server's view of the data: a deployed
-    # site trains on its own split, and its ledger's sampling rate comes from that count.
-    reported: dict[str, int] = {}
-    for rec in history:
-        reported.update(getattr(rec, "examples_per_client", {}))
-    for name in [*client_names, *sorted(set(reported) - set(client_names))]:
-        n = reported.get(name, examples_per_client.get(name, 0))
-        # The client's own arithmetic on the count it trained on: what its ledger records.
-        sampling = (
-            example_sampling(
-                n, batch_size=cfg.train.batch_size, local_epochs=cfg.train.local_epochs
-            )
-            if n
-            else None
-        )
-        clients[name] = {
-            "examples": n,
-            "sample_rate": sampling.sample_rate if sampling else None,
-            "steps_per_round": sampling.steps if sampling else None,
-            "epsilon_per_round": {},
-            "rounds_joined": [],
-            "budget_refused_rounds": [],
-            # Rounds this client's ledger charged more than once (redone after a resume).
-            "charges_per_round": {},
-        }
-    for rec in history:
-        if rec.round == 0:
-            continue
-        for name, eps in rec.epsilon_per_client.items():
-            if name in clients:
-                clients[name]["epsilon_per_round"][str(rec.round)] = eps
-                clients[name]["rounds_joined"].append(rec.round)
-        for name, attempt in rec.charged_again.items():
-            if name in clients:
-                clients[name]["charges_per_round"][str(rec.round)] = attempt
-        for key, reason in rec.errors.items():
-            who = _client_of_error(reason, client_names)
-            # A refusal is known by its code, never by the wording of its reason.
-            if who is not None and rec.error_codes.get(key) == ErrorCode.BUDGET:
-                clients[who]["budget_refused_rounds"].append(rec.round)
-    for info in clients.values():
-        eps = list(info["epsilon_per_round"].values())
-        info["final_epsilon"] = eps[-1] if eps else 0.0
-        info["budget_stopped"] = bool(info["budget_refused_rounds"])
-    sample_level = {
-        "enabled": p.enabled,
-        "mechanism": "DP-SGD (Opacus), Poisson sampling, per-sample clipping",
-        "accountant": p.accountant,
-        "delta": p.delta,
-        "target_epsilon": p.target_epsilon,
-        "noise_multiplier": p.noise_multiplier,
-        "noise_multiplier_note": (
-            "calibrated per client at its first round to spend target_epsilon over all planned "
-            "rounds (stored in the client's ledger)"
-            if p.noise_multiplier is None
-            else "fixed"
-        ),
-        "max_grad_norm": p.max_grad_norm,
-        "budget_epsilon": p.effective_budget,
-        "batch_size": cfg.train.batch_size,
-        "local_epochs": cfg.train.local_epochs,
-        "clients": clients,
-    }
-    fed: dict[str, Any] = {"enabled": False}
-    if client_level is not None:
-        cl = client_level.cl
-        fed = {
-            "enabled": True,
-            "mechanism": "DP-FedAvg: clipped client updates, fixed-denominator mean, Gaussian noise",
-            "clipping": cl.clipping,
-            "side": cl.side,
-            "initial_clipping_norm": cl.clipping_norm,
-            **client_level.mechanism.as_json(),
-            "sampling": (
-                "Poisson-subsampling bound at q = clients per round / population (approximation "
-                "for Flower's fixed-size sampling)"
-                if cl.sampling_amplification
-                else "no amplification (q = 1): valid for any choice of clients"
-            ),
-            "rounds": [r.as_json() for r in client_level.rounds],
-            # From the ledger, so rounds charged before a resume count too; > 1: redone rounds.
-            "charges_per_round": {str(r): n for r, n in client_level.ledger.attempts().items()},
-            "final_epsilon": client_level.epsilon(),
-            "ledger": str(client_level.ledger_path),
-        }
-    return {
-        "sample_level": sample_level,
-        "client_level": fed,
-        "secure_aggregation": secure_aggregation_report(cfg),
-        "stopped": stopped,
-        "rounds_run": len([r for r in history if r.round > 0]),
-        "rounds_planned": cfg.federation.rounds,
-    }

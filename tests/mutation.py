@@ -39,14 +39,22 @@ TREE = WORK / "tree"
 BIN = Path(sys.executable).parent
 
 #: The privacy-critical modules and the tests that hold each one.  mutmut runs, per mutant, only
-#: those of the selected tests that call the mutated function.
+#: those of the selected tests that call the mutated function, so a module lists every fast test
+#: module that calls it (found with coverage's per-test contexts; ``slow`` tests are left out by
+#: the ``-m "not slow"`` below).  End-to-end federations that are not marked ``slow``
+#: (``tests/test_named_labels.py``'s run also calls the client-level wrapper and writes the
+#: privacy report) are not listed: each would run a whole federation for every mutant of those
+#: functions, and unit tests hold the same paths with exact numbers.
 TESTS: dict[str, list[str]] = {
     "common/privacy/ledger.py": ["tests/test_privacy_ledger.py"],
     "common/privacy/accounting.py": ["tests/test_privacy_accounting.py"],
     "common/privacy/mechanism.py": ["tests/test_privacy_arithmetic.py"],
     "common/privacy/federation.py": [
+        "tests/test_plan.py",
         "tests/test_privacy_arithmetic.py",
         "tests/test_privacy_client_level.py",
+        "tests/test_privacy_mechanism.py",
+        "tests/test_resume_state.py",
     ],
     "client/bookkeeping.py": ["tests/test_bookkeeping.py"],
     "client/training.py": [
@@ -54,9 +62,24 @@ TESTS: dict[str, list[str]] = {
         "tests/test_training.py",
         "tests/test_ghost_clipping.py",
     ],
-    "client/client_level.py": ["tests/test_privacy_client_level.py", "tests/test_strategies.py"],
-    "server/privacy.py": ["tests/test_privacy_client_level.py"],
+    "client/client_level.py": [
+        "tests/test_faults.py",
+        "tests/test_privacy_client_level.py",
+        "tests/test_security_site_policy.py",
+        "tests/test_transport.py",
+    ],
+    "server/privacy.py": ["tests/test_privacy_client_level.py", "tests/test_resume_state.py"],
+    "server/rundir/privacy_report.py": [
+        "tests/test_privacy_arithmetic.py",
+        "tests/test_privacy_client_level.py",
+        "tests/test_privacy_ledger.py",
+        "tests/test_protocol.py",
+        "tests/test_security_site_policy.py",
+    ],
 }
+#: Every pytest run of mutmut's: ``slow`` tests (end-to-end runs) would cost tens of seconds per
+#: mutant.
+PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-n", "0", "-m", "not slow"]
 DEFAULT_MODULES = [
     "common/privacy/mechanism.py",
     "common/privacy/ledger.py",
@@ -115,7 +138,7 @@ def main(modules: list[str]) -> int:
         "source_paths": sorted({str(Path(m).parent) for m in mapped}),
         "only_mutate": mapped,
         "also_copy": ["privet"],
-        "pytest_add_cli_args": ["-p", "no:randomly", "-p", "no:cacheprovider", "-n", "0"],
+        "pytest_add_cli_args": PYTEST_ARGS,
         "pytest_add_cli_args_test_selection": tests,
         "use_git_change_detection": False,
     }
@@ -164,7 +187,7 @@ def main(modules: list[str]) -> int:
     for line in results.splitlines():
         if line.rstrip().endswith(("survived", "no tests", "timeout", "suspicious")):
             print(line.strip())
-    print("show one: cd .mutants/tree && ../../.venv/bin/mutmut show <name>")
+    print(f"show one: cd {WORK.name}/tree && ../../.venv/bin/mutmut show <name>")
     return 0
 
 

@@ -32,7 +32,7 @@ from privet.common.privacy import (
     round_mechanism,
 )
 from privet.common.privacy.federation import clients_per_round, plan_federation
-from privet.server.privacy import privacy_report
+from privet.server.rundir.privacy_report import privacy_report
 from privet.server.strategies import _expected_replies
 
 # Noise multipliers the code computed before the arithmetic moved into mechanism.py (commit

@@ -419,9 +419,8 @@ def test_restarts_never_record_past_the_budget(
 
 def test_report_lists_rounds_charged_again() -> None:
     from privet.common.config import PrivetConfig
-    from privet.server.privacy import privacy_report
     from privet.server.recording import RoundRecord
-    from privet.server.rundir.privacy_report import privacy_lines
+    from privet.server.rundir.privacy_report import privacy_lines, privacy_report
 
     history = [
         RoundRecord(round=0),

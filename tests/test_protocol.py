@@ -16,7 +16,7 @@ from privet.common import protocol
 from privet.common.config import PrivetConfig
 from privet.common.protocol import ErrorCode, error_reason, partition_of_reason
 from privet.server import RecordingStrategy
-from privet.server.privacy import privacy_report
+from privet.server.rundir.privacy_report import privacy_report
 
 from .flower_fakes import NodesGrid, arrays, instruction, run_identity
 

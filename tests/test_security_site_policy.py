@@ -327,8 +327,8 @@ def test_the_cli_options_override_the_policy_file(tmp_path: Path) -> None:
 
 
 def test_privacy_json_takes_each_sites_own_example_count() -> None:
-    from privet.server.privacy import privacy_report
     from privet.server.recording import RoundRecord
+    from privet.server.rundir.privacy_report import privacy_report
 
     cfg = load_config(None, ["train.batch_size=64"])
     rec = RoundRecord(
