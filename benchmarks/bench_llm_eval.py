@@ -105,7 +105,9 @@ def main() -> None:
         f"threads, 1-min load {loads[0]:.2f} -> {loads[1]:.2f}\n"
         f"per-choice {before:.1f} s, cached {after:.1f} s: {before / after:.2f}x; "
         f"largest choice-sum difference {np.abs(out['per-choice'] - out['cached']).max():.2e}, "
-        f"same picks: {same}"
+        f"same picks: {same}\n"
+        f"each run (s): per-choice {[round(t, 1) for t in times['per-choice']]}, "
+        f"cached {[round(t, 1) for t in times['cached']]}"
     )
     print(f"command: {benchlib.command_line()}  ({Path.cwd()})")
 
