@@ -162,8 +162,9 @@ def load_site_data(
 ) -> ClientData:
     """The site's train/test split of its own data file (columns and labels checked).
 
-    A JSON lines file of ``prompt``/``completion`` or chat ``messages`` rows is instruction data
-    for a causal LM (:class:`GenerationExamples`); any other file is a table of labelled texts.
+    A JSON lines file of ``prompt``/``completion``, chat ``messages`` or plain ``text`` rows is
+    data for a causal LM (:class:`GenerationExamples`); any other file is a table of labelled
+    texts.
     """
     if settings.data_file is None:
         raise DataError("this site names no data file", fix="pass --data FILE")
@@ -196,13 +197,13 @@ def _check_task(cfg: PrivetConfig, local: ClientData, where: str) -> None:
         raise DataError(
             f"{where} holds labelled texts, but this run fine-tunes a causal language model "
             "(model.task = 'causal_lm')",
-            fix="give this site a JSON lines file of {'prompt': ..., 'completion': ...} or "
-            "{'messages': [...]} rows",
+            fix="give this site a JSON lines file of {'prompt': ..., 'completion': ...}, "
+            "{'messages': [...]} or {'text': ...} rows",
         )
     if cfg.model.task != "causal_lm" and generative:
         raise DataError(
-            f"{where} holds instructions (prompt/completion or chat rows), but this run trains a "
-            f"classifier (model.task = {cfg.model.task!r})",
+            f"{where} holds data for a causal language model (prompt/completion, chat or plain "
+            f"text rows), but this run trains a classifier (model.task = {cfg.model.task!r})",
             fix="give this site a file of labelled texts (text and label columns)",
         )
 

@@ -297,30 +297,9 @@ class CausalLM(Task):
         was_training = model.training
         model.eval()
         try:
-            ce, tokens, correct = self._token_sums(
+            ce, tokens, correct, scores = self._passes(
                 model, data, batch_size, pad_token_id, device, mixed_precision
             )
-            scores = []
-            for rows in getattr(data, "choices", []):
-                # A row whose target is this very choice is the same token row the loss pass
-                # just scored: only the other rows need a forward pass (a two-way choice costs
-                # two passes over the data, not three).
-                score = ce.copy()
-                todo = [
-                    i
-                    for i in range(n)
-                    if rows.input_ids[i] != data.input_ids[i] or rows.labels[i] != data.labels[i]
-                ]
-                if todo:
-                    score[todo] = self._token_sums(
-                        model,
-                        _Rows([rows.input_ids[i] for i in todo], [rows.labels[i] for i in todo]),
-                        batch_size,
-                        pad_token_id,
-                        device,
-                        mixed_precision,
-                    )[0]
-                scores.append(score)
         finally:
             model.train(was_training)
         total = max(int(tokens.sum()), 1)
@@ -330,9 +309,9 @@ class CausalLM(Task):
             "token-accuracy": float(correct.sum()) / total,
         }
         accuracy = metrics["token-accuracy"]
-        if scores:
+        if len(scores):
             # Lowest summed cross-entropy = highest log-likelihood of the whole choice.
-            picked = np.stack(scores).argmin(axis=0)
+            picked = scores.argmin(axis=0)
             accuracy = metrics["exact-match"] = float(np.mean(picked == data.answers))
         return EvalResult(loss=loss, accuracy=accuracy, num_examples=n, metrics=metrics)
 
@@ -376,7 +355,36 @@ class CausalLM(Task):
             model.train(was_training)
         return out
 
-    def _token_sums(
+    @torch.no_grad()
+    def choice_losses(
+        self,
+        model: torch.nn.Module,
+        data: Any,
+        *,
+        batch_size: int,
+        pad_token_id: int,
+        device: torch.device | None = None,
+        mixed_precision: str = "auto",
+    ) -> NDArray[np.float64]:
+        """Summed cross-entropy of each answer choice after each prompt: what exact match compares.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``[choices, examples]``: entry ``(c, i)`` is minus the log-likelihood of choice ``c``'s
+            tokens and the end-of-sequence token after example ``i``'s prompt, the same number a
+            forward pass over that whole row gives (up to float rounding). Empty without choices.
+
+        """
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            return self._passes(model, data, batch_size, pad_token_id, device, mixed_precision)[3]
+        finally:
+            model.train(was_training)
+
+    def _passes(
         self,
         model: torch.nn.Module,
         data: Any,
@@ -384,25 +392,173 @@ class CausalLM(Task):
         pad_token_id: int,
         device: torch.device,
         mixed_precision: str,
-    ) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
-        """Per row: summed target-token cross-entropy, target-token count, correct next tokens."""
+    ) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
+        """Per row: target cross-entropy sum, target tokens, correct next tokens; choice sums.
+
+        The fourth array is ``[choices, rows]``: each answer choice's summed cross-entropy after
+        each row's prompt (:meth:`choice_losses`).
+
+        One forward pass over each row. A choice row that is the row itself (the example's own
+        answer) takes that pass's sum. Any other choice row shares the row's prompt, so it
+        continues from the pass's key/value cache: only its own tokens, and the prompt's last one
+        (whose logits predict the choice's first token), go through the model, not the whole
+        prompt again. A model without a reusable cache gets one full pass per such row instead.
+        """
         n = len(data)
+        choices: list[_Rows] = list(getattr(data, "choices", []))
         ce_sum = np.zeros(n, dtype=np.float64)
         tokens = np.zeros(n, dtype=np.int64)
         correct = np.zeros(n, dtype=np.int64)
-        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
+        scores = np.zeros((len(choices), n), dtype=np.float64)
+        vocab = _vocab(model)
+        # Logits are kept from the position before a micro-batch's first target token (and a
+        # choice's continuation keeps no more): that, not the rows' length, bounds them.
         longest = int(data.lengths.max()) if n else 1
-        rows = max(1, min(batch_size, _EVAL_LOGITS // max(1, longest * vocab)))
+        kept = longest - min((_logits_start(data[i][1]) for i in range(n)), default=0)
+        rows = max(1, min(batch_size, _EVAL_LOGITS // max(1, kept * vocab)))
         for mb in length_sorted_microbatches(np.arange(n), data.lengths, rows):
-            batch = collate_generation([data[int(i)] for i in mb], pad_token_id)
+            items = [data[int(i)] for i in mb]
+            # (row in the micro-batch, choice, shared prefix) of each choice row to score.
+            pending: list[tuple[int, int, int]] = []
+            for c, choice in enumerate(choices):
+                for j, i in enumerate(mb.tolist()):
+                    ids, labels = choice[i]
+                    if ids != items[j][0] or labels != items[j][1]:
+                        pending.append((j, c, _shared_prefix(ids, labels, items[j][0])))
+            batch = collate_generation(items, pad_token_id)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            logits, labels = _kept_logits(model, batch, device, mixed_precision)
-            ce, mask, hits = _next_token(logits, labels, hits=True)
+            labels_t = batch.pop("labels")
+            keep = batch["logits_to_keep"]
+            with autocast_for(device, mixed_precision):
+                out = model(**batch, use_cache=bool(pending))
+            ce, mask, hits = _next_token(out.logits, labels_t.index_select(1, keep), hits=True)
             assert hits is not None
             ce_sum[mb] = ce.sum(dim=1).double().cpu().numpy()
             tokens[mb] = mask.sum(dim=1).cpu().numpy()
             correct[mb] = (hits & mask).sum(dim=1).cpu().numpy()
-        return ce_sum, tokens, correct
+            scores[:, mb] = ce_sum[mb]  # the rows that are their own answer; the rest below
+            if not pending:
+                continue
+            # transformers 5 names the cache ``cache`` (``past_key_values`` before).
+            key = "cache" if hasattr(out, "cache") else "past_key_values"
+            cache = _layer_cache(getattr(out, key, None))
+            if cache is None:
+                pending = [(j, c, 0) for j, c, _ in pending]  # whole rows, no cache
+            tails = [choices[c][int(mb[j])] for j, c, _ in pending]
+            tails = [
+                (ids[s:], lab[s:]) for (ids, lab), (_, _, s) in zip(tails, pending, strict=True)
+            ]
+            width = max(len(t[0]) for t in tails)
+            step = max(1, _EVAL_LOGITS // max(1, width * vocab))
+            for at in range(0, len(pending), step):
+                part = pending[at : at + step]
+                got = _continue(
+                    model,
+                    (key, cache),
+                    [j for j, _, _ in part],
+                    [s for _, _, s in part],
+                    tails[at : at + step],
+                    pad_token_id,
+                    device,
+                    mixed_precision,
+                )
+                for (j, c, _), value in zip(part, got, strict=True):
+                    scores[c, int(mb[j])] = value
+        return ce_sum, tokens, correct, scores
+
+
+def _vocab(model: torch.nn.Module) -> int:
+    """The model's vocabulary size (bounds the logits of a micro-batch)."""
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
+
+
+def _logits_start(labels: Sequence[int]) -> int:
+    """The first position whose logits a row's loss needs: the one before its first label."""
+    first = next((t for t, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
+    return max(first - 1, 0)
+
+
+def _shared_prefix(ids: list[int], labels: list[int], row: list[int]) -> int:
+    """How many leading tokens of the choice row ``ids`` may come from ``row``'s cache.
+
+    The tokens both rows share, but at most up to the position before the choice row's first
+    predicted label: that position's logits predict the choice's first token, so it goes through
+    the model with the choice. A row whose prompt was truncated differently (a longer choice
+    leaves less of the prompt) shares only what is really the same.
+    """
+    first = next((t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX), len(labels))
+    limit = min(first - 1, len(ids) - 1, len(row))
+    shared = 0
+    while shared < limit and ids[shared] == row[shared]:
+        shared += 1
+    return shared
+
+
+def _layer_cache(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The ``[batch, heads, positions, dim]`` keys and values of each layer, or None.
+
+    Only transformers' plain dynamic cache is read (every layer a full-attention
+    ``DynamicLayer``): a sliding-window, quantized or state-space cache cannot be cut per row
+    this way, and its model scores each choice row by a full pass instead.
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - an older transformers
+        return None
+    if type(cache) is not DynamicCache:
+        return None
+    layers: list[Any] = list(cache.layers)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    if any(not layer.is_initialized for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _continue(
+    model: torch.nn.Module,
+    named_cache: tuple[str, list[tuple[torch.Tensor, torch.Tensor]] | None],
+    rows: list[int],
+    shared: list[int],
+    tails: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    device: torch.device,
+    precision: str,
+) -> list[float]:
+    """Summed target cross-entropy of choice rows whose first ``shared[k]`` tokens are cached.
+
+    Row ``k`` continues micro-batch row ``rows[k]``: the model sees that row's cached keys and
+    values at positions ``0..shared[k]-1`` (the rest of the cache is masked out, so the row's own
+    answer and padding take no part) and the choice row's remaining tokens ``tails[k]`` at
+    positions ``shared[k]...``, exactly as a pass over the whole choice row would place them.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    key, cache = named_cache
+    batch = collate_generation(tails, pad_token_id)
+    keep = batch["logits_to_keep"].to(device)
+    labels = batch.pop("labels").to(device).index_select(1, keep)
+    tail_mask = batch["attention_mask"]
+    past = max(shared) if cache is not None else 0
+    start = torch.tensor(shared, dtype=torch.long).unsqueeze(1)
+    kept = (torch.arange(past).unsqueeze(0) < start).long()
+    inputs: dict[str, Any] = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": torch.cat([kept, tail_mask], dim=1).to(device),
+        "position_ids": (start + torch.arange(tail_mask.shape[1])).to(device),
+        "logits_to_keep": keep,
+    }
+    if cache is not None and past > 0:
+        src = torch.tensor(rows, dtype=torch.long, device=cache[0][0].device)
+        # A new cache of copies: the continuation appends to it, and the next chunk of rows
+        # reads the micro-batch's cache as the loss pass left it.
+        inputs[key] = DynamicCache(
+            ddp_cache_data=[(k[src, :, :past], v[src, :, :past]) for k, v in cache]
+        )
+    with autocast_for(device, precision):
+        logits = model(**inputs, use_cache=True).logits
+    ce, _, _ = _next_token(logits, labels)
+    return [float(v) for v in ce.sum(dim=1).double().cpu()]
 
 
 def _generate(model: torch.nn.Module, tokenizer: Any, ids: list[int], device: torch.device) -> str:

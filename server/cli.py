@@ -198,7 +198,7 @@ def _print_outcome(
 
 
 def sites(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write one CSV per site into.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write one file per site into.")],
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML whose \\[data] section splits.")
     ] = None,
@@ -207,25 +207,38 @@ def sites(
         typer.Option("--set", "-s", help="Override one field, e.g. --set data.num_clients=2."),
     ] = None,
 ) -> None:
-    """Write each client's share of the configured data as its own CSV (sites for a trial).
+    """Write each client's share of the configured data as its own file (sites for a trial).
 
     The split is the simulation's (``[data]``: source, partition, num_clients, seed), so the
     coordinator's server test set, held out from the same data, never overlaps a site's rows.
+    Classification data: ``SITE.csv`` with ``text`` and ``label`` columns. Causal-LM data
+    (``model.task = 'causal_lm'``): ``SITE.jsonl``, chat ``messages`` rows or plain ``text``
+    rows, which ``privet client --data SITE.jsonl`` reads back as the same examples.
     """
     import csv
 
-    from privet.common.data import cached_federated_data, classification_examples
+    from privet.common.data import (
+        GenerationExamples,
+        cached_federated_data,
+        classification_examples,
+        concat_generation,
+    )
+    from privet.common.data.instructions import write_generation
 
     cfg = load_config(config, overrides or [])
     fed = cached_federated_data(cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     for site in fed.clients:
-        path = out / f"{site.name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["text", "label"])
-            for part in map(classification_examples, (site.train, site.test)):
-                writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
+        if isinstance(site.train, GenerationExamples) and isinstance(site.test, GenerationExamples):
+            path = out / f"{site.name}.jsonl"
+            write_generation(path, concat_generation([site.train, site.test]))
+        else:
+            path = out / f"{site.name}.csv"
+            with open(path, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["text", "label"])
+                for part in map(classification_examples, (site.train, site.test)):
+                    writer.writerows(zip(part.texts, part.labels.tolist(), strict=True))
         console.print(f"{path}: {len(site.train) + len(site.test)} rows")
 
 

@@ -22,6 +22,7 @@ from privet.common.data import (
     load_server_test,
     load_shakespeare,
 )
+from privet.common.data.instructions import file_shape, write_generation
 from privet.common.data.shakespeare import parse_play, role_id
 from privet.common.data.vader import VADER_ANSWERS, VADER_INSTRUCTION, load_vader
 from privet.common.errors import DataError
@@ -310,7 +311,8 @@ def test_mixed_files_refused(tmp_path: Path) -> None:
         ({"prompt": "p", "completion": "  "}, r"bad.jsonl:2: 'completion' is empty"),
         ({"prompt": "p", "completion": 3}, r"bad.jsonl:2: 'completion' must be a string"),
         ({"completion": "c"}, r"bad.jsonl:2: the row has a 'completion' but no 'prompt'"),
-        ({"text": "t"}, r"bad.jsonl:2: the row has the keys \['text'\], but this file holds"),
+        ({"text": "t"}, r"bad.jsonl:2: the row is a text row, the rows before it are prompt/"),
+        ({"question": "q"}, r"bad.jsonl:2: the row has the keys \['question'\], but this file"),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
             r"bad.jsonl:2: the row is a chat row, the rows before it are prompt/completion rows",
@@ -340,6 +342,46 @@ def test_bad_chat_rows(tmp_path: Path, messages: list[Any], message: str) -> Non
     path = _jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     with pytest.raises(DataError, match=rf"chat.jsonl:1: .*{message}.* Fix:"):
         load_instructions([path])
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"text": "  "}, r"text.jsonl:2: 'text' is empty"),
+        ({"text": ["a"]}, r"text.jsonl:2: 'text' must be a string, not list"),
+        ({"prompt": "p", "completion": "c"}, r"text.jsonl:2: the row is a prompt/completion row, "),
+    ],
+)
+def test_bad_text_rows(tmp_path: Path, row: Any, message: str) -> None:
+    path = _jsonl(tmp_path / "text.jsonl", [{"text": "To be, or not to be."}, row])
+    with pytest.raises(DataError, match=message) as info:
+        load_instructions([path])
+    assert "\n" not in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_plain_text_rows_round_trip(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path / "speeches.jsonl", [{"text": "To be, or not.", "who": "x"}, {"text": "Ay."}]
+    )
+    assert file_shape(path, text_column="text", label_column="label") == "instructions"
+    assert is_generation_source(DataConfig(source="files", train_files=[path]))
+    (texts,) = load_instructions([path])
+    assert texts.targets == ["To be, or not.", "Ay."] and texts.prompts == [None, None]
+    # The text and label columns still make a classification table.
+    rows = _jsonl(tmp_path / "rows.jsonl", [{"text": "t", "label": 1}])
+    assert file_shape(rows, text_column="text", label_column="label") == "classification"
+    chats = GenerationExamples(
+        targets=["Paris", 'Hi \u00e9\n"there"'],
+        prompts=[(Turn("user", "Capital?"),), (Turn("system", "Be kind."), Turn("user", "Hello"))],
+    )
+    for examples in (texts, chats):
+        out = tmp_path / "out.jsonl"
+        write_generation(out, examples)
+        (back,) = load_instructions([out])
+        assert back.targets == examples.targets and back.prompts == examples.prompts
+    mixed = GenerationExamples(targets=["a", "b"], prompts=[None, (Turn("user", "q"),)])
+    with pytest.raises(DataError, match="mix chats and plain texts"):
+        write_generation(tmp_path / "mixed.jsonl", mixed)
 
 
 def test_neither_shape_says_both(tmp_path: Path) -> None:

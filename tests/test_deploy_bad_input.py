@@ -170,3 +170,16 @@ def test_sites_writes_each_clients_share_once(tmp_path: Path) -> None:
     assert len(texts) == len(set(texts)) == 48
     assert set(texts) < set(rows["text"])
     assert all(list(p.columns) == ["text", "label"] and len(p) == 16 for p in parts)
+    # Byte for byte the CSV it always wrote: a header, then each client's train and test rows.
+    from privet.common.config import load_config
+    from privet.common.data import cached_federated_data
+
+    fed = cached_federated_data(load_config(None, sets).data)
+    for i, client in enumerate(fed.clients):
+        lines = ["text,label"] + [
+            f"{t},{y}"
+            for part in (client.train, client.test)
+            for t, y in zip(part.texts, part.labels.tolist(), strict=True)
+        ]
+        written = (tmp_path / "sites" / f"client-{i}.csv").read_bytes()
+        assert written == ("\r\n".join(lines) + "\r\n").encode()

@@ -302,20 +302,93 @@ def test_evaluation_reports_perplexity_token_accuracy_and_exact_match() -> None:
     )
 
 
-def test_exact_match_scores_each_row_once_per_other_choice() -> None:
-    # The row of an example's own answer is the row the loss pass scored: with two choices the
-    # evaluation forwards each example twice (its target, the other answer), not three times.
+def test_exact_match_puts_each_prompt_through_the_model_once() -> None:
+    # The loss pass forwards each row once; every other choice continues from that pass's
+    # key/value cache, so only the prompt's last token and the choice's tokens go through again.
     built = _built()
     data = TASK.tokenize(sentiment_examples(6), built.tokenizer, max_length=48)
-    rows: list[int] = []
-    hook = built.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: rows.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
-    )
+    calls: list[tuple[int, int, bool]] = []
+
+    def record(_m: object, _args: object, kwargs: dict[str, object]) -> None:
+        ids = kwargs["input_ids"]
+        assert isinstance(ids, torch.Tensor)
+        cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+        calls.append((int(ids.shape[0]), int(ids.shape[1]), cached))
+
+    hook = built.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         TASK.evaluate(built.model, data, batch_size=4, pad_token_id=0)
     finally:
         hook.remove()
-    assert sum(rows) == 2 * len(data)
+    full = [(rows, width) for rows, width, cached in calls if not cached]
+    tails = [(rows, width) for rows, width, cached in calls if cached]
+    answer = max(
+        sum(y != IGNORE_INDEX for y in lab) for rows in data.choices for lab in rows.labels
+    )
+    assert sum(rows for rows, _ in full) == len(data)  # each prompt once
+    assert sum(rows for rows, _ in tails) == len(data)  # the one other answer of each chat
+    assert all(width == answer + 1 for _, width in tails)  # last prompt token + answer + EOS
+
+
+def _reference_choice_losses(model: torch.nn.Module, data: object) -> np.ndarray:
+    """Each choice row alone and unpadded, through the whole model: minus its log-likelihood."""
+    out = np.zeros((len(data.choices), len(data)))  # type: ignore[attr-defined]
+    with torch.no_grad():
+        for c, rows in enumerate(data.choices):  # type: ignore[attr-defined]
+            for i in range(len(rows)):
+                ids, labels = rows[i]
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                out[c, i] = -sum(
+                    float(lp[t - 1, y]) for t, y in enumerate(labels) if t >= 1 and y != -100
+                )
+    return out
+
+
+def test_cached_choice_scores_are_full_passes_on_the_real_model(
+    smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ModelConfig(name=str(smollm2_dir), task="causal_lm", num_hidden_layers=2, max_length=40)
+    built = TASK.build_model(cfg, AdapterConfig(r=4, top_layers=None), seed=0)
+    model, tok = built.model.eval(), built.tokenizer
+    _nudge_b(built)  # not the base model alone: the adapter takes part in the cache too
+    choices = ("positive", "negative", "positive but with doubts", "it is hard to say, honestly")
+    reviews = [
+        "A wonderful film.",
+        "Dull.",
+        "The staff were kind, but the room was cold, the breakfast came late, the lift broke "
+        "twice, nobody answered the phone at night and the bill was wrong.",  # cut to fit
+        "I loved every minute of it and would gladly see it again with friends.",
+        "Broke after two days.",
+        "Fine, I guess.",
+        "Not what I hoped for at all.",
+    ]
+    targets = ["positive", "negative", "negative", choices[2], "negative", "meh", choices[3]]
+    prompts: list[tuple[Turn, ...] | None] = [
+        (Turn("system", "Say how the review feels."), Turn("user", r)) for r in reviews
+    ]
+    examples = GenerationExamples(targets=targets, prompts=prompts, answer_choices=choices)
+    data = TASK.tokenize(examples, tok, max_length=40)
+    # The premises: several-token choices, two choices sharing their first token, a chat whose
+    # prompt is cut (so choices of other lengths keep other parts of it), a target no choice is.
+    first = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
+    assert len(first[2]) > 2 and len(first[3]) > 2 and first[0][0] == first[2][0]
+    cut = [rows.input_ids[2] for rows in data.choices]
+    assert all(len(ids) == 40 for ids in cut) and cut[1][:4] == data.input_ids[2][:4] != cut[3][:4]
+    assert data.answers.tolist() == [0, 1, 1, 2, 1, -1, 3]
+    pad = int(tok.pad_token_id)
+    reference = _reference_choice_losses(model, data)
+    for batch_size in (1, 3, 8):  # alone, mixed lengths with padding, all at once
+        got = TASK.choice_losses(model, data, batch_size=batch_size, pad_token_id=pad)
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-3)
+        assert got.argmin(axis=0).tolist() == reference.argmin(axis=0).tolist()
+    res = TASK.evaluate(model, data, batch_size=3, pad_token_id=pad)
+    picks = reference.argmin(axis=0)
+    assert res.metrics["exact-match"] == pytest.approx(float(np.mean(picks == data.answers)))
+    # A model whose cache cannot be cut per row scores whole rows: the same numbers.
+    monkeypatch.setattr("privet.common.tasks._layer_cache", lambda cache: None)
+    got = TASK.choice_losses(model, data, batch_size=3, pad_token_id=pad)
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-3)
 
 
 # --- the real tokenizer and weights -------------------------------------------------------------

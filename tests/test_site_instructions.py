@@ -123,7 +123,7 @@ def test_data_of_the_other_task_is_one_clear_error(
     if instructions:  # instructions at a classification run
         data = _jsonl(tmp_path / "chats.jsonl", ROWS)
         sets: tuple[str, ...] = ("data.num_labels=2",)
-        message = "holds instructions (prompt/completion or chat rows), but this run trains a "
+        message = "holds data for a causal language model (prompt/completion, chat or plain text "
     else:  # labelled texts at a causal-LM run
         data = _jsonl(tmp_path / "rows.jsonl", [{"text": "t", "label": i % 2} for i in range(6)])
         sets = LLM_RUN
@@ -133,3 +133,78 @@ def test_data_of_the_other_task_is_one_clear_error(
     assert message in reply.error.reason and "Fix: give this site" in reply.error.reason
     assert "\n" not in reply.error.reason
     assert built == []  # nothing built, nothing trained
+
+
+# --- `privet sites` for a causal LM: each share is a file the site reads back ----------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("privet-data")
+
+
+@pytest.mark.parametrize(
+    ("preset", "sets", "shape"),
+    [
+        ("llm_sentiment.toml", ["data.max_examples=120", "data.num_clients=3"], "messages"),
+        ("llm_shakespeare.toml", ["data.max_examples=60", "data.num_clients=2"], "text"),
+    ],
+)
+def test_sites_writes_causal_lm_shares_that_sites_load_back(
+    tmp_path: Path, data_cache: Path, preset: str, sets: list[str], shape: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from privet.common.data import cached_federated_data, load_instructions
+    from privet.simulations.cli import app
+
+    sets = [*sets, f"data.cache_dir='{data_cache}'"]
+    out = tmp_path / "sites"
+    args = ["sites", "--config", str(EXAMPLES / preset), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, *(x for s in sets for x in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    fed = cached_federated_data(load_config(EXAMPLES / preset, sets).data)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c.name}.jsonl" for c in fed.clients)
+    for client in fed.clients:
+        assert isinstance(client.train, GenerationExamples)
+        assert isinstance(client.test, GenerationExamples)
+        path = out / f"{client.name}.jsonl"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert all(list(row) == [shape] for row in rows)
+        # Round trip through the site's own loaders: the same examples, in the same order.
+        back = load_instructions([path])[0]
+        assert back.targets == client.train.targets + client.test.targets
+        assert back.prompts == client.train.prompts + client.test.prompts
+        site = SiteSettings(
+            name=client.name,
+            data_file=path,
+            state_dir=tmp_path / "state",
+            test_fraction=0.2,
+            policy=SitePolicy.from_privacy(PrivacyConfig(), name=tiny_llama_dir()),
+        )
+        local = load_site_data(site, num_labels=None)  # `privet client --data` checks this
+        assert isinstance(local.train, GenerationExamples)
+        assert isinstance(local.test, GenerationExamples)
+        assert sorted(local.train.targets + local.test.targets) == sorted(back.targets)
+        p = Participant(server="127.0.0.1:9092", data=path, state_dir=tmp_path / "p", insecure=True)
+        assert p._site.examples.targets == back.targets  # type: ignore[union-attr]
+        assert p._site.examples.prompts == back.prompts  # type: ignore[union-attr]
+
+
+def test_a_sites_plain_text_file_feeds_a_causal_lm_run(
+    tmp_path: Path, built: list[ClientData]
+) -> None:
+    model = tiny_llama_dir()
+    texts = [f"Speech {i}: to be, or not to be." for i in range(10)]
+    site = _site(tmp_path, _jsonl(tmp_path / "speeches.jsonl", [{"text": t} for t in texts]), model)
+    reply = _ask(
+        make_site_app(site),
+        "model.task='causal_lm'",
+        "data.source='shakespeare'",
+        f"model.name='{model}'",
+    )
+    assert not reply.has_error()
+    (got,) = built
+    assert got.train.prompts == [None] * 8 and sorted(got.train.targets + got.test.targets) == texts

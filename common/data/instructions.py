@@ -1,14 +1,18 @@
-"""Instruction data from the user's JSON lines files, for a causal language model.
+"""Instruction and plain-text data from the user's JSON lines files, for a causal language model.
 
-Two row shapes, the ones instruction-tuning tools share:
+Three row shapes, the first two the ones instruction-tuning tools share:
 
 - ``{"prompt": "...", "completion": "..."}``: one user turn, and the answer the loss is taken on;
 - ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``: a chat whose
-  last message is the assistant's answer (the target); the turns before it are the prompt.
+  last message is the assistant's answer (the target); the turns before it are the prompt;
+- ``{"text": "..."}``: plain text (no prompt), the loss taken on every token (Shakespeare's
+  speeches, for instance).
 
-A file holds one shape in every row.  A JSON lines file whose first row has neither shape is a
-classification table (text and label columns, :mod:`privet.common.data.files`).  Every bad row is
-one :class:`~privet.common.errors.DataError` naming ``file:line`` and the fix.
+A file holds one shape in every row.  A JSON lines file whose first row has none of these shapes,
+or has the classification text *and* label columns, is a classification table
+(:mod:`privet.common.data.files`).  Every bad row is one :class:`~privet.common.errors.DataError`
+naming ``file:line`` and the fix.  :func:`write_generation` writes examples back in these shapes
+(``privet sites``), so they load back as the same examples.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ from typing import Any, Literal
 from privet.common.data.examples import GenerationExamples, Turn
 from privet.common.errors import DataError
 
-__all__ = ["INSTRUCTION_SUFFIXES", "file_shape", "load_instructions"]
+__all__ = ["INSTRUCTION_SUFFIXES", "file_shape", "load_instructions", "write_generation"]
 
 #: File types that may hold instruction rows (JSON lines).
 INSTRUCTION_SUFFIXES = (".jsonl", ".json")
 _ROLES = ("system", "user", "assistant")
 _SHAPES_HELP = (
     "each row must be {'prompt': ..., 'completion': ...} or {'messages': [{'role': ..., "
-    "'content': ...}, ...]} (instructions), or hold the text and label columns (classification)"
+    "'content': ...}, ...]} (instructions), {'text': ...} (plain text), or hold the text and "
+    "label columns (classification)"
 )
+#: The key of a plain-text row (fixed, like ``prompt`` and ``messages``).
+TEXT_KEY = "text"
 
 Shape = Literal["instructions", "classification"]
 
@@ -45,11 +52,13 @@ def _first_row(path: Path) -> tuple[int, str] | None:
 
 
 def file_shape(path: Path, *, text_column: str, label_column: str) -> Shape:
-    """Whether a data file holds instruction rows or classification rows.
+    """Whether a data file holds generation rows (for a causal LM) or classification rows.
 
     CSV and Parquet files, JSON files holding one array, and files that cannot be read here are
     classification tables (their loader reports any problem).  A JSON lines file is decided by its
-    first row: ``prompt``/``completion`` or ``messages`` make it instructions.
+    first row: ``prompt``/``completion`` or ``messages`` make it instructions; the text and label
+    columns make it a classification table; else a ``text`` key makes it plain text, which
+    :func:`load_instructions` reads too (``"instructions"`` stands for both).
 
     Raises
     ------
@@ -77,6 +86,8 @@ def file_shape(path: Path, *, text_column: str, label_column: str) -> Shape:
         return "instructions"
     if text_column in row and label_column in row:
         return "classification"
+    if TEXT_KEY in row:
+        return "instructions"  # plain text: rows of a causal LM, read by load_instructions
     raise DataError(
         f"{path}:{lineno}: the row has the keys {sorted(row)[:8]}, which fit neither kind of data "
         f"file: {_SHAPES_HELP} (data.text_column = {text_column!r}, data.label_column = "
@@ -158,6 +169,15 @@ def _chat(row: dict[str, Any], where: str) -> tuple[tuple[Turn, ...], str]:
     return tuple(turns[:-1]), turns[-1].content
 
 
+def _plain(row: dict[str, Any], where: str) -> tuple[None, str]:
+    fix = "write the text as a non-empty string, or drop the row"
+    return None, _text(row[TEXT_KEY], where, f"{TEXT_KEY!r}", fix)
+
+
+_SHAPE_NAMES = {"chat": "a chat row", "pair": "a prompt/completion row", "text": "a text row"}
+_SHAPE_PLURALS = {"chat": "chats", "pair": "prompt/completion rows", "text": "text rows"}
+
+
 def _load_file(path: Path, client_column: str | None) -> GenerationExamples:
     targets: list[str] = []
     prompts: list[tuple[Turn, ...] | None] = []
@@ -191,22 +211,30 @@ def _load_file(path: Path, client_column: str | None) -> GenerationExamples:
                 if "messages" in row
                 else "pair"
                 if {"prompt", "completion"} & set(row)
+                else "text"
+                if TEXT_KEY in row
                 else None
             )
             if shape is None:
                 raise DataError(
                     f"{where}: the row has the keys {sorted(row)[:8]}, but this file holds "
-                    f"instructions: {_SHAPES_HELP}",
-                    fix="give the row a 'prompt' and a 'completion', or 'messages'",
+                    f"data for a causal language model: {_SHAPES_HELP}",
+                    fix="give the row a 'prompt' and a 'completion', 'messages', or a 'text'",
                 )
             if kind is not None and shape != kind:
                 raise DataError(
-                    f"{where}: the row is a {'chat' if shape == 'chat' else 'prompt/completion'} "
-                    f"row, the rows before it are {'chats' if kind == 'chat' else 'prompt/completion rows'}",
+                    f"{where}: the row is {_SHAPE_NAMES[shape]}, the rows before it are "
+                    f"{_SHAPE_PLURALS[kind]}",
                     fix="use one row shape per file",
                 )
             kind = shape
-            turns, target = _chat(row, where) if shape == "chat" else _prompt_completion(row, where)
+            turns: tuple[Turn, ...] | None
+            if shape == "chat":
+                turns, target = _chat(row, where)
+            elif shape == "pair":
+                turns, target = _prompt_completion(row, where)
+            else:
+                turns, target = _plain(row, where)
             if client_column is not None:
                 value = row.get(client_column)
                 if value is None or (isinstance(value, str) and not value.strip()):
@@ -226,27 +254,29 @@ def _load_file(path: Path, client_column: str | None) -> GenerationExamples:
 def load_instructions(
     paths: Sequence[Path], *, client_columns: Sequence[str | None] | None = None
 ) -> list[GenerationExamples]:
-    """Load instruction JSON lines files, one dataset per file.
+    """Load instruction or plain-text JSON lines files, one dataset per file.
 
     Parameters
     ----------
     paths
         ``.jsonl`` (or JSON lines ``.json``) files, in UTF-8, one object per line; blank lines
-        are skipped.
+        are skipped. Each file holds one row shape: prompt/completion, chat ``messages``, or
+        plain ``text``.
     client_columns
         Per file, the key naming each row's client (stored as the key ``"client"``), or None.
 
     Returns
     -------
     list of GenerationExamples
-        Rows in file order; ``prompts[i]`` holds the turns before the answer, ``targets[i]``
-        the answer.
+        Rows in file order; ``prompts[i]`` holds the turns before the answer (``None`` for a
+        plain text), ``targets[i]`` the answer (the text).
 
     Raises
     ------
     DataError
-        For the first bad row: not JSON, a missing or empty completion, an unknown role, a chat
-        that does not end with the assistant, a missing client; naming ``file:line`` and the fix.
+        For the first bad row: not JSON, a missing or empty completion or text, an unknown
+        role, a chat that does not end with the assistant, a row of another shape than the
+        first, a missing client; naming ``file:line`` and the fix.
 
     """
     columns = list(client_columns) if client_columns is not None else [None] * len(paths)
@@ -259,3 +289,32 @@ def load_instructions(
             )
         out.append(_load_file(path, column))
     return out
+
+
+def write_generation(path: Path, examples: GenerationExamples) -> None:
+    """Write ``examples`` as a JSON lines file that :func:`load_instructions` reads back as them.
+
+    A chat example becomes a ``messages`` row (its prompt turns, then the target as the
+    assistant's message), a plain text a ``text`` row; keys and answer choices are not written.
+
+    Raises
+    ------
+    DataError
+        When ``examples`` mixes chats and plain texts (a file holds one row shape).
+
+    """
+    chats = {p is not None for p in examples.prompts}
+    if len(chats) > 1:
+        raise DataError(
+            f"cannot write {path}: the examples mix chats and plain texts, and a file holds one "
+            "row shape",
+            fix="write the chats and the plain texts to separate files",
+        )
+    with Path(path).open("w", encoding="utf-8") as fh:
+        for turns, target in zip(examples.prompts, examples.targets, strict=True):
+            if turns is None:
+                row: dict[str, Any] = {TEXT_KEY: target}
+            else:
+                messages = [{"role": t.role, "content": t.content} for t in turns]
+                row = {"messages": [*messages, {"role": "assistant", "content": target}]}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
