@@ -8,7 +8,12 @@ import torch
 
 from privet.client import DPSettings, plan_steps, train
 from privet.client.bookkeeping import BookKeepingClipper
-from privet.client.training import _shuffled_batches, make_clipper, release_private
+from privet.client.training import (
+    _poisson_batches,
+    _shuffled_batches,
+    make_clipper,
+    release_private,
+)
 from privet.common.config import TrainConfig
 from privet.common.data import Examples, TokenizedExamples, collate
 from privet.common.errors import PrivacyError
@@ -219,7 +224,8 @@ def _clipper(model: torch.nn.Module, **dp: object):  # type: ignore[no-untyped-d
 def test_the_dp_optimizer_gets_the_clip_the_expected_batch_and_its_own_noise_seed(
     clipping: str,
 ) -> None:
-    clipper = _clipper(_linear_model(), clipping=clipping)
+    model = _linear_model()
+    clipper = _clipper(model, clipping=clipping)
     try:
         opt = clipper.dp_opt
         assert opt.max_grad_norm == 0.5 and opt.noise_multiplier == 1.0
@@ -227,6 +233,8 @@ def test_the_dp_optimizer_gets_the_clip_the_expected_batch_and_its_own_noise_see
         assert opt.loss_reduction == "mean"
         # the noise has its own generator, seeded apart from the sampler's (seed + 7919)
         assert opt.generator is not None and opt.generator.initial_seed() == 11 + 7919
+        # flat and ghost run through Opacus's wrapper; book-keeping through the model itself
+        assert (clipper.net is model) == (clipping == "bookkeeping")
         if clipping == "bookkeeping":
             assert isinstance(clipper.helper, BookKeepingClipper)
             assert clipper.helper.max_grad_norm == 0.5
@@ -274,3 +282,26 @@ def test_release_private_removes_every_per_sample_attribute() -> None:
             setattr(p, a, torch.zeros(1))
     release_private(model, list(model.parameters()))
     assert not any(hasattr(p, a) for p in model.parameters() for a in attrs)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost", "bookkeeping"])
+def test_closing_a_clipper_leaves_no_hook_on_the_model(clipping: str) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    clipper = _clipper(model, clipping=clipping)
+    assert any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    clipper.close()
+    assert not any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules()
+    )
+
+
+def test_poisson_batches_come_from_the_given_generator_as_int64_indices() -> None:
+    def draw(seed: int, global_seed: int, n: int = 20, q: float = 0.5) -> list[list[int]]:
+        torch.manual_seed(global_seed)  # the global generator must play no part
+        batches = list(_poisson_batches(n, q, 4, torch.Generator().manual_seed(seed)))
+        assert all(b.dtype == np.int64 for b in batches)
+        return [b.tolist() for b in batches]
+
+    assert draw(1, 0) == draw(1, 99)
+    assert draw(1, 0) != draw(2, 0)
+    assert draw(1, 0, n=3, q=1e-9) == [[], [], [], []]  # empty batches are int64 too
