@@ -297,8 +297,9 @@ def test_closing_a_clipper_leaves_no_hook_on_the_model(clipping: str) -> None:
 
 def test_poisson_batches_come_from_the_given_generator_as_int64_indices() -> None:
     def draw(seed: int, global_seed: int, n: int = 20, q: float = 0.5) -> list[list[int]]:
-        torch.manual_seed(global_seed)  # the global generator must play no part
-        batches = list(_poisson_batches(n, q, 4, torch.Generator().manual_seed(seed)))
+        with torch.random.fork_rng():
+            torch.manual_seed(global_seed)  # the global generator must play no part
+            batches = list(_poisson_batches(n, q, 4, torch.Generator().manual_seed(seed)))
         assert all(b.dtype == np.int64 for b in batches)
         return [b.tolist() for b in batches]
 
