@@ -145,7 +145,16 @@ def main(modules: list[str]) -> int:
     section = "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items())
     with (TREE / "pyproject.toml").open("a") as fh:
         fh.write(section)
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # One thread per process: mutmut forks each mutant from a process whose tests have already run
+    # torch ops, and a child that inherits a started OpenMP pool hangs on its first parallel op
+    # (every mutant of a torch-training module then "timed out" after 300 s, at 0 CPU seconds).
+    # Without worker threads there is no pool to inherit; the machine is shared anyway.
+    env = {
+        **os.environ,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1"),
+    }
     start = time.monotonic()
     # One child at a time: the machine is shared (make mutants runs under nice as well).
     run = subprocess.run(

@@ -61,6 +61,22 @@ def test_noise_std_is_sigma_times_clip_over_batch(sigma: float, clip: float) -> 
     assert noise.std() == pytest.approx(expected, rel=0.02)
 
 
+def test_an_empty_batch_releases_noise_of_std_sigma_times_clip_over_the_expected_batch() -> None:
+    """The noise-only step divides by the expected batch size, as a non-empty step does."""
+    rows, n, sigma, clip = 20_001, 64, 0.7, 0.25
+    model = _CanaryModel(rows)
+    before = model.emb.weight.detach().clone()
+    # q * n = 2 examples expected; with seed 5 the one Poisson batch happens to be empty.
+    dp = DPSettings(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=2 / n, steps=1)
+    out = train(model, _data(["0"] * n, [0] * n), SGD, dp=dp, pad_token_id=0, seed=5)
+    assert out.examples_seen == 0 and out.steps == 1
+    noise = (model.emb.weight.detach() - before).double().numpy()  # SGD, lr 1: -noise
+    expected = sigma * clip / 2
+    assert abs(noise.mean()) < 0.02 * expected
+    assert noise.std() == pytest.approx(expected, rel=0.02)
+    assert all(p.grad is None for p in model.parameters())
+
+
 # RDP with q < 1 costs ~0.3 s per evaluation: few examples, two evaluations each.
 @settings(max_examples=8, deadline=None)
 @given(
