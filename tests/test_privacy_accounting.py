@@ -430,6 +430,7 @@ SEARCHES = [
     # name, eps(sigma), keyword arguments, (sigma, evaluations)
     ("exact hit at the start", lambda s: 8.0 / s, {}, (1.0, 1)),
     ("exact hit walking down", lambda s: 4.0 / s, {}, (0.5, 2)),
+    ("at the window's lower edge", lambda s: 7.5 / s, {"tolerance": 0.5}, (1.0, 1)),
     ("walk down to the floor", lambda s: 2.0 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
     ("the floor is enough", lambda s: 0.1 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
     ("walk up, bisect", lambda s: 40.0 / s, {}, (5.0, 6)),
@@ -456,6 +457,8 @@ def test_the_noise_search_on_hand_made_curves(
 
     def counted(sigma: float) -> float:
         calls.append(sigma)
+        # Every loop of the search is bounded: a search that would not end fails here, at once.
+        assert len(calls) <= 100, f"the search does not end: {calls[-3:]}"
         return float(eps_of(sigma))
 
     args = {"target": 8.0, "tolerance": 0.01, **kwargs}
