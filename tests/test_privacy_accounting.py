@@ -467,6 +467,24 @@ def test_the_noise_search_on_hand_made_curves(
     assert eps_of(sigma) <= args["target"]  # never above the target
 
 
+def test_the_noise_search_gives_up_at_the_maximum() -> None:
+    # A target no noise reaches: the walk up doubles from 1 to MAX_NOISE_MULTIPLIER (15
+    # evaluations, the last one at the maximum itself) and refuses, rather than walking on.
+    from privet.common.privacy import MAX_NOISE_MULTIPLIER
+    from privet.common.privacy.accounting import _search_sigma
+
+    calls: list[float] = []
+
+    def unreachable(sigma: float) -> float:
+        calls.append(sigma)
+        assert len(calls) <= 100, "the search does not end"
+        return 1e9 / sigma
+
+    err = _refusal(lambda: _search_sigma(unreachable, target=1.0, tolerance=0.01))
+    assert err.message.startswith("reaching the target epsilon would need a noise multiplier ")
+    assert calls == [2.0**k for k in range(14)] + [MAX_NOISE_MULTIPLIER]
+
+
 def test_calibration_names_itself_in_a_bad_sampling_refusal() -> None:
     err = _refusal(
         lambda: calibrate_noise(
