@@ -434,6 +434,18 @@ SEARCHES = [
     ("walk down to the floor", lambda s: 2.0 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
     ("the floor is enough", lambda s: 0.1 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
     ("walk up, bisect", lambda s: 40.0 / s, {}, (5.0, 6)),
+    ("exact hit walking up", lambda s: 16.0 / s, {}, (2.0, 2)),
+    ("walk up to the window's lower edge", lambda s: 15.0 / s, {"tolerance": 0.5}, (2.0, 2)),
+    # A step from 100 straight to 0: no sigma lands in the window, so the bracket narrows to a
+    # width of 1e-9 * sigma (relative, however large sigma is); an epsilon of 0 is never
+    # interpolated (its log is -inf).
+    ("a step: bisect to 1e-9", lambda s: 100.0 if s < 1000.5 else 0.0, {}, (1000.5, 40)),
+    (
+        "a step to 0, interpolating",
+        lambda s: 100.0 if s < 1000.5 else 0.0,
+        {"interpolate": True},
+        (1000.5, 40),
+    ),
     ("walk up, interpolate", lambda s: 40.0 / s**2, {"interpolate": True}, (2.2367670764624705, 4)),
     (
         "start, factor, interpolate",
