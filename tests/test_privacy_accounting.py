@@ -440,6 +440,20 @@ SEARCHES = [
     # width of 1e-9 * sigma (relative, however large sigma is); an epsilon of 0 is never
     # interpolated (its log is -inf).
     ("a step: bisect to 1e-9", lambda s: 100.0 if s < 1000.5 else 0.0, {}, (1000.5, 40)),
+    # Interpolation lands next to an end of the bracket; the step is kept 1 % of the width
+    # inside it (then the bracket did not halve, and bisection takes over).
+    (
+        "interpolation clamped off the low end",
+        lambda s: 8.001 if s < 1.5 else 1.0,
+        {"interpolate": True},
+        (1.5000000005754726, 52),
+    ),
+    (
+        "interpolation clamped off the high end",
+        lambda s: 100.0 if s < 1.5 else 7.98,
+        {"interpolate": True},
+        (1.5000000001862626, 52),
+    ),
     (
         "a step to 0, interpolating",
         lambda s: 100.0 if s < 1000.5 else 0.0,
