@@ -276,15 +276,18 @@ def test_fast_calibration_matches_the_full_bisection(
         acc = RDPAccountant()
         acc.history = [*prior, (sigma, q, steps)]
         eps = acc.get_epsilon(delta=DELTA)
+    # Read before clearing: cache_clear() also resets the counts (this test once cleared first,
+    # and its count could not fail; mutation testing found it).
+    misses = accounting._epsilon_cached.cache_info().misses
     accounting._epsilon_cached.cache_clear()
     old_sigma, old_eps = pinned
     assert target - 0.01 <= eps <= target
     assert target - 0.01 <= old_eps <= target  # the window both searches promise
     # The same window in epsilon means sigma within a fraction of a percent.
     assert sigma == pytest.approx(old_sigma, rel=5e-3)
-    # Opacus's full accountant (the slow fractional orders) runs twice at most: the prior's
-    # spend and the final verification; the search itself runs on order subsets.
-    assert accounting._epsilon_cached.cache_info().misses <= 2
+    # Opacus's full accountant (the slow fractional orders) runs for the prior's spend (none for
+    # an empty prior) and the final verification only; the search itself runs on order subsets.
+    assert misses == (2 if prior else 1)
 
 
 @settings(max_examples=6, deadline=None)
@@ -427,9 +430,36 @@ SEARCHES = [
     # name, eps(sigma), keyword arguments, (sigma, evaluations)
     ("exact hit at the start", lambda s: 8.0 / s, {}, (1.0, 1)),
     ("exact hit walking down", lambda s: 4.0 / s, {}, (0.5, 2)),
+    ("at the window's lower edge", lambda s: 7.5 / s, {"tolerance": 0.5}, (1.0, 1)),
     ("walk down to the floor", lambda s: 2.0 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
     ("the floor is enough", lambda s: 0.1 / s, {}, (MIN_NOISE_MULTIPLIER, 3)),
     ("walk up, bisect", lambda s: 40.0 / s, {}, (5.0, 6)),
+    ("exact hit walking up", lambda s: 16.0 / s, {}, (2.0, 2)),
+    ("walk up to the window's lower edge", lambda s: 15.0 / s, {"tolerance": 0.5}, (2.0, 2)),
+    # A step from 100 straight to 0: no sigma lands in the window, so the bracket narrows to a
+    # width of 1e-9 * sigma (relative, however large sigma is); an epsilon of 0 is never
+    # interpolated (its log is -inf).
+    ("a step: bisect to 1e-9", lambda s: 100.0 if s < 1000.5 else 0.0, {}, (1000.5, 40)),
+    # Interpolation lands next to an end of the bracket; the step is kept 1 % of the width
+    # inside it (then the bracket did not halve, and bisection takes over).
+    (
+        "interpolation clamped off the low end",
+        lambda s: 8.001 if s < 1.5 else 1.0,
+        {"interpolate": True},
+        (1.5000000005754726, 52),
+    ),
+    (
+        "interpolation clamped off the high end",
+        lambda s: 100.0 if s < 1.5 else 7.98,
+        {"interpolate": True},
+        (1.5000000001862626, 52),
+    ),
+    (
+        "a step to 0, interpolating",
+        lambda s: 100.0 if s < 1000.5 else 0.0,
+        {"interpolate": True},
+        (1000.5, 40),
+    ),
     ("walk up, interpolate", lambda s: 40.0 / s**2, {"interpolate": True}, (2.2367670764624705, 4)),
     (
         "start, factor, interpolate",
@@ -453,12 +483,32 @@ def test_the_noise_search_on_hand_made_curves(
 
     def counted(sigma: float) -> float:
         calls.append(sigma)
+        # Every loop of the search is bounded: a search that would not end fails here, at once.
+        assert len(calls) <= 100, f"the search does not end: {calls[-3:]}"
         return float(eps_of(sigma))
 
     args = {"target": 8.0, "tolerance": 0.01, **kwargs}
     sigma = _search_sigma(counted, **args)
     assert (sigma, len(calls)) == pytest.approx(expected, abs=1e-12)
     assert eps_of(sigma) <= args["target"]  # never above the target
+
+
+def test_the_noise_search_gives_up_at_the_maximum() -> None:
+    # A target no noise reaches: the walk up doubles from 1 to MAX_NOISE_MULTIPLIER (15
+    # evaluations, the last one at the maximum itself) and refuses, rather than walking on.
+    from privet.common.privacy import MAX_NOISE_MULTIPLIER
+    from privet.common.privacy.accounting import _search_sigma
+
+    calls: list[float] = []
+
+    def unreachable(sigma: float) -> float:
+        calls.append(sigma)
+        assert len(calls) <= 100, "the search does not end"
+        return 1e9 / sigma
+
+    err = _refusal(lambda: _search_sigma(unreachable, target=1.0, tolerance=0.01))
+    assert err.message.startswith("reaching the target epsilon would need a noise multiplier ")
+    assert calls == [2.0**k for k in range(14)] + [MAX_NOISE_MULTIPLIER]
 
 
 def test_calibration_names_itself_in_a_bad_sampling_refusal() -> None:
@@ -468,3 +518,212 @@ def test_calibration_names_itself_in_a_bad_sampling_refusal() -> None:
         )
     )
     assert err.message.startswith("calibrate_noise: sample_rate must be in (0, 1], got 1.01; ")
+
+
+# ---- the calibration's own decisions, on exact hits and hand-made accountants -------------------
+# (mutation testing: the final verification's bumps, the fast path's acceptance test and the
+# boundaries of its comparisons had no test that could tell them apart)
+
+
+def test_a_sample_rate_of_one_is_a_full_batch_not_a_refusal() -> None:
+    eps = epsilon_from_history([(1.0, 1.0, 1)], delta=DELTA, accountant="rdp")
+    acc = RDPAccountant()
+    acc.history = [(1.0, 1.0, 1)]
+    assert eps == acc.get_epsilon(delta=DELTA) == pytest.approx(4.728507067217623, abs=1e-12)
+
+
+def test_a_target_spent_to_the_last_bit_is_refused() -> None:
+    spent = epsilon_from_history(SINGLE, delta=DELTA, accountant="rdp")  # 2.1013652716430564
+    err = _refusal(
+        lambda: calibrate_noise(
+            target_epsilon=spent,
+            delta=DELTA,
+            sample_rate=0.01,
+            steps=100,
+            accountant="rdp",
+            prior_history=SINGLE,
+        )
+    )
+    assert err.message == (
+        "the steps already taken have spent eps=2.101, which is not below the target epsilon "
+        "2.10137: no amount of noise lets further steps stay within it"
+    )
+
+
+def _fake_accountant(curve: Any, calls: list[list[HistoryEntry]]) -> Any:
+    """An ``epsilon_from_history`` on a hand-made curve of the last entry's sigma (0 when empty)."""
+
+    def eps(history: list[HistoryEntry], *, delta: float, accountant: str) -> float:
+        calls.append(list(history))
+        return 0.0 if not history else float(curve(history[-1][0]))
+
+    return eps
+
+
+def test_the_final_check_adds_noise_one_percent_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Should the search's answer overshoot when checked again, sigma grows by 1 % until it is
+    # within the target: 1/sigma <= 0.9 first holds at 1.01 ** 11.
+    from privet.common.privacy import accounting
+
+    calls: list[list[HistoryEntry]] = []
+    monkeypatch.setattr(
+        accounting, "epsilon_from_history", _fake_accountant(lambda s: 1 / s, calls)
+    )
+    monkeypatch.setattr(accounting, "_search_sigma", lambda eps_of, **kw: 1.0)
+    sigma = calibrate_noise(
+        target_epsilon=0.9, delta=DELTA, sample_rate=0.01, steps=10, accountant="prv"
+    )
+    assert sigma == 1.1156683466653166
+    assert len(calls) == 1 + 12  # the prior's spend, then sigma checked 12 times
+
+
+def test_a_calibration_that_never_verifies_is_refused_word_for_word(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from privet.common.privacy import accounting
+
+    calls: list[list[HistoryEntry]] = []
+    monkeypatch.setattr(accounting, "epsilon_from_history", _fake_accountant(lambda s: 10.0, calls))
+    monkeypatch.setattr(accounting, "_search_sigma", lambda eps_of, **kw: 1.0)
+    err = _refusal(
+        lambda: calibrate_noise(
+            target_epsilon=0.9, delta=DELTA, sample_rate=0.01, steps=10, accountant="prv"
+        )
+    )
+    assert (err.message, err.fix) == (
+        "calibration found no noise multiplier that verifiably keeps epsilon within 0.9 "
+        "(prv accountant)",
+        "raise privacy.target_epsilon or try the other accountant",
+    )
+    assert len(calls) == 1 + 50  # the prior's spend, then 50 bumps, all checked
+    assert calls[-1][-1][0] == pytest.approx(1.01**49, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("fast_sigma", "extra", "exact_tolerance"),
+    [
+        pytest.param(1.3, 0.0, False, id="epsilon equal to the target"),
+        pytest.param(1.3, 0.05, True, id="target minus epsilon equal to the tolerance"),
+        pytest.param(1e4, 0.0, False, id="sigma equal to MAX_NOISE_MULTIPLIER"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+def test_the_fast_answer_is_kept_on_its_exact_bounds(
+    monkeypatch: pytest.MonkeyPatch, fast_sigma: float, extra: float, exact_tolerance: bool
+) -> None:
+    # Every bound of the acceptance is inclusive: an epsilon equal to the target, a gap equal to
+    # the tolerance, a noise multiplier equal to the maximum. Built to the last bit by asking the
+    # same accountant first; anything else would run the slow search or add noise.
+    from privet.common.privacy import MAX_NOISE_MULTIPLIER, accounting
+
+    assert fast_sigma <= MAX_NOISE_MULTIPLIER
+    eps = epsilon_from_history([(fast_sigma, 0.01, 100)], delta=DELTA, accountant="rdp")
+    target = eps + extra
+    tolerance = target - eps if exact_tolerance else 0.01
+    assert target - eps <= tolerance
+    monkeypatch.setattr(accounting, "_search_sigma_rdp", lambda **kw: fast_sigma)
+    sigma = calibrate_noise(
+        target_epsilon=target,
+        delta=DELTA,
+        sample_rate=0.01,
+        steps=100,
+        accountant="rdp",
+        epsilon_tolerance=tolerance,
+    )
+    assert sigma == fast_sigma
+
+
+@pytest.mark.parametrize("fast_sigma", [1.2, 0.4], ids=["too noisy", "too little noise"])
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+def test_a_fast_answer_outside_the_window_is_searched_again(
+    monkeypatch: pytest.MonkeyPatch, fast_sigma: float
+) -> None:
+    # The right answer is about 0.573 (test_calibration_agrees_with_opacus): 1.2 lands far below
+    # the window, 0.4 above the target; the full search must replace either.
+    from privet.common.privacy import accounting
+
+    monkeypatch.setattr(accounting, "_search_sigma_rdp", lambda **kw: fast_sigma)
+    sigma = calibrate_noise(
+        target_epsilon=8.0, delta=DELTA, sample_rate=0.01, steps=500, accountant="rdp"
+    )
+    eps = epsilon_from_history([(sigma, 0.01, 500)], delta=DELTA, accountant="rdp")
+    assert 8.0 - 0.01 <= eps <= 8.0
+
+
+def test_the_floor_is_accepted_without_a_second_search() -> None:
+    from privet.common.privacy import accounting
+
+    accounting._epsilon_cached.cache_clear()
+    sigma = calibrate_noise(
+        target_epsilon=500.0, delta=DELTA, sample_rate=0.5, steps=5, accountant="rdp"
+    )
+    assert sigma == MIN_NOISE_MULTIPLIER
+    # One evaluation of the full accountant: the check of the fast search's floor.
+    assert accounting._epsilon_cached.cache_info().misses == 1
+
+
+class _AccountantNotice(Warning):
+    """A warning calibration has no reason to silence."""
+
+
+def test_calibration_silences_only_the_accountants_expected_warnings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from privet.common.privacy import accounting
+
+    def noisy(history: list[HistoryEntry], *, delta: float, accountant: str) -> float:
+        if history:
+            warnings.warn("optimal order at the edge", UserWarning, stacklevel=1)
+            warnings.warn("overflow in exp", RuntimeWarning, stacklevel=1)
+            warnings.warn("something else", _AccountantNotice, stacklevel=1)
+            return 1 / history[-1][0]
+        return 0.0
+
+    monkeypatch.setattr(accounting, "epsilon_from_history", noisy)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        calibrate_noise(
+            target_epsilon=0.5, delta=DELTA, sample_rate=0.01, steps=10, accountant="prv"
+        )
+    assert {w.category for w in seen} == {_AccountantNotice}
+
+
+# The fast RDP search's answer and its cost, pinned on Opacus 1.6: the sigma and, per call to
+# Opacus's compute_rdp, how many Rényi orders it used (61 integer orders in the coarse pass, the
+# window around the best one in the fine pass; a prior costs one call per pass, then each
+# evaluation one). Interpolation, the fine pass's start and step, and the window are what
+# make calibration cheap; this pins them (test_fast_calibration_matches_the_full_bisection pins
+# the contract: the same window in epsilon as the full search).
+FAST_SEARCHES = [
+    ((8.0, 0.01, 500, ()), 0.5727541685352914, [61] * 7 + [21] * 3),
+    ((1.0, 0.02, 300, ()), 1.6826385869964458, [61] * 6 + [3]),
+    ((8.0, 0.0335, 16, ((0.9, 0.0335, 16),)), 0.5431927941218, [61] * 11 + [21] * 5),
+    ((500.0, 0.5, 5, ()), MIN_NOISE_MULTIPLIER, [61] * 3),  # the floor: no fine pass
+]
+
+
+@pytest.mark.parametrize(("case", "sigma", "orders_per_call"), FAST_SEARCHES)
+@pytest.mark.filterwarnings("ignore:Optimal order:UserWarning")
+def test_the_fast_rdp_search_answer_and_cost(
+    monkeypatch: pytest.MonkeyPatch,
+    case: tuple[float, float, int, tuple[HistoryEntry, ...]],
+    sigma: float,
+    orders_per_call: list[int],
+) -> None:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    from privet.common.privacy import accounting
+
+    compute_rdp = rdp_analysis.compute_rdp
+    sizes: list[int] = []
+
+    def counted(**kw: Any) -> Any:
+        sizes.append(len(kw["orders"]))
+        return compute_rdp(**kw)
+
+    target, q, steps, prior = case
+    monkeypatch.setattr(rdp_analysis, "compute_rdp", counted)
+    found = accounting._search_sigma_rdp(
+        prior=prior, sample_rate=q, steps=steps, delta=DELTA, target=target, tolerance=0.01
+    )
+    assert (found, sizes) == (sigma, orders_per_call)
