@@ -727,3 +727,20 @@ def test_the_fast_rdp_search_answer_and_cost(
         prior=prior, sample_rate=q, steps=steps, delta=DELTA, target=target, tolerance=0.01
     )
     assert (found, sizes) == (sigma, orders_per_call)
+
+
+def test_epsilon_is_never_negative() -> None:
+    """Opacus's RDP conversion dips below 0 for enormous noise at a large delta; privet reports 0.
+
+    At sigma 384, q 0.5, 3 steps and delta 0.05 Opacus itself answers about -0.0512: a spend below
+    nothing, which a ledger or privacy.json must never show (0 is the true lower bound and is
+    still an upper bound of the loss, so nothing is weakened).
+    """
+    acc = RDPAccountant()
+    acc.history = [(384.0, 0.5, 3)]
+    assert acc.get_epsilon(delta=0.05) == pytest.approx(-0.0512424, abs=1e-6)
+    assert epsilon_from_history([(384.0, 0.5, 3)], delta=0.05, accountant="rdp") == 0.0
+    # An ordinary spend is passed through unchanged.
+    acc.history = [(1.0, 0.01, 100)]
+    expected = acc.get_epsilon(delta=1e-5)
+    assert epsilon_from_history([(1.0, 0.01, 100)], delta=1e-5, accountant="rdp") == expected

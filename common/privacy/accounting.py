@@ -108,7 +108,10 @@ def _epsilon_cached(
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     acc.history = list(history)
     # PRV returns a numpy float, RDP a Python float: normalise so the result is JSON-serialisable.
-    return float(acc.get_epsilon(delta=delta))
+    # Opacus's RDP conversion can return a value a hair below 0 when the noise is enormous and delta
+    # large (e.g. -6e-05 at sigma 384, delta 0.05); epsilon is never negative, and 0 bounds the same
+    # guarantee from above, so a ledger or report never shows a negative spend.
+    return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 def epsilon_from_history(
