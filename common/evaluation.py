@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from privet.common.data import TokenizedExamples, collate, length_sorted_microbatches
 
-__all__ = ["EvalResult", "autocast_for", "evaluate"]
+__all__ = ["EvalResult", "autocast_for", "eval_mode", "evaluate"]
 
 
 @dataclass
@@ -41,6 +42,17 @@ def autocast_for(
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then the mode it had (a client trains on after evaluating)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -56,10 +68,8 @@ def evaluate(
     if n == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     loss_sum, correct = 0.0, 0
-    try:
+    with eval_mode(model):
         for mb in length_sorted_microbatches(np.arange(n), data.lengths, batch_size):
             batch = _move(collate([data[int(i)] for i in mb], pad_token_id), device)
             labels = batch.pop("labels")
@@ -67,8 +77,6 @@ def evaluate(
                 logits = model(**batch).logits.float()
             loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
-    finally:
-        model.train(was_training)
     return EvalResult(loss=loss_sum / n, accuracy=correct / n, num_examples=n)
 
 

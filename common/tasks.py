@@ -36,7 +36,7 @@ from privet.common.data import (
 )
 from privet.common.data.text import IGNORE_INDEX, chat_prompt_ids
 from privet.common.errors import DataError
-from privet.common.evaluation import EvalResult, autocast_for
+from privet.common.evaluation import EvalResult, autocast_for, eval_mode
 from privet.common.evaluation import evaluate as evaluate_classification
 from privet.common.modeling import BuiltModel, build_model
 
@@ -294,14 +294,10 @@ class CausalLM(Task):
         if n == 0:
             return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
         device = device or next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             ce, tokens, correct, scores = self._passes(
                 model, data, batch_size, pad_token_id, device, mixed_precision
             )
-        finally:
-            model.train(was_training)
         total = max(int(tokens.sum()), 1)
         loss = float(ce.sum()) / total
         metrics = {
@@ -334,10 +330,8 @@ class CausalLM(Task):
         if not isinstance(examples, GenerationExamples) or len(examples) == 0:
             return []
         device = device or next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         out = []
-        try:
+        with eval_mode(model):
             for i in range(min(SAMPLES, len(examples))):
                 turns, target = examples.prompts[i], examples.targets[i]
                 if turns is None:
@@ -351,8 +345,6 @@ class CausalLM(Task):
                     shown = turns[-1].content
                 generated = _generate(model, tokenizer, ids, device)
                 out.append({"prompt": shown, "target": target, "generated": generated})
-        finally:
-            model.train(was_training)
         return out
 
     @torch.no_grad()

@@ -24,7 +24,8 @@ Flower has none of this; hence our own.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -160,6 +161,39 @@ def _reply_states(
     return states, weights
 
 
+class _PairWrapper(Protocol):
+    inner: Strategy
+    weighted_by_key: str
+
+
+def _means_and_products(
+    wrapper: _PairWrapper, server_round: int, replies: Iterable[Message]
+) -> tuple[
+    ArrayRecord | None, MetricRecord | None, Iterator[tuple[str, str, NDArray, NDArray]] | None
+]:
+    """The wrapped strategy's means, and each LoRA pair's weighted mean product, one at a time.
+
+    Returns the wrapped strategy's arrays and metrics as they are, with ``None`` for the pairs,
+    when it aggregated nothing or no reply carried weights. Otherwise the arrays are a copy (the
+    caller replaces pairs in it) and the pairs come lazily as ``(a_key, b_key, first reply's A,
+    mean of B_i A_i)``, so that only one layer's float64 product is held at a time.
+    """
+    replies = list(replies)
+    states, weights = _reply_states(replies, wrapper.weighted_by_key)
+    arrays, metrics = wrapper.inner.aggregate_train(server_round, replies)
+    if arrays is None or not states:
+        return arrays, metrics, None
+
+    def pairs() -> Iterator[tuple[str, str, NDArray, NDArray]]:
+        for a_key, b_key in lora_pairs(states[0]).values():
+            product = mean_product(
+                [s[a_key] for s in states], [s[b_key] for s in states], weights=weights
+            )
+            yield a_key, b_key, states[0][a_key], product
+
+    return ArrayRecord({k: v for k, v in arrays.items()}), metrics, pairs()
+
+
 class LoraSvdAggregation(WrappedStrategy):
     """Wrap a mean-based strategy (FedAvg, FedProx): LoRA pairs become the SVD of the mean product.
 
@@ -180,20 +214,13 @@ class LoraSvdAggregation(WrappedStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Let the wrapped strategy average, then replace each LoRA pair by the SVD of the mean product."""
-        replies = list(replies)
-        states, weights = _reply_states(replies, self.weighted_by_key)
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or not states:
-            return arrays, metrics
+        out, metrics, pairs = _means_and_products(self, server_round, replies)
+        if out is None or pairs is None:
+            return out, metrics
         worst = 0.0
-        out = ArrayRecord({k: v for k, v in arrays.items()})
-        for a_key, b_key in lora_pairs(states[0]).values():
-            product = mean_product(
-                [s[a_key] for s in states], [s[b_key] for s in states], weights=weights
-            )
-            rank = states[0][a_key].shape[0]
-            a, b, err = svd_refactor(product, rank=rank)
-            dtype = states[0][a_key].dtype
+        for a_key, b_key, a_first, product in pairs:
+            a, b, err = svd_refactor(product, rank=a_first.shape[0])
+            dtype = a_first.dtype
             out[a_key] = Array(a.astype(dtype))
             out[b_key] = Array(b.astype(dtype))
             worst = max(worst, err)
@@ -256,17 +283,11 @@ class FedExLoraAggregation(WrappedStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The wrapped strategy's means, plus the accumulated residual of every LoRA pair."""
-        replies = list(replies)
-        states, weights = _reply_states(replies, self.weighted_by_key)
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        if arrays is None or not states:
-            return arrays, metrics
-        out = ArrayRecord({k: v for k, v in arrays.items()})
+        out, metrics, pairs = _means_and_products(self, server_round, replies)
+        if out is None or pairs is None:
+            return out, metrics
         added, size = 0.0, 0
-        for a_key, b_key in lora_pairs(states[0]).values():
-            product = mean_product(
-                [s[a_key] for s in states], [s[b_key] for s in states], weights=weights
-            )
+        for a_key, b_key, _, product in pairs:
             # Against the means the wrapped strategy actually returned (float32), so that
             # R + B_avg A_avg is the exact mean product, whatever rounding the mean went through.
             b_avg = out[b_key].numpy().astype(np.float64)

@@ -306,3 +306,19 @@ def test_poisson_batches_come_from_the_given_generator_as_int64_indices() -> Non
     assert draw(1, 0) == draw(1, 99)
     assert draw(1, 0) != draw(2, 0)
     assert draw(1, 0, n=3, q=1e-9) == [[], [], [], []]  # empty batches are int64 too
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_restores_the_mode_the_model_had(training: bool) -> None:
+    """Evaluation switches dropout off for its block only, also when the block fails."""
+    from privet.common.evaluation import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    model.train(training)
+    with eval_mode(model):
+        assert not model.training and not model[0].training
+    assert model.training is training and model[0].training is training
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        assert not model.training
+        raise RuntimeError("boom")
+    assert model.training is training

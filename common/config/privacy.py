@@ -11,6 +11,15 @@ from privet.common.config._base import _Section
 __all__ = ["ClientLevelConfig", "PrivacyConfig", "SecureAggregationConfig"]
 
 
+def _target_within_budget(prefix: str, target: float | None, budget: float | None) -> None:
+    """Refuse a target epsilon above the budget of the same level (sample or client level)."""
+    if budget is not None and target is not None and target > budget:
+        raise ValueError(
+            f"{prefix}target_epsilon ({target}) is above {prefix}budget_epsilon ({budget}): "
+            "the planned rounds could never finish"
+        )
+
+
 class ClientLevelConfig(_Section):
     """Client-level (user-level) DP of the federation: DP-FedAvg on Flower's DP strategy wrappers.
 
@@ -118,12 +127,7 @@ class ClientLevelConfig(_Section):
                 "privacy.client_level: give exactly one of target_epsilon and noise_multiplier "
                 "when privacy.client_level.enabled = true"
             )
-        budget = self.effective_budget
-        if budget is not None and self.target_epsilon is not None and self.target_epsilon > budget:
-            raise ValueError(
-                f"privacy.client_level.target_epsilon ({self.target_epsilon}) is above "
-                f"privacy.client_level.budget_epsilon ({budget}): the planned rounds could never finish"
-            )
+        _target_within_budget("privacy.client_level.", self.target_epsilon, self.effective_budget)
         return self
 
     @property
@@ -331,12 +335,7 @@ class PrivacyConfig(_Section):
                 "privacy.noise_multiplier = 0 gives no privacy at all; set privacy.enabled = false for a "
                 "non-private baseline instead"
             )
-        budget = self.effective_budget
-        if budget is not None and self.target_epsilon is not None and self.target_epsilon > budget:
-            raise ValueError(
-                f"privacy.target_epsilon ({self.target_epsilon}) is above privacy.budget_epsilon ({budget}): "
-                "the planned rounds could never finish"
-            )
+        _target_within_budget("privacy.", self.target_epsilon, self.effective_budget)
         return self
 
     @property
