@@ -322,3 +322,40 @@ def test_eval_mode_restores_the_mode_the_model_had(training: bool) -> None:
         assert not model.training
         raise RuntimeError("boom")
     assert model.training is training
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_no_autocast_under_dp_whatever_precision_was_asked(private: bool) -> None:
+    """Under DP every micro-batch's loss is asked for with autocast off (per-example norms and the
+    clip must be computed in full precision); without DP the caller's choice passes through.
+
+    Autocast itself is a no-op on a CPU, so the test records what ``train`` asks the task for.
+    """
+    from privet.common.tasks import Classification
+
+    asked: list[str] = []
+
+    class Spy(Classification):
+        def per_example_loss(self, model, batch, *, device, mixed_precision):  # type: ignore[no-untyped-def]
+            asked.append(mixed_precision)
+            return super().per_example_loss(
+                model, batch, device=device, mixed_precision=mixed_precision
+            )
+
+    built = tiny_model()
+    data = _data(built)
+    dp = (
+        DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, steps=1)
+        if private
+        else None
+    )
+    train(
+        built.model,
+        data,
+        _cfg(),
+        dp=dp,
+        pad_token_id=int(built.tokenizer.pad_token_id),
+        mixed_precision="bf16",
+        task=Spy(),
+    )
+    assert asked and set(asked) == ({"off"} if private else {"bf16"})
