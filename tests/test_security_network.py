@@ -80,7 +80,8 @@ def attacked(tmp_path_factory: pytest.TempPathFactory):
     # An outsider's key under site a's name, made elsewhere.
     rogue_key, rogue_pub = make_node_key("site-a", out=root / "elsewhere")
     port = free_port()
-    cfg = write_config(root, port=port, health_port=free_port(), rounds=2)
+    # Three rounds: the kill comes after round 1, and the run must still be going then.
+    cfg = write_config(root, port=port, health_port=free_port(), rounds=3)
     text = cfg.read_text().replace("num_clients = 2", "num_clients = 3")
     cfg.write_text(
         text.replace("round_timeout = 60", "round_timeout = 120\nmin_available_clients = 3")
@@ -140,12 +141,15 @@ def attacked(tmp_path_factory: pytest.TempPathFactory):
             "stop": _flwr(home, "stop", "1", "target"),
             "register": _flwr(home, "supernode", "register", str(rogue_pub), "target", "--name", "site-a"),
         }  # fmt: skip
+        # The rogue is refused at admission; wait for it first, so that nothing stands between
+        # round 1's end and the kill below (under load, waiting for it after round 1 let the
+        # two-round run finish and the coordinator end its SuperLink and nginx on its own).
+        out["rogue_rc"] = procs.procs["rogue"].wait(timeout=120)
         deadline = time.monotonic() + 420
         while not any(r["round"] == 1 for r in read_metrics(run_dir)):
             assert time.monotonic() < deadline, procs.log("server")[-3000:]
             assert procs.procs["server"].poll() is None, procs.log("server")[-3000:]
-            time.sleep(0.5)
-        out["rogue_rc"] = procs.procs["rogue"].wait(timeout=120)
+            time.sleep(0.2)
         # Now kill the coordinator: nothing it started may outlive it by more than a few seconds.
         tree = _tree(procs.procs["server"].pid)
         out["tree_names"] = sorted({p.name() for p in tree if p.is_running()})
