@@ -440,22 +440,11 @@ def stage_full_ft(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     return rows, details
 
 
-def _llama(args: argparse.Namespace, base_dtype: str) -> Any:
-    """The SmolLM2-135M shape with random weights and LoRA r8 (A frozen) on q and v.
+def _smol_shape(*, quick: bool) -> Any:
+    """SmolLM2-135M's shape (random weights are timed; ../shared/GPU.md), or a tiny one for --quick."""
+    from transformers import LlamaConfig
 
-    ``base_dtype`` may name a quantization after a ``+`` (``bfloat16+nf4``): the frozen linear
-    weights are then stored as ``model.base_quantization`` would store them.
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from privet.common.modeling import hold_base_in, quantize_base
-
-    base_dtype, _, quant = base_dtype.partition("+")
-
-    quick = args.quick
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=1024 if quick else 49152,
         hidden_size=64 if quick else 576,
         intermediate_size=128 if quick else 1536,
@@ -464,6 +453,23 @@ def _llama(args: argparse.Namespace, base_dtype: str) -> Any:
         num_key_value_heads=2 if quick else 3,
         tie_word_embeddings=True,
     )
+
+
+def _llama(args: argparse.Namespace, base_dtype: str) -> Any:
+    """The SmolLM2-135M shape with random weights and LoRA r8 (A frozen) on q and v.
+
+    ``base_dtype`` may name a quantization after a ``+`` (``bfloat16+nf4``): the frozen linear
+    weights are then stored as ``model.base_quantization`` would store them.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from privet.common.modeling import hold_base_in, quantize_base
+
+    base_dtype, _, quant = base_dtype.partition("+")
+
+    cfg = _smol_shape(quick=args.quick)
     device = torch.device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -742,7 +748,7 @@ def _privet_quant_step(args: argparse.Namespace, quant: str) -> dict[str, Any]:
     the tests' tiny BPE tokenizer, ``model.base_quantization = quant`` (bf16 compute), ``train``
     with ``privacy.clipping = 'auto'``; what ran and whether every LoRA weight moved."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from privet.client import DPSettings, train
     from privet.common.config import AdapterConfig, ModelConfig, TrainConfig
@@ -754,16 +760,7 @@ def _privet_quant_step(args: argparse.Namespace, quant: str) -> dict[str, Any]:
     folder = Path(tempfile.gettempdir()) / f"privet-gpu-smol-{int(args.quick)}"
     if not (folder / "model.safetensors").is_file():
         tok = Path(tiny_llama_dir())
-        quick = args.quick
-        shape = LlamaConfig(
-            vocab_size=1024 if quick else 49152,
-            hidden_size=64 if quick else 576,
-            intermediate_size=128 if quick else 1536,
-            num_hidden_layers=2 if quick else 30,
-            num_attention_heads=4 if quick else 9,
-            num_key_value_heads=2 if quick else 3,
-            tie_word_embeddings=True,
-        )
+        shape = _smol_shape(quick=args.quick)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             LlamaForCausalLM(shape).save_pretrained(folder)

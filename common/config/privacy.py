@@ -11,6 +11,13 @@ from privet.common.config._base import _Section
 __all__ = ["ClientLevelConfig", "PrivacyConfig", "SecureAggregationConfig"]
 
 
+def _effective_budget(enabled: bool, budget: float | None, target: float | None) -> float | None:
+    """A level's budget: ``budget_epsilon``, else the target itself (``None``: off or unbounded)."""
+    if not enabled:
+        return None
+    return budget if budget is not None else target
+
+
 def _target_within_budget(prefix: str, target: float | None, budget: float | None) -> None:
     """Refuse a target epsilon above the budget of the same level (sample or client level)."""
     if budget is not None and target is not None and target > budget:
@@ -133,9 +140,7 @@ class ClientLevelConfig(_Section):
     @property
     def effective_budget(self) -> float | None:
         """The federation epsilon the run will not exceed (``None``: off or unbounded)."""
-        if not self.enabled:
-            return None
-        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+        return _effective_budget(self.enabled, self.budget_epsilon, self.target_epsilon)
 
 
 class SecureAggregationConfig(_Section):
@@ -341,6 +346,4 @@ class PrivacyConfig(_Section):
     @property
     def effective_budget(self) -> float | None:
         """The cumulative epsilon a client will not exceed (``None`` when DP is off or unbounded)."""
-        if not self.enabled:
-            return None
-        return self.budget_epsilon if self.budget_epsilon is not None else self.target_epsilon
+        return _effective_budget(self.enabled, self.budget_epsilon, self.target_epsilon)
