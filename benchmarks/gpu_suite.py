@@ -30,6 +30,12 @@ with it; each writes ``DIR/stage-<name>.json`` and ``DIR/stage-<name>.log`` as i
     (``build_model`` with ``model.base_quantization``, ``train`` with ``privacy.clipping = 'auto'``,
     which must run book-keeping and move every LoRA weight). Needs CUDA: the CPU dry run reports it
     skipped.
+``llm_profile``
+    Where the fp32 causal LM's DP step spends its time (the 16 x 256 case of ``llm``, the one
+    still above its 1.15x goal): ``torch.profiler`` over a few steps without DP and with
+    book-keeping clipping, the book-keeping phases (per-example norms, clipped sums, optimizer)
+    marked; the top operators by device and host time, kernel launches and host-device syncs per
+    step. A table to read, not a figure with a goal.
 
 On the CPU, ``--device cpu --quick`` runs every stage at toy sizes (the test suite does, so the
 script cannot rot). Models are built from their configs; weights do not matter for timing.
@@ -61,6 +67,7 @@ STAGES: dict[str, tuple[int, int]] = {
     "federation": (200, 400),
     "llm_compile": (70, 300),
     "llm_quant": (180, 60),
+    "llm_profile": (60, 120),
 }
 
 
@@ -743,6 +750,98 @@ def stage_llm_quant(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     return rows, details
 
 
+def stage_llm_profile(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
+    """``torch.profiler`` tables of the fp32 16 x 256 step, without DP and with book-keeping."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from privet.client import bookkeeping
+
+    device = torch.device(args.device)
+    batch, tokens = (2, 16) if args.quick else (16, 256)
+    steps = 1 if args.quick else 5
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # Mark book-keeping's own work (patched here, so the training code carries no profiler calls).
+    originals = {n: getattr(bookkeeping, n) for n in ("_norm_sq", "_add_clipped_sum")}
+
+    def marked(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            with record_function(f"bookkeeping{name}"):
+                return fn(*a, **k)
+
+        return run
+
+    model, vocab = _llama(args, "float32")
+    ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    rows: Rows = []
+    details: dict[str, Any] = {"batch": batch, "tokens": tokens, "steps": steps}
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        for name, fn in originals.items():
+            setattr(bookkeeping, name, marked(name, fn))
+        for label, clipping in (("no DP", None), ("DP bookkeeping", "bookkeeping")):
+            with _llm_step(model, ids, clipping) as step:
+                step()  # warm-up: allocator growth, lazy initialisation
+                _sync(device)
+                with profile(activities=activities) as prof:
+                    for _ in range(steps):
+                        with record_function("step"):
+                            step()
+                    _sync(device)
+            events = prof.key_averages()
+            table = events.table(sort_by=sort, row_limit=25, max_name_column_width=60)
+            (args.out / f"profile-{label.replace(' ', '-')}.txt").write_text(table + "\n")
+            launches = sum(
+                e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel")
+            )
+            syncs = sum(
+                e.count
+                for e in events
+                if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync")
+            )
+            marks = [e for e in events if e.key == "step" or e.key.startswith("bookkeeping")]
+            phases = {e.key: round(e.cpu_time_total / 1e3 / steps, 3) for e in marks}
+            # on CUDA a mark's device time is that of the kernels launched inside it
+            device_phases = {
+                e.key: round(getattr(e, "device_time_total", 0.0) / 1e3 / steps, 3) for e in marks
+            }
+            top = [
+                {
+                    "op": e.key,
+                    "calls_per_step": e.count / steps,
+                    "self_device_ms_per_step": round(
+                        getattr(e, "self_device_time_total", 0.0) / 1e3 / steps, 3
+                    ),
+                    "self_host_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3),
+                }
+                for e in sorted(events, key=lambda e: getattr(e, sort), reverse=True)[:15]
+            ]
+            details[label] = {
+                "kernel_launches_per_step": launches / steps,
+                "syncs_per_step": syncs / steps,
+                "host_ms_per_step_by_phase": phases,
+                "device_ms_per_step_by_phase": device_phases,
+                "top_ops": top,
+            }
+            rows.append(benchlib.row(f"{label}: host ms per step", phases.get("step"), "ms"))
+            if device.type == "cuda":
+                rows.append(
+                    benchlib.row(f"{label}: device ms per step", device_phases.get("step"), "ms")
+                )
+            rows.append(benchlib.row(f"{label}: kernel launches per step", launches / steps))
+            rows.append(benchlib.row(f"{label}: host-device syncs per step", syncs / steps))
+            for phase in ("bookkeeping_norm_sq", "bookkeeping_add_clipped_sum"):
+                if phase in phases:
+                    rows.append(
+                        benchlib.row(f"{label}: {phase} host ms per step", phases[phase], "ms")
+                    )
+    finally:
+        for name, fn in originals.items():
+            setattr(bookkeeping, name, fn)
+    return rows, details
+
+
 def _privet_quant_step(args: argparse.Namespace, quant: str) -> dict[str, Any]:
     """One DP round step through privet's own path: a SmolLM2-shape folder with random weights and
     the tests' tiny BPE tokenizer, ``model.base_quantization = quant`` (bf16 compute), ``train``
@@ -907,6 +1006,7 @@ STAGE_FUNCS: dict[str, Callable[[argparse.Namespace], tuple[Rows, dict[str, Any]
     "llm_compile": stage_llm_compile,
     "federation": stage_federation,
     "llm_quant": stage_llm_quant,
+    "llm_profile": stage_llm_profile,
 }
 
 

@@ -100,7 +100,15 @@ def test_gpu_suite_dry_run_on_cpu_measures_every_figure(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu.json").read_text())
     stages = doc["details"]["stages"]
-    assert list(stages) == ["lora_cls", "full_ft", "llm", "federation", "llm_compile", "llm_quant"]
+    assert list(stages) == [
+        "lora_cls",
+        "full_ft",
+        "llm",
+        "federation",
+        "llm_compile",
+        "llm_quant",
+        "llm_profile",
+    ]
     # the quantized bases need CUDA: skipped here with the reason, not failed
     assert stages.pop("llm_quant")["status"] == "skipped"
     assert all(s["status"] == "ok" for s in stages.values()), stages
@@ -123,6 +131,14 @@ def test_gpu_suite_dry_run_on_cpu_measures_every_figure(tmp_path: Path) -> None:
     for name in ("llm", "llm_compile"):
         cases = {k: v for k, v in doc["details"][name].items() if k != "times"}
         assert cases and all(v.get("all_weights_moved") for v in cases.values()), cases
+    # the profile of the causal LM's DP step: both sides profiled, book-keeping's phases marked
+    prof = doc["details"]["llm_profile"]
+    for side in ("no DP", "DP bookkeeping"):
+        assert prof[side]["host_ms_per_step_by_phase"]["step"] > 0
+        assert (tmp_path / f"profile-{side.replace(' ', '-')}.txt").is_file()
+    marks = prof["DP bookkeeping"]["host_ms_per_step_by_phase"]
+    assert {"bookkeeping_norm_sq", "bookkeeping_add_clipped_sum"} <= set(marks)
+    assert "bookkeeping_norm_sq" not in prof["no DP"]["host_ms_per_step_by_phase"]
     fed = doc["details"]["federation"]
     assert fed["models_built"]["client"] == 1  # one base model served every virtual client
     assert rows["4 clients x 3 rounds in process: wall"]["unit"] == "s"
