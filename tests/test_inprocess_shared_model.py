@@ -1,0 +1,143 @@
+"""One base model per device in an in-process simulation: the ServerApp evaluates on the clients' model.
+
+The numbers must be those of a run whose server builds a model of its own (what every run did
+before the pool), for the default recipe (DP on) and for FedEx-LoRA, whose server folds residuals
+into the frozen base weights the clients train on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privet.common import tasks
+from privet.common.config import PrivetConfig, load_config
+from privet.common.data import cached_federated_data
+from privet.common.model_pool import MODELS, ModelPool
+from privet.server.app import make_server_app
+from privet.server.rundir import create_run_dir
+from privet.simulations import simulate
+from privet.simulations.inprocess import run_in_process
+from privet.simulations.run import _client_app, simulated_nodes
+
+pytestmark = pytest.mark.slow
+
+#: Wall-clock figures: the only fields of a metrics line that may differ between equal runs.
+TIMES = {"seconds", "startup_seconds"}
+
+RECIPES = {
+    "default": [],
+    # FedEx-LoRA: trainable A, the server folds the accumulated residual into the base weights.
+    "fedex": ["adapter.freeze_a=false", "aggregation.lora='fedex'", "privacy.enabled=false"],
+}
+
+
+def small_config(out: Path, name: str, extra: list[str]) -> PrivetConfig:
+    """A federation of 3 clients, 2 rounds, on a one-layer model (seconds on a CPU)."""
+    return load_config(
+        None,
+        [
+            "model.num_hidden_layers=1",
+            "model.max_length=32",
+            "data.max_examples=300",
+            "data.num_clients=3",
+            "federation.rounds=2",
+            "train.batch_size=16",
+            "train.num_threads=1",
+            "simulation.engine='inprocess'",
+            f"simulation.output_dir='{out}'",
+            f"simulation.run_name='{name}'",
+            *extra,
+        ],
+    )
+
+
+def run_numbers(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Every metrics line without its timings, and the final adapter's tensors."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [{k: v for k, v in line.items() if k not in TIMES} for line in lines]
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted((run_dir / "final_adapter").glob("*.safetensors")):
+        tensors.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return metrics, tensors
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """The two runs wrote the same numbers, to the last bit."""
+    metrics_a, adapter_a = run_numbers(a)
+    metrics_b, adapter_b = run_numbers(b)
+    assert [m["round"] for m in metrics_a] == [0, 1, 2]
+    assert metrics_a == metrics_b
+    assert set(adapter_a) == set(adapter_b) and adapter_a
+    assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+
+
+@pytest.fixture
+def count_builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every base model built from now on (the tasks' one call into ``build_model``)."""
+    calls: list[int] = []
+    real = tasks.build_model
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "build_model", counted)
+    return calls
+
+
+def own_server_model_run(cfg: PrivetConfig) -> Path:
+    """The run as before the pool: the ServerApp builds its own model; the clients share one."""
+    run_dir = create_run_dir(cfg)
+    n = len(cached_federated_data(cfg.data).clients)
+    nodes = simulated_nodes(cfg, n)
+    server = make_server_app(cfg, run_dir=run_dir, simulated_nodes=nodes)
+    client = _client_app(cfg, state_dir=run_dir / "clients", num_clients=n, num_labels=2)
+    run_in_process(server, client, num_nodes=nodes)
+    return run_dir
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_one_base_model_and_the_same_numbers(
+    recipe: str, tmp_path: Path, count_builds: list[int]
+) -> None:
+    shared = simulate(small_config(tmp_path, "shared", RECIPES[recipe]), preflight=False)
+    assert len(count_builds) == 1  # server and every client on one object
+
+    MODELS.clear()  # the clients' model is built again, as in a fresh process
+    run_dir = own_server_model_run(small_config(tmp_path, "own", RECIPES[recipe]))
+    assert len(count_builds) == 3  # one for the server, one for the clients
+    assert_same_run(shared, run_dir)
+
+
+def test_a_second_run_starts_from_the_model_as_built(tmp_path: Path) -> None:
+    """The pool keeps the model between runs; the next run's server must not start from its adapter."""
+    first = simulate(small_config(tmp_path, "first", []), preflight=False)
+    second = simulate(small_config(tmp_path, "second", []), preflight=False)
+    assert_same_run(first, second)
+
+
+def test_pool_hands_out_one_model_per_recipe_device_and_replica(tmp_path: Path) -> None:
+    pool = ModelPool()
+    cfg = small_config(tmp_path, "pool", [])
+    cpu = torch.device("cpu")
+    a = pool.get(cfg, num_labels=2, device=cpu)
+    assert pool.get(cfg, num_labels=2, device=cpu) is a
+    b = pool.get(cfg, num_labels=2, device=cpu, replica=1)
+    assert b is not a and b.fingerprint == a.fingerprint
+    assert pool.builds == 2
+    # fresh (a server starting a run): the model was handed out, so it is built again
+    c = pool.get(cfg, num_labels=2, device=cpu, fresh=True)
+    assert c is not a and pool.get(cfg, num_labels=2, device=cpu) is c
+    assert pool.builds == 3
+    # another recipe drops the models of the old one
+    other = small_config(tmp_path, "pool", ["adapter.r=2"])
+    d = pool.get(other, num_labels=2, device=cpu)
+    assert pool.builds == 4
+    assert pool.get(cfg, num_labels=2, device=cpu) is not c
+    assert pool.builds == 5 and d is not c
