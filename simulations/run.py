@@ -30,7 +30,7 @@ from privet.server.rundir import check_output_dir, create_run_dir, write_json
 from privet.server.tracking import check_tracking
 from privet.simulations.cluster import check_ray_address, ray_cluster_init_args
 from privet.simulations.faults import FaultPlan
-from privet.simulations.inprocess import run_in_process
+from privet.simulations.inprocess import engine_lanes, run_in_process
 from privet.simulations.plan import check_plan, make_plan
 
 __all__ = ["simulate"]
@@ -198,7 +198,7 @@ def simulate(
         cfg, state_dir=state_dir, num_clients=n_clients, num_labels=fed.num_labels
     )
     if inprocess:
-        run_in_process(server_app, client_app, num_nodes=nodes)
+        run_in_process(server_app, client_app, num_nodes=nodes, devices=engine_lanes(cfg))
         return run_dir
     # Imported only for the Ray engine: flwr.simulation pulls Flower's simulation extras (ray,
     # fastapi, ...), which the in-process engine must not need (GPU machines often lack them).

@@ -124,7 +124,8 @@ def test_gpu_suite_dry_run_on_cpu_measures_every_figure(tmp_path: Path) -> None:
         cases = {k: v for k, v in doc["details"][name].items() if k != "times"}
         assert cases and all(v.get("all_weights_moved") for v in cases.values()), cases
     fed = doc["details"]["federation"]
-    assert fed["models_built"]["client"] == 1  # one base model served every virtual client
+    # one base model served every virtual client and the server's evaluation
+    assert fed["models_built"]["total"] == 1 and fed["lanes"] == ["cpu"]
     assert rows["4 clients x 3 rounds in process: wall"]["unit"] == "s"
     assert fed["last_metrics"]["round"] == 3
     # ... and the report turns the result file into the GPU section of the docs
