@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from privet.common.config import PrivetConfig, load_config
+from privet.common.data import federated as federated_module
+
+from .llm_fixtures import sentiment_federation, tiny_llama_dir
 
 #: Wall-clock figures: the only fields of a metrics line that may differ between equal runs.
 TIMES = {"seconds", "startup_seconds"}
@@ -53,3 +57,23 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert metrics_a == metrics_b
     assert set(adapter_a) == set(adapter_b) and adapter_a
     assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+
+
+def causal_lm_recipe(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A causal LM (the tiny random Llama) on hand-made chats, as tests/test_llm_federation.py runs it.
+
+    The chats are put in place of the loaded data (the per-process cache), as that module does.
+    """
+    fed = sentiment_federation()
+    monkeypatch.setattr(federated_module, "_cached", lambda key: fed)
+    return [
+        "model.task='causal_lm'",
+        f"model.name='{tiny_llama_dir()}'",
+        "model.max_length=48",
+        "adapter.top_layers=none",
+        "adapter.r=8",
+        "data.source='files'",
+        "data.train_files=['generation.jsonl']",
+        "federation.fraction_evaluate=1.0",
+        "train.lr=0.2",
+    ]

@@ -27,7 +27,7 @@ from privet.common.model_pool import (
 from privet.simulations import simulate
 from privet.simulations.inprocess import _placements, engine_lanes, lane_devices
 
-from .inprocess_runs import assert_same_run, run_numbers, small_config
+from .inprocess_runs import assert_same_run, causal_lm_recipe, run_numbers, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -135,18 +135,21 @@ def _lanes(monkeypatch: pytest.MonkeyPatch, devices: list[str] | None) -> None:
     monkeypatch.setattr(simulation_run, "engine_lanes", lambda cfg: devices)
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [
-        [],  # the default recipe: DP on, no dropout, the lanes train at once
-        # dropout draws from the CPU's generator: the lanes take turns, the numbers stay exact
-        ["model.dropout=0.1", "adapter.dropout=0.1"],
-    ],
-    ids=["default", "dropout"],
-)
+@pytest.mark.parametrize("recipe", ["default", "dropout", "fedex", "causal_lm"])
 def test_two_lanes_give_the_numbers_of_one(
-    extra: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """default: DP on, no dropout, the lanes train at once (checked); dropout: each draw comes from
+    the CPU's generator, so the lanes take turns and the numbers stay exact; fedex: residuals in
+    every lane's base weights; causal_lm: a causal LM
+    whose clients also evaluate on the lanes and whose server generates on lane 0's model."""
+    extra = {
+        "default": [],
+        "dropout": ["model.dropout=0.1", "adapter.dropout=0.1"],
+        # FedEx-LoRA: residuals folded into every lane's base weights
+        "fedex": ["adapter.freeze_a=false", "aggregation.lora='fedex'", "privacy.enabled=false"],
+        "causal_lm": causal_lm_recipe(monkeypatch) if recipe == "causal_lm" else [],
+    }[recipe]
     _lanes(monkeypatch, None)
     one = simulate(small_config(tmp_path, "one", extra), preflight=False)
 
@@ -154,14 +157,14 @@ def test_two_lanes_give_the_numbers_of_one(
     MODELS.clear()  # as in a fresh process: every lane builds its model
     builds = MODELS.builds
     overlap = _Overlap(client_app.train)
-    if not extra:
+    if recipe == "default":
         monkeypatch.setattr(client_app, "train", overlap)
     two = simulate(small_config(tmp_path, "two", extra), preflight=False)
     assert MODELS.builds - builds == 2  # lane 0's (the server's too) and lane 1's
     assert_same_run(one, two)
     metrics, _ = run_numbers(two)
     assert all(not m["errors"] for m in metrics)
-    if not extra:
+    if recipe == "default":
         assert overlap.most_inside == 2 and not overlap.barrier.broken
         assert overlap.lanes == {"cpu/0", "cpu/1"}
 

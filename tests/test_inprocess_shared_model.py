@@ -23,7 +23,7 @@ from privet.simulations import simulate
 from privet.simulations.inprocess import run_in_process
 from privet.simulations.run import _client_app, simulated_nodes
 
-from .inprocess_runs import assert_same_run, small_config
+from .inprocess_runs import assert_same_run, causal_lm_recipe, run_numbers, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +70,20 @@ def test_one_base_model_and_the_same_numbers(
     run_dir = own_server_model_run(small_config(tmp_path, "own", RECIPES[recipe]))
     assert len(count_builds) == 3  # one for the server, one for the clients
     assert_same_run(shared, run_dir)
+
+
+def test_a_causal_lm_shares_its_model_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count_builds: list[int]
+) -> None:
+    """The server also generates its samples on the shared model; clients evaluate on it too."""
+    recipe = causal_lm_recipe(monkeypatch)
+    shared = simulate(small_config(tmp_path, "shared", recipe), preflight=False)
+    assert len(count_builds) == 1
+    MODELS.clear()
+    own = own_server_model_run(small_config(tmp_path, "own", recipe))
+    assert len(count_builds) == 3
+    assert_same_run(shared, own)
+    assert any(m["server_samples"] for m in run_numbers(shared)[0])
 
 
 def test_a_second_run_starts_from_the_model_as_built(tmp_path: Path) -> None:

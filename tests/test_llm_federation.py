@@ -14,30 +14,18 @@ from pathlib import Path
 import pytest
 
 from privet.common.config import load_config
-from privet.common.data import ClientData, FederatedData
 from privet.common.data import federated as federated_module
 from privet.simulations import simulate
 
-from .llm_fixtures import sentiment_examples, tiny_llama_dir
+from .llm_fixtures import sentiment_federation, tiny_llama_dir
 
 ROUNDS = 3
-
-
-def _federation() -> FederatedData:
-    clients = []
-    for c in range(3):
-        train = sentiment_examples(60, offset=100 * c)
-        test = sentiment_examples(8, offset=100 * c + 60)
-        clients.append(ClientData(name=f"client-{c}", train=train, test=test))
-    return FederatedData(
-        clients=clients, server_test=sentiment_examples(24, offset=1000), num_labels=2
-    )
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("llm-runs")
-    fed = _federation()
+    fed = sentiment_federation()
     patch = pytest.MonkeyPatch()
     patch.setattr(federated_module, "_cached", lambda key: fed)
     try:
