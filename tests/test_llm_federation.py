@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from privet.common.config import load_config
-from privet.common.data import federated as federated_module
 from privet.simulations import simulate
 
-from .llm_fixtures import sentiment_federation, tiny_llama_dir
+from .inprocess_runs import causal_lm_recipe
+from .llm_fixtures import tiny_llama_dir
 
 ROUNDS = 3
 
@@ -25,26 +25,16 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("llm-runs")
-    fed = sentiment_federation()
     patch = pytest.MonkeyPatch()
-    patch.setattr(federated_module, "_cached", lambda key: fed)
     try:
         cfg = load_config(
             None,
             [
-                "model.task='causal_lm'",
-                f"model.name='{tiny_llama_dir()}'",
-                "model.max_length=48",
-                "adapter.top_layers=none",
-                "adapter.r=8",
-                "data.source='files'",
-                "data.train_files=['generation.jsonl']",  # stands in for h5's generation source
+                *causal_lm_recipe(patch),
                 "data.num_clients=3",
                 f"federation.rounds={ROUNDS}",
-                "federation.fraction_evaluate=1.0",
                 "train.batch_size=16",
                 "train.local_epochs=1.0",
-                "train.lr=0.2",
                 "privacy.target_epsilon=8.0",
                 "simulation.engine='inprocess'",
                 f"simulation.output_dir='{out}'",
