@@ -99,6 +99,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--clients", type=int, default=None, help="federation clients (default 200)")
     p.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="federation: simulation.gpus_per_client (0: clients one after another; 0.5: two "
+        "lanes per GPU, each with its own base model)",
+    )
+    p.add_argument(
         "--name",
         default="gpu",
         help="result file DIR/NAME.json (e.g. gpu-quant for a later run of one stage: "
@@ -922,11 +929,11 @@ def stage_federation(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
     """The demo recipe with 200 clients x 3 rounds, in process; counts the base models built."""
     import torch
 
-    import privet.client.app as client_app
-    import privet.server.app as server_app
     from privet.common.config import PrivetConfig
+    from privet.common.modeling import pick_device as device_of
     from privet.common.tasks import Classification
     from privet.simulations import simulate
+    from privet.simulations.inprocess import engine_lanes
 
     clients = args.clients or (4 if args.quick else 200)
     # under --out: a stage cut short by its limit still brings back metrics.jsonl (round times)
@@ -944,18 +951,23 @@ def stage_federation(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         "model": {"name": _minilm_source(args), "device": args.device}
         | ({"num_hidden_layers": 1} if args.quick else {}),
         "data": data,
-        "simulation": {"engine": "inprocess", "output_dir": str(out), "run_name": "fed"},
+        "simulation": {
+            "engine": "inprocess",
+            "output_dir": str(out),
+            "run_name": "fed",
+            "gpus_per_client": args.gpus_per_client,
+        },
     }
     cfg = PrivetConfig.model_validate(overrides)
-    counts = {"client": 0, "server": 0}
+    counts = {"total": 0}
+    lanes = engine_lanes(cfg) or [str(device_of(cfg.model.device))]
 
-    # Both roles build their model through the task; the caller's module tells them apart.
+    # Every base model is built through the task: the clients' and the server's (in process they
+    # share one per lane, common/model_pool.py).
     build = Classification.build_model
 
     def counting(self: Any, *a: Any, **k: Any) -> Any:
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        role = "client" if caller == client_app.__name__ else "server"
-        counts[role] += caller in (client_app.__name__, server_app.__name__)
+        counts["total"] += 1
         return build(self, *a, **k)
 
     Classification.build_model = counting  # type: ignore[method-assign]
@@ -977,11 +989,11 @@ def stage_federation(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
             wall < 120,
         ),
         benchlib.row(
-            "federation: base models built (client / server)",
-            f"{counts['client']} / {counts['server']}",
+            "federation: base models built (clients and server)",
+            counts["total"],
             "",
-            "1 client model",
-            counts["client"] == 1,
+            f"{len(lanes)} (one per lane)",
+            counts["total"] == len(lanes),
         ),
         benchlib.row("federation: rounds only (no start-up)", summary.get("seconds"), "s"),
         benchlib.row("federation: final server accuracy", acc),
@@ -995,6 +1007,7 @@ def stage_federation(args: argparse.Namespace) -> tuple[Rows, dict[str, Any]]:
         "summary": summary,
         "last_metrics": last,
         "models_built": counts,
+        "lanes": lanes,
     }
     return rows, details
 
@@ -1072,6 +1085,7 @@ def main() -> None:
     child += ["--out", str(args.out)] + (["--quick"] if args.quick else [])
     child += ["--minilm", args.minilm] if args.minilm else []
     child += ["--clients", str(args.clients)] if args.clients else []
+    child += ["--gpus-per-client", str(args.gpus_per_client)]
     for name in stages:
         log = args.out / f"stage-{name}.log"
         t0 = time.perf_counter()

@@ -34,12 +34,8 @@ from privet.common.config import PrivetConfig
 from privet.common.data import ClientData, cached_federated_data
 from privet.common.errors import BudgetExhaustedError, PrivetError
 from privet.common.lora_residual import fold_residuals, message_residuals
-from privet.common.modeling import (
-    BuiltModel,
-    frozen_fingerprint,
-    load_trainable_state,
-    pick_device,
-)
+from privet.common.model_pool import MODELS, Placement, current_placement
+from privet.common.modeling import BuiltModel, load_trainable_state, pick_device
 from privet.common.privacy import Ledger
 from privet.common.protocol import (
     ACCURACY,
@@ -83,13 +79,6 @@ RUN_KEY = RUN_DIR_KEY
 
 
 @dataclass
-class _Model:
-    built: BuiltModel
-    device: torch.device
-    fingerprint: str
-
-
-@dataclass
 class _Loaded:
     built: BuiltModel
     device: torch.device
@@ -102,14 +91,19 @@ class _Loaded:
     load_seconds: float = 0.0
 
 
-# One base model per process (a Ray worker serves many clients: only their adapters are swapped in)
-# and each client's tokenized data once. The data cache is bounded so that a worker serving a large
-# population keeps memory flat; a client's data is small and cheap to tokenize again.
-_model_cache: dict[str, _Model] = {}
+# One base model per process and device (a Ray worker serves many clients: only their adapters are
+# swapped in; the in-process engine's ServerApp evaluates on the same object), from the process's
+# pool (common/model_pool.py), and each client's tokenized data once. The data cache is bounded so
+# that a worker serving a large population keeps memory flat; a client's data is small and cheap to
+# tokenize again.
 _data_cache: OrderedDict[tuple[str, int | str], tuple[ClientData, TaskData, TaskData]] = (
     OrderedDict()
 )
 _DATA_CACHE_SIZE = 256
+#: The configuration this process last loaded for (its data cache belongs to it).
+_loaded_config: list[str] = []
+# Held while a message loads its model and data, never while it trains: the in-process engine's
+# lanes train in parallel.
 _lock = threading.Lock()
 
 #: Changes a client's data after it is loaded (the simulation's label-flipping attackers).
@@ -127,25 +121,21 @@ def _load(
     task = task_for(cfg.model)
     key = cfg.model_dump_json()
     with _lock:
-        model = _model_cache.get(key)
-        if model is None:
+        if _loaded_config != [key]:
+            # one federation per process: a new configuration starts with its own data and threads
             if cfg.train.num_threads is not None:
                 torch.set_num_threads(cfg.train.num_threads)
-            # a deployed client has its own data; the coordinator fixed the label count
-            num_labels = (
-                cached_federated_data(cfg.data).num_labels
-                if local is None
-                else cfg.data.num_labels or 2
-            )
-            built = task.build_model(
-                cfg.model, cfg.adapter, num_labels=num_labels, seed=cfg.train.seed
-            )
-            device = pick_device(cfg.model.device)
-            built.model.to(device)
-            _model_cache.clear()  # one federation per process: drop models of older configs
             _data_cache.clear()
-            model = _Model(built=built, device=device, fingerprint=frozen_fingerprint(built.model))
-            _model_cache[key] = model
+            _loaded_config[:] = [key]
+        # a deployed client has its own data; the coordinator fixed the label count
+        num_labels = (
+            cached_federated_data(cfg.data).num_labels
+            if local is None
+            else cfg.data.num_labels or 2
+        )
+        # A lane of the in-process engine runs its clients on its own device; else the configured one.
+        where = current_placement() or Placement(pick_device(cfg.model.device))
+        model = MODELS.get(cfg, num_labels=num_labels, device=where.device, replica=where.replica)
         data_key: tuple[str, int | str] = (
             key,
             partition_id if local is None else f"local:{local.name}",

@@ -10,6 +10,7 @@ run: Poisson-sampled batches, per-sample clipping, Gaussian noise (Opacus).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -30,7 +31,8 @@ from privet.common.config import TrainConfig
 from privet.common.data import length_sorted_microbatches
 from privet.common.errors import PrivacyError
 from privet.common.evaluation import EvalResult, evaluate
-from privet.common.modeling import trainable_state
+from privet.common.model_pool import seeded_generator
+from privet.common.modeling import draws_randomness, trainable_state
 from privet.common.privacy.mechanism import example_sampling
 from privet.common.tasks import Classification, Task, TaskData
 
@@ -250,9 +252,14 @@ def train(
     # The loss is summed on the device: a float() per micro-batch would wait for the GPU to finish
     # every step before the next one is queued (one host sync per micro-batch).
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    # Seed the global RNG too (dropout, if the model has any) without disturbing the caller's.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    # Dropout draws from the device's global generator: seed it for this round, and give the
+    # caller's state back after. The in-process engine trains clients in parallel threads that
+    # share the process's generators (the CPU's, one per CUDA device), so seeded_generator holds
+    # that one generator's lock for the round: the draws of two clients never interleave, and no
+    # client re-seeds another's generator mid-round. A model without dropout draws nothing from
+    # it; it skips the lock, so that lanes sharing a device train at the same time.
+    rng = seeded_generator(device, seed) if draws_randomness(model) else contextlib.nullcontext()
+    with rng:
         try:
             for batch_idx in batches:
                 done += 1

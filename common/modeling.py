@@ -31,6 +31,7 @@ __all__ = [
     "MaskedMeanPooler",
     "build_model",
     "check_model_loads",
+    "draws_randomness",
     "frozen_fingerprint",
     "hold_base_in",
     "load_trainable_state",
@@ -332,8 +333,10 @@ def build_model(
             source, trust_remote_code=model_cfg.trust_remote_code
         )
         # The head (and LoRA weights below) must be the same on every participant.
+        # The CPU generator only (the new weights are drawn on the CPU): torch.manual_seed would
+        # also re-seed every CUDA device's, which in-process lanes may be training with.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             model = auto_class.from_pretrained(
                 source, config=hf_config, trust_remote_code=model_cfg.trust_remote_code
             )
@@ -618,7 +621,7 @@ def _attach_lora(
     )
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 1)
+            torch.default_generator.manual_seed(seed + 1)  # the CPU's only, as above
             peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ModelError(
@@ -681,6 +684,26 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tenso
                     fix="server and clients must use the same model and adapter configuration",
                 )
             p.copy_(value.to(device=p.device, dtype=p.dtype))
+
+
+def draws_randomness(model: torch.nn.Module) -> bool:
+    """Whether training ``model`` draws from the global random generators (dropout of any kind).
+
+    A dropout module with ``p > 0`` (the head's, LoRA's), or a dropout-like setting above 0 in the
+    transformers config (attention dropout applied functionally, GPT-2's ``*_pdrop``, layer drop).
+    """
+    inner = _unwrapped(model)
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in inner.modules()):
+        return True
+    to_dict = getattr(getattr(inner, "config", None), "to_dict", None)
+    settings: dict[str, Any] = to_dict() if callable(to_dict) else {}
+    return any(
+        ("dropout" in key or key.endswith("pdrop") or "layerdrop" in key)
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value > 0
+        for key, value in settings.items()
+    )
 
 
 def frozen_fingerprint(model: torch.nn.Module) -> str:

@@ -24,6 +24,7 @@ from privet.common.arrays import arrayrecord_to_state, state_to_arrayrecord
 from privet.common.config import PrivetConfig
 from privet.common.data import cached_federated_data
 from privet.common.lora_residual import global_state, load_global_state, save_residual_file
+from privet.common.model_pool import ModelPool
 from privet.common.modeling import (
     MaskedMeanPooler,
     frozen_fingerprint,
@@ -97,6 +98,7 @@ def make_server_app(
     resume: bool = False,
     simulated_nodes: int | None = None,
     deployed: bool = False,
+    models: ModelPool | None = None,
 ) -> ServerApp:
     """Build the ServerApp of a federation configured by ``cfg`` that writes into ``run_dir``.
 
@@ -105,6 +107,8 @@ def make_server_app(
     ``simulated_nodes`` (a simulation with fewer Flower nodes than clients) makes the strategy see
     the whole population while those nodes play the sampled clients (``server/population.py``).
     ``deployed`` (``privet server``) turns ``federation.update_norm_factor = 'auto'`` on.
+    ``models`` (the in-process engine, whose clients run in this process): evaluate on the base
+    model the clients use, from this pool, instead of building a second one.
     """
     check_tracking(cfg.tracking)  # a missing tracker package stops here, before any round
     observer = with_tracking(cfg, run_dir=run_dir, observer=observer)
@@ -119,10 +123,22 @@ def make_server_app(
             {"num_labels": fed.num_labels, "label_names": list(fed.label_names or [])},
         )
         task = task_for(cfg.model)
-        built = task.build_model(
-            cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
-        )
         device = pick_device(cfg.model.device)
+        if models is None:
+            built = task.build_model(
+                cfg.model, cfg.adapter, num_labels=fed.num_labels, seed=cfg.train.seed
+            )
+        else:
+            # The clients' own base model (the in-process engine). Sharing it is exact: whoever uses
+            # it loads its global state first. The server loads the adapter and folds FedEx-LoRA's
+            # residuals (load_global_state) before each evaluation; a client loads the adapter and
+            # folds the residuals its message carries before it trains or evaluates, and a fold
+            # first restores the base weights as built (lora_residual.py), so neither ever sees
+            # what the other left. The frozen LoRA weights and head, which the fingerprint covers,
+            # are never written. fresh: the run starts from the model as built, not from the
+            # adapter an earlier run in this process left in it.
+            pooled = models.get(cfg, num_labels=fed.num_labels, device=device, fresh=True)
+            built, device = pooled.built, pooled.device
         model = built.model.to(device)
         test = task.tokenize(fed.server_test, built.tokenizer, max_length=cfg.model.max_length)
         pad = int(built.tokenizer.pad_token_id)
@@ -248,6 +264,8 @@ def make_server_app(
             append_metrics(run_dir, {"round": strategy.current.round, "stopped": stopped})
         load_global_state(model, arrayrecord_to_state(final))
         _save_final(model, run_dir / "final_adapter", cfg)
+        if models is not None:
+            model.to(device)  # saving moved it to the CPU; the pool's model stays where it lives
         report = privacy_report(
             cfg,
             history=history,

@@ -22,6 +22,7 @@ from privet.client import make_client_app
 from privet.common.config import PrivetConfig
 from privet.common.data import cached_federated_data
 from privet.common.deployment import adopt_orphans, end_processes
+from privet.common.model_pool import MODELS
 from privet.common.modeling import check_model_loads
 from privet.common.privacy.mechanism import flower_sample_size
 from privet.server import RoundObserver, make_server_app
@@ -29,7 +30,7 @@ from privet.server.rundir import check_output_dir, create_run_dir, write_json
 from privet.server.tracking import check_tracking
 from privet.simulations.cluster import check_ray_address, ray_cluster_init_args
 from privet.simulations.faults import FaultPlan
-from privet.simulations.inprocess import run_in_process
+from privet.simulations.inprocess import engine_lanes, run_in_process
 from privet.simulations.plan import check_plan, make_plan
 
 __all__ = ["simulate"]
@@ -184,17 +185,20 @@ def simulate(
         backend_config["init_args"] = ray_cluster_init_args(sim.ray_address, verbose=verbose)
     _quiet_flower(verbose)
     nodes = simulated_nodes(cfg, n_clients)
+    inprocess = sim.engine == "inprocess"
     server_app = make_server_app(
         cfg,
         run_dir=run_dir,
         observer=observer,
         simulated_nodes=nodes,
+        # In process the server evaluates on the clients' base model: one per device, not two.
+        models=MODELS if inprocess else None,
     )
     client_app = _client_app(
         cfg, state_dir=state_dir, num_clients=n_clients, num_labels=fed.num_labels
     )
-    if sim.engine == "inprocess":
-        run_in_process(server_app, client_app, num_nodes=nodes)
+    if inprocess:
+        run_in_process(server_app, client_app, num_nodes=nodes, devices=engine_lanes(cfg))
         return run_dir
     # Imported only for the Ray engine: flwr.simulation pulls Flower's simulation extras (ray,
     # fastapi, ...), which the in-process engine must not need (GPU machines often lack them).

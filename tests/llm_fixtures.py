@@ -11,7 +11,7 @@ import functools
 import tempfile
 from pathlib import Path
 
-from privet.common.data import GenerationExamples, Turn
+from privet.common.data import ClientData, FederatedData, GenerationExamples, Turn
 from privet.common.modeling import quiet_transformers
 
 CHAT_TEMPLATE = (
@@ -54,6 +54,18 @@ def sentiment_examples(n: int, *, offset: int = 0) -> GenerationExamples:
         targets.append("positive" if good else "negative")
     return GenerationExamples(
         targets=targets, prompts=prompts, answer_choices=("negative", "positive")
+    )
+
+
+def sentiment_federation() -> FederatedData:
+    """Three clients of 60 training and 8 test chats each, and 24 for the server's test split."""
+    clients = []
+    for c in range(3):
+        train = sentiment_examples(60, offset=100 * c)
+        test = sentiment_examples(8, offset=100 * c + 60)
+        clients.append(ClientData(name=f"client-{c}", train=train, test=test))
+    return FederatedData(
+        clients=clients, server_test=sentiment_examples(24, offset=1000), num_labels=2
     )
 
 

@@ -140,7 +140,8 @@ def test_gpu_suite_dry_run_on_cpu_measures_every_figure(tmp_path: Path) -> None:
     assert {"bookkeeping_norm_sq", "bookkeeping_add_clipped_sum"} <= set(marks)
     assert "bookkeeping_norm_sq" not in prof["no DP"]["host_ms_per_step_by_phase"]
     fed = doc["details"]["federation"]
-    assert fed["models_built"]["client"] == 1  # one base model served every virtual client
+    # one base model served every virtual client and the server's evaluation
+    assert fed["models_built"]["total"] == 1 and fed["lanes"] == ["cpu"]
     assert rows["4 clients x 3 rounds in process: wall"]["unit"] == "s"
     assert fed["last_metrics"]["round"] == 3
     # ... and the report turns the result file into the GPU section of the docs

@@ -14,49 +14,27 @@ from pathlib import Path
 import pytest
 
 from privet.common.config import load_config
-from privet.common.data import ClientData, FederatedData
-from privet.common.data import federated as federated_module
 from privet.simulations import simulate
 
-from .llm_fixtures import sentiment_examples, tiny_llama_dir
+from .inprocess_runs import causal_lm_recipe
+from .llm_fixtures import tiny_llama_dir
 
 ROUNDS = 3
-
-
-def _federation() -> FederatedData:
-    clients = []
-    for c in range(3):
-        train = sentiment_examples(60, offset=100 * c)
-        test = sentiment_examples(8, offset=100 * c + 60)
-        clients.append(ClientData(name=f"client-{c}", train=train, test=test))
-    return FederatedData(
-        clients=clients, server_test=sentiment_examples(24, offset=1000), num_labels=2
-    )
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("llm-runs")
-    fed = _federation()
     patch = pytest.MonkeyPatch()
-    patch.setattr(federated_module, "_cached", lambda key: fed)
     try:
         cfg = load_config(
             None,
             [
-                "model.task='causal_lm'",
-                f"model.name='{tiny_llama_dir()}'",
-                "model.max_length=48",
-                "adapter.top_layers=none",
-                "adapter.r=8",
-                "data.source='files'",
-                "data.train_files=['generation.jsonl']",  # stands in for h5's generation source
+                *causal_lm_recipe(patch),
                 "data.num_clients=3",
                 f"federation.rounds={ROUNDS}",
-                "federation.fraction_evaluate=1.0",
                 "train.batch_size=16",
                 "train.local_epochs=1.0",
-                "train.lr=0.2",
                 "privacy.target_epsilon=8.0",
                 "simulation.engine='inprocess'",
                 f"simulation.output_dir='{out}'",

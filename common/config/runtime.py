@@ -19,7 +19,9 @@ class SimulationConfig(_Section):
         "ray",
         description=(
             "'ray': Flower's Simulation Engine, clients in parallel Ray workers. 'inprocess': the same "
-            "apps in this one process, clients one after another (no Ray start-up; small studies and tests)."
+            "apps in this one process, clients one after another (no Ray start-up; small studies and tests), "
+            "or in parallel lanes over the GPUs with gpus_per_client; the clients and the server's "
+            "evaluation share one base model per lane."
         ),
     )
     cpus_per_client: float = Field(
@@ -29,7 +31,15 @@ class SimulationConfig(_Section):
         description="CPUs Ray reserves per client; clients run in parallel up to the CPU count.",
     )
     gpus_per_client: float = Field(
-        0.0, ge=0, le=64, description="GPU share per client (schedules, does not limit memory)."
+        0.0,
+        ge=0,
+        le=64,
+        description=(
+            "GPU share per client. 'ray': what Ray reserves per client (schedules, does not limit "
+            "memory). 'inprocess' (at most 1): 0 runs clients one after another on one device; above "
+            "0, with CUDA, floor(1 / share) clients at once per visible GPU, each lane with its own "
+            "base model on its GPU (1: one lane and one base model per GPU), replies in the same order."
+        ),
     )
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs Ray may use (default: all of this machine)."
@@ -69,6 +79,12 @@ class SimulationConfig(_Section):
             )
         if self.ray_address is not None and self.engine != "ray":
             raise ValueError(f"ray_address needs engine = 'ray' (got {self.engine!r})")
+        if self.engine == "inprocess" and self.gpus_per_client > 1:
+            raise ValueError(
+                f"gpus_per_client = {self.gpus_per_client:g} with engine = 'inprocess': the in-process "
+                "engine runs one client on one device; set gpus_per_client to at most 1 (1: one "
+                "client per GPU, 0.5: two) or use engine = 'ray'"
+            )
         return self
 
 
