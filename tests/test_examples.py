@@ -47,7 +47,7 @@ def test_demo_config_is_the_readme_config() -> None:
 def test_llm_presets_plan_a_dp_federation_of_smollm2(name: str) -> None:
     # The documented generative presets (docs/llm.md) validate and plan: DP at ε = 8 per client,
     # every budget holding, and the plan names the privacy unit of a causal LM. (Their real runs,
-    # ~6 minutes each on 2 CPU cores, are measured in docs/llm.md, not repeated here.)
+    # 3 to 9 minutes each on 2 CPU cores, are measured in docs/llm.md, not repeated here.)
     from rich.console import Console
 
     from privet.common.config import load_config
