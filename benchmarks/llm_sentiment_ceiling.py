@@ -20,8 +20,8 @@ the preset's training budget allows, at a small fraction of a real run's cost:
 This is a study tool, not privet's training path, which runs every layer for every chat; the
 cache is exact only for an adapter on these top-layer modules. Results are in docs/llm.md.
 
-    python benchmarks/llm_sentiment_ceiling.py --examples 9000 --cache /tmp/ceiling.npz
-    python benchmarks/llm_sentiment_ceiling.py --cache /tmp/ceiling.npz --lora down --r 8 \
+    python benchmarks/llm_sentiment_ceiling.py --examples 9000
+    python benchmarks/llm_sentiment_ceiling.py --examples 9000 --lora down --r 8 \
         --epochs 10 --no-dp
 """
 
@@ -46,6 +46,7 @@ warnings.filterwarnings("ignore")
 from privet.common.config import load_config  # noqa: E402
 from privet.common.data.examples import GenerationExamples  # noqa: E402
 from privet.common.data.vader import VADER_ANSWERS, load_vader_instructions  # noqa: E402
+from privet.common.downloads import resolve_cache_dir  # noqa: E402
 from privet.common.modeling import build_model  # noqa: E402
 from privet.common.privacy import calibrate_noise  # noqa: E402
 from privet.common.tasks import CausalLM  # noqa: E402
@@ -241,7 +242,12 @@ def main() -> None:
         default=None,
         help="train on the N cached chats after the test set (default: all)",
     )
-    ap.add_argument("--cache", type=Path, default=None, help="npz file: reused if it exists")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="npz file, reused if it exists (default: sentiment-ceiling-N.npz in privet's cache dir)",
+    )
     ap.add_argument("--lora", choices=sorted(WIDTH), default=None, help="also run a federation")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=8.0)
@@ -269,12 +275,14 @@ def main() -> None:
     cfg = load_config(PRESET)
     built = build_model(cfg.model, cfg.adapter, num_labels=2, seed=0)
     model, tokenizer = built.model.eval(), built.tokenizer
-    if a.cache is not None and a.cache.exists():
+    if a.cache is None:
+        a.cache = resolve_cache_dir() / "studies" / f"sentiment-ceiling-{a.examples}.npz"
+    if a.cache.exists():
         raw = dict(np.load(a.cache))
     else:
         raw = cache(model, tokenizer, a.examples, cfg.model.max_length)
-        if a.cache is not None:
-            np.savez(a.cache, **raw)
+        a.cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(a.cache, **raw)
     keep = len(raw["y"]) if a.train is None else a.test + a.train
     feats = {k: torch.from_numpy(v[:keep]) for k, v in raw.items()}
     if a.lora is None:
