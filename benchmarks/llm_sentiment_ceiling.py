@@ -52,7 +52,7 @@ from privet.common.privacy import calibrate_noise  # noqa: E402
 from privet.common.tasks import CausalLM  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "examples" / "llm_sentiment.toml"
-WIDTH = {"o": (576, 576), "down": (1536, 576)}  # (in, out) of the adapted projection
+WIDTH = {"o": (576, 576), "down": (1536, 576), "head": (576, 2)}  # (in, out) of what trains
 
 
 def top_of(model: torch.nn.Module) -> Any:
@@ -147,7 +147,27 @@ def federate(
     scale = a.alpha / a.r
     mlp = layer.mlp
 
+    if a.lora == "head":
+        # The top layer is frozen too, so each chat's normed final state z is fixed: compute it
+        # once, with the logits of the answers and the log-sum-exp of every other token.
+        with torch.no_grad():
+            h = x + layer.self_attn.o_proj(att)
+            zz = layer.post_attention_layernorm(h)
+            z_all = norm(h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(zz)) * mlp.up_proj(zz)))
+            others = torch.ones(head.shape[0], dtype=torch.bool)
+            others[answer] = False
+            rest = torch.cat(
+                [
+                    torch.logsumexp(z_all[i : i + 500] @ head[others].T, 1)
+                    for i in range(0, len(y), 500)
+                ]
+            )
+            x, att = z_all, torch.cat([z_all @ head[answer].T, rest[:, None]], 1)
+
     def logits(p: dict[str, torch.Tensor], xx: torch.Tensor, aa: torch.Tensor) -> torch.Tensor:
+        if a.lora == "head":  # [answers' logits with the trained rows, the others' log-sum-exp]
+            return torch.cat([aa[:, :2] + xx @ p["B"].T, aa[:, 2:]], 1)
+
         def delta(v: torch.Tensor) -> torch.Tensor:
             return (v @ p.get("A", a0).T) @ p["B"].T * scale
 
@@ -161,16 +181,22 @@ def federate(
         p: dict[str, torch.Tensor], xx: torch.Tensor, aa: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
         lg = logits(p, xx[None], aa[None])
+        if a.lora == "head":  # the last column stands for every other token at once
+            t2 = (t == answer[1]).long()[None]
+            return torch.nn.functional.cross_entropy(lg if a.loss == "vocab" else lg[:, :2], t2)
         if a.loss == "choices":  # a verbaliser: softmax over the answers only
             return torch.nn.functional.cross_entropy(lg[:, answer], (t == answer[1]).long()[None])
         return torch.nn.functional.cross_entropy(lg, t[None])
 
     def accuracy(p: dict[str, torch.Tensor]) -> float:
         with torch.no_grad():
-            lg = logits(p, x[: a.test], att[: a.test])[:, answer]
+            lg = logits(p, x[: a.test], att[: a.test])
+            lg = lg[:, :2] if a.lora == "head" else lg[:, answer]
             return float((lg.argmax(1) == y[: a.test]).float().mean())
 
     params = {"B": torch.zeros(d_out, a.r)} | ({} if a.freeze_a else {"A": a0.clone()})
+    if a.lora == "head":
+        params = {"B": torch.zeros(2, d_in)}
     train_idx = torch.arange(a.test, len(y))
     per_client = len(train_idx) // a.clients
     q = a.batch_size / per_client
@@ -218,7 +244,7 @@ def federate(
                     )
                     norms = torch.sqrt(sum((g[k].flatten(1) ** 2).sum(1) for k in g))
                     f = (a.clip / (norms + 1e-6)).clamp(max=1.0) if a.dp else torch.ones_like(norms)
-                    total = {k: (g[k] * f[:, None, None]).sum(0) for k in g}
+                    total = {k: (g[k] * f.view(-1, *[1] * (g[k].dim() - 1))).sum(0) for k in g}
                 for k, v in local.items():
                     v.grad = (
                         total[k] + sigma * a.clip * torch.randn(v.shape, generator=noise)

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import urllib.parse
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "pick_device",
     "quantize_base",
     "quiet_transformers",
+    "readout_token_ids",
     "resolve_model_path",
     "stored_bytes",
     "trainable_state",
@@ -354,9 +356,19 @@ def build_model(
 
     if adapter_cfg.method == "lora":
         num_layers = getattr(hf_config, "num_hidden_layers", None)
+        readout = (
+            None
+            if adapter_cfg.readout_tokens is None
+            else readout_token_ids(tokenizer, adapter_cfg.readout_tokens)
+        )
         with quiet_transformers():  # PEFT reads a deprecated transformers attribute
             model = _attach_lora(
-                model, adapter_cfg, seed=seed, num_layers=num_layers, generative=generative
+                model,
+                adapter_cfg,
+                seed=seed,
+                num_layers=num_layers,
+                generative=generative,
+                readout=readout,
             )
     else:
         for name, p in model.named_parameters():
@@ -600,6 +612,74 @@ def lora_layers(cfg: AdapterConfig, num_layers: int | None) -> list[int] | None:
     return list(range(num_layers - cfg.top_layers, num_layers))
 
 
+#: The LM head's module name in transformers' causal LMs (what the readout adapts).
+READOUT_MODULE = "lm_head"
+
+
+def readout_token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """The first token id of each of ``tokens``: the LM-head rows the readout trains.
+
+    Raises
+    ------
+    ModelError
+        When a token encodes to nothing, or two start with the same token (their rows would be one).
+
+    """
+    ids: list[int] = []
+    for text in tokens:
+        encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not encoded:
+            raise ModelError(
+                f"adapter.readout_tokens {text!r} encodes to no token", fix="name a real token"
+            )
+        if encoded[0] in ids:
+            other = tokens[ids.index(encoded[0])]
+            raise ModelError(
+                f"adapter.readout_tokens {other!r} and {text!r} start with the same token "
+                f"({encoded[0]}), so one readout row would stand for both",
+                fix="name answers whose first tokens differ",
+            )
+        ids.append(int(encoded[0]))
+    return ids
+
+
+def _lora_targets(
+    model: torch.nn.Module, cfg: AdapterConfig, layers: list[int] | None
+) -> list[str]:
+    """The module names that get LoRA in the transformer layers, listed one by one.
+
+    Listed because PEFT's ``layers_to_transform`` cannot be combined with a module outside the
+    layers, such as the readout's ``lm_head``.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if layers == []:
+        return []
+    kinds: list[str] | None = cfg.target_modules
+    if kinds is None:
+        model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        kinds = None if default is None else list(default)
+        if kinds is None:
+            raise ModelError(
+                f"PEFT has no default LoRA targets for model type {model_type!r}",
+                fix="set adapter.target_modules",
+            )
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] not in kinds:
+            continue
+        index = next((int(p) for p in name.split(".") if p.isdigit()), None)
+        if layers is None or index in layers:
+            names.append(name)
+    if not names:
+        raise ModelError(
+            f"adapter.target_modules {list(kinds)} name no linear layer of this model",
+            fix="name linear layers of the model, e.g. ['q_proj', 'v_proj'] for Llama",
+        )
+    return names
+
+
 def _attach_lora(
     model: torch.nn.Module,
     cfg: AdapterConfig,
@@ -607,20 +687,36 @@ def _attach_lora(
     seed: int,
     num_layers: int | None,
     generative: bool = False,
+    readout: list[int] | None = None,
 ) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
+    layers = lora_layers(cfg, num_layers)
+    extra: dict[str, Any] = {}
+    if readout is not None:
+        # The readout is a LoRA on the LM head with rank k (one per token) and scale 1 whose B is
+        # fixed to the tokens' rows: logits[v_j] += a_j . h, everything else unchanged.
+        targets: list[str] | None = [*_lora_targets(model, cfg, layers), READOUT_MODULE]
+        layers = None
+        pattern = f"^{READOUT_MODULE}$"
+        extra = {"rank_pattern": {pattern: len(readout)}, "alpha_pattern": {pattern: len(readout)}}
+    else:
+        # None: PEFT's table by architecture (query/value for BERT, q_proj/v_proj for Llama).
+        targets = None if cfg.target_modules is None else list(cfg.target_modules)
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM if generative else TaskType.SEQ_CLS,
         r=cfg.r,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # PEFT accepts a float scale
         lora_dropout=cfg.dropout,
-        # None: PEFT's table by architecture (query/value for BERT, q_proj/v_proj for Llama).
-        target_modules=None if cfg.target_modules is None else list(cfg.target_modules),
-        layers_to_transform=lora_layers(cfg, num_layers),
+        target_modules=targets,
+        layers_to_transform=layers,
+        **extra,
     )
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # PEFT warns that LoRA on a tied LM head complicates merging: privet's export unties
+            # the head before merging (server/rundir/export.py), so the embeddings stay as they are.
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
             torch.default_generator.manual_seed(seed + 1)  # the CPU's only, as above
             peft_model = get_peft_model(model, lora)
     except ValueError as exc:
@@ -630,11 +726,22 @@ def _attach_lora(
             "['q_proj', 'v_proj'] for Llama",
         ) from None
     for name, p in peft_model.named_parameters():
+        if f"{READOUT_MODULE}.lora_" in name:
+            continue
         if "lora_A" in name:
             # FFA-LoRA: A stays at its (shared, seeded) random init; only B learns.
             p.requires_grad_(not cfg.freeze_a)
         elif "lora_B" in name:
             p.requires_grad_(True)
+    if readout is not None:
+        head: Any = peft_model.get_base_model().get_submodule(READOUT_MODULE)
+        with torch.no_grad():
+            a, b = head.lora_A["default"].weight, head.lora_B["default"].weight
+            a.zero_()  # round 0 is the base model
+            b.zero_()
+            b[torch.tensor(readout), torch.arange(len(readout))] = 1.0  # row v_j gets a_j . h
+        a.requires_grad_(True)
+        b.requires_grad_(False)
     return peft_model  # type: ignore[no-any-return]
 
 

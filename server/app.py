@@ -306,7 +306,9 @@ def _save_final(model: torch.nn.Module, out: Path, cfg: PrivetConfig) -> None:
     model = model.to("cpu")
     save_pretrained = getattr(model, "save_pretrained", None)
     if hasattr(model, "peft_config") and callable(save_pretrained):
-        save_pretrained(str(out))
+        # The readout (adapter.readout_tokens) is a LoRA on lm_head, which PEFT takes for an
+        # embedding layer and would save whole (49k x 576 for SmolLM2); the base has it unchanged.
+        save_pretrained(str(out), save_embedding_layers=False)
         # FedEx-LoRA: the residuals folded into the base weights are part of the model.
         save_residual_file(model, out)
     else:

@@ -77,3 +77,27 @@ def causal_lm_recipe(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         "federation.fraction_evaluate=1.0",
         "train.lr=0.2",
     ]
+
+
+def simulate_causal_lm(out: Path, name: str, extra: list[str]) -> Path:
+    """Run :func:`causal_lm_recipe` in this process with ``extra`` overrides, DP at ε = 8."""
+    from privet.simulations import simulate
+
+    patch = pytest.MonkeyPatch()
+    try:
+        cfg = load_config(
+            None,
+            [
+                *causal_lm_recipe(patch),
+                "data.num_clients=3",
+                "train.batch_size=16",
+                "privacy.target_epsilon=8.0",
+                "simulation.engine='inprocess'",
+                f"simulation.output_dir='{out}'",
+                f"simulation.run_name='{name}'",
+                *extra,
+            ],
+        )
+        return simulate(cfg, preflight=False)
+    finally:
+        patch.undo()

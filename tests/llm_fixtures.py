@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from privet.common.data import ClientData, FederatedData, GenerationExamples, Turn
 from privet.common.modeling import quiet_transformers
@@ -135,3 +136,22 @@ def tiny_llama_dir(*, chat_template: bool = True, layers: int = 2) -> str:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
     return str(folder)
+
+
+def released_clipped_sum(built: Any, data: Any, task: Any, *, clip: float, clipping: str) -> Any:
+    """One DP-SGD step over all of ``data`` (SGD, lr 1, no momentum) with noise 1e-12.
+
+    The released update is then the clipped sum itself (the mechanism refuses noise exactly 0):
+    ``(before - after) * len(data)`` is what the test compares with its hand computation.
+    """
+    from privet.client import DPSettings, train
+    from privet.common.config import TrainConfig
+
+    cfg = TrainConfig(
+        optimizer="sgd", momentum=0.0, lr=1.0, batch_size=len(data), physical_batch_size=3
+    )
+    dp = DPSettings(
+        noise_multiplier=1e-12, max_grad_norm=clip, sample_rate=1.0, steps=1, clipping=clipping
+    )
+    pad = int(built.tokenizer.pad_token_id)
+    return train(built.model, data, cfg, dp=dp, pad_token_id=pad, task=task)

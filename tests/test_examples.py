@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -57,10 +58,14 @@ def test_llm_presets_plan_a_dp_federation_of_smollm2(name: str) -> None:
     cfg = load_config(path, [])
     assert cfg.model.task == "causal_lm" and cfg.model.name == "embedded:SmolLM2-135M-Instruct"
     assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
-    # The header states the full-size command, and every --set it gives is a valid override.
+    # The header states the full-size commands, and each one's --set overrides are valid together.
     text = path.read_text(encoding="utf-8")
-    sets = re.findall(r"--set (\S+)", text)
-    assert sets and load_config(path, sets).model.task == "causal_lm"
+    commands = re.findall(r"^#\s+privet simulate (.*?)(?<!\\)$", text.replace("\\\n#", " "), re.M)
+    assert commands
+    for command in commands:
+        words = shlex.split(command.replace("\\", " "))
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        assert sets and load_config(path, sets).model.task == "causal_lm", command
     plan = make_plan(cfg, with_model=False)
     assert not plan.problems
     assert all(c.epsilon_planned is not None and c.epsilon_planned <= 8.0 for c in plan.clients)

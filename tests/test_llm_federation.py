@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from privet.common.config import load_config
-from privet.simulations import simulate
-
-from .inprocess_runs import causal_lm_recipe
+from .inprocess_runs import simulate_causal_lm
 from .llm_fixtures import tiny_llama_dir
 
 ROUNDS = 3
@@ -24,26 +21,8 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("llm-runs")
-    patch = pytest.MonkeyPatch()
-    try:
-        cfg = load_config(
-            None,
-            [
-                *causal_lm_recipe(patch),
-                "data.num_clients=3",
-                f"federation.rounds={ROUNDS}",
-                "train.batch_size=16",
-                "train.local_epochs=1.0",
-                "privacy.target_epsilon=8.0",
-                "simulation.engine='inprocess'",
-                f"simulation.output_dir='{out}'",
-                "simulation.run_name='llm'",
-            ],
-        )
-        return simulate(cfg, preflight=False)
-    finally:
-        patch.undo()
+    extra = [f"federation.rounds={ROUNDS}", "train.local_epochs=1.0"]
+    return simulate_causal_lm(tmp_path_factory.mktemp("llm-runs"), "llm", extra)
 
 
 def test_the_loss_falls_over_rounds_with_dp(run: Path) -> None:

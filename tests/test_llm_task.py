@@ -21,7 +21,12 @@ from privet.common.errors import DataError, ModelError
 from privet.common.modeling import BuiltModel, check_model_loads
 from privet.common.tasks import CausalLM, Classification, task_for
 
-from .llm_fixtures import plain_examples, sentiment_examples, tiny_llama_dir
+from .llm_fixtures import (
+    plain_examples,
+    released_clipped_sum,
+    sentiment_examples,
+    tiny_llama_dir,
+)
 
 CPU = torch.device("cpu")
 TASK = CausalLM()
@@ -188,20 +193,7 @@ def test_clipping_releases_the_hand_computed_clipped_sum(clipping: str) -> None:
         for n, t in g.items():
             expected[n] += t * min(1.0, clip / (norm + 1e-6))
     start = {n: p.detach().clone() for n, p in _trainable(built).items()}
-    cfg = TrainConfig(
-        optimizer="sgd", momentum=0.0, lr=1.0, batch_size=len(data), physical_batch_size=3
-    )
-    # Noise 1e-12: the released update is the clipped sum itself (the mechanism refuses exactly 0).
-    dp = DPSettings(
-        noise_multiplier=1e-12,
-        max_grad_norm=clip,
-        sample_rate=1.0,
-        steps=1,
-        clipping=clipping,  # type: ignore[arg-type]
-    )
-    out = train(
-        built.model, data, cfg, dp=dp, pad_token_id=int(built.tokenizer.pad_token_id), task=TASK
-    )
+    out = released_clipped_sum(built, data, TASK, clip=clip, clipping=clipping)
     assert out.steps == 1 and out.examples_seen == len(data)
     for n, before in start.items():
         # SGD, lr 1, mean over the expected batch size (all examples)

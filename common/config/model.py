@@ -148,11 +148,12 @@ class AdapterConfig(_Section):
     )
     top_layers: int | None = Field(
         3,
-        ge=1,
+        ge=0,
         le=1024,
         description=(
             "Put LoRA in the top N transformer layers only (none: all layers). Backpropagation stops "
-            "below them, so training is faster, and under DP fewer noised dimensions help accuracy."
+            "below them, so training is faster, and under DP fewer noised dimensions help accuracy. "
+            "0: no LoRA in the layers, only the readout (adapter.readout_tokens) trains."
         ),
     )
     freeze_a: bool = Field(
@@ -165,11 +166,35 @@ class AdapterConfig(_Section):
     train_head: bool = Field(
         True, description="Train the classification head (needed for a new task)."
     )
+    readout_tokens: list[str] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "causal_lm only: also train a readout of these tokens (e.g. ['negative', 'positive'], "
+            "the answers of an instruction task): a k x hidden matrix added to the LM head's rows of "
+            "each one's first token, zero at the start (round 0 is the base model). It is a linear "
+            "probe of the model's last hidden state in the LM's own head, a LoRA on lm_head whose B "
+            "is fixed to those rows, so only k x hidden weights train, are noised and leave the "
+            "client; with adapter.top_layers = 0 it is all that trains. Write each token as it "
+            "follows the prompt (after a chat template's generation prompt: no leading space)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _layers_valid(self) -> AdapterConfig:
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError(
                 "adapter.layers must be a non-empty list of layer indices >= 0, or unset"
+            )
+        if self.readout_tokens is not None:
+            if any(not t.strip() for t in self.readout_tokens):
+                raise ValueError("adapter.readout_tokens holds an empty token; name real tokens")
+            if len(set(self.readout_tokens)) != len(self.readout_tokens):
+                raise ValueError("adapter.readout_tokens names a token twice; list each once")
+        if self.top_layers == 0 and self.layers is None and self.readout_tokens is None:
+            raise ValueError(
+                "adapter.top_layers = 0 puts LoRA in no layer, and no adapter.readout_tokens are "
+                "set, so nothing would train; set adapter.readout_tokens (causal_lm) or "
+                "adapter.top_layers >= 1"
             )
         return self

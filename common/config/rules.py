@@ -170,6 +170,14 @@ def _check_task(cfg: PrivetConfig) -> None:
             "faults.attack = 'label_flip' flips class labels, and model.task = 'causal_lm' has none; "
             "use another faults.attack (e.g. 'sign_flip')"
         )
+    if cfg.adapter.readout_tokens is not None and (
+        task != "causal_lm" or cfg.adapter.method != "lora"
+    ):
+        raise ValueError(
+            "adapter.readout_tokens trains rows of a language model's head, so it needs "
+            "model.task = 'causal_lm' and adapter.method = 'lora'; a classifier trains its own head "
+            "(adapter.train_head): remove adapter.readout_tokens"
+        )
     if task == "causal_lm" and cfg.adapter.method != "lora":
         # Full fine-tuning of a decoder trains its RMSNorms and the (tied) embeddings, which no
         # clipping mode can clip per example here: refused, never trained unclipped.
@@ -344,6 +352,12 @@ def check_aggregation(cfg: PrivetConfig) -> None:
             )
     lora_trainable_a = cfg.adapter.method == "lora" and not cfg.adapter.freeze_a
     if agg.lora in ("svd", "fedex"):
+        if cfg.adapter.readout_tokens is not None:
+            raise ValueError(
+                f"aggregation.lora = {agg.lora!r} re-factorizes LoRA products, but the readout of "
+                "adapter.readout_tokens has a fixed B (its rows of the LM head), so its plain mean is "
+                "already exact; use aggregation.lora = 'mean'"
+            )
         if cfg.adapter.method != "lora" or cfg.adapter.freeze_a:
             raise ValueError(
                 f"aggregation.lora = {agg.lora!r} corrects the mean of trainable A and B; with "

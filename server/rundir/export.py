@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,11 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        with quiet_transformers():  # PEFT reads a deprecated transformers attribute
+        with quiet_transformers(), warnings.catch_warnings():
+            # PEFT reads a deprecated transformers attribute, and warns that a LoRA on a tied LM
+            # head (the readout, adapter.readout_tokens) complicates merging: the merge below
+            # unties it first (_untie_adapted_head).
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
             model = PeftModel.from_pretrained(base, str(final))
         # FedEx-LoRA: the residuals the federation folded into the base weights.
         fold_residuals(model, load_residual_file(final))
@@ -186,6 +191,30 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, Any, dict[str, Any]]
         base.load_state_dict(state, strict=False)
         model = base
     return model.eval(), tokenizer, info
+
+
+def _untie_adapted_head(model: torch.nn.Module) -> None:
+    """Give an adapted, tied LM head its own weight before merging (``adapter.readout_tokens``).
+
+    The readout is a LoRA on ``lm_head``; in SmolLM2 the head shares its weight with the input
+    embeddings, so merging into the shared weight would also move the embeddings of the readout's
+    tokens, and the exported model would not be the one that was trained. Untied, the merged
+    head carries the readout and the embeddings stay the base model's.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    if not callable(get_base):
+        return
+    base = get_base()
+    head = getattr(base, "lm_head", None)
+    layer = getattr(head, "base_layer", None)  # PEFT's LoRA wrapper around the Linear head
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if layer is None or embeddings is None or layer.weight is not embeddings.weight:
+        return
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    base.config.tie_word_embeddings = False
+    text_config = getattr(base.config, "get_text_config", None)
+    if callable(text_config):
+        text_config().tie_word_embeddings = False
 
 
 def _mean_pooled_copy(merged: Any) -> Any:
@@ -301,6 +330,7 @@ def export_run(
             pipeline=task.pipeline,
         )
 
+    _untie_adapted_head(model)
     unload = getattr(model, "merge_and_unload", None)
     merged: Any = unload() if callable(unload) else model
     mean = any(isinstance(m, MaskedMeanPooler) for m in merged.modules())
