@@ -15,6 +15,8 @@ privacy unit of DP-SGD is one example, one sequence or one chat, however many to
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from privet.common.data.text import IGNORE_INDEX, chat_prompt_ids
 from privet.common.errors import DataError
 from privet.common.evaluation import EvalResult, autocast_for, eval_mode
 from privet.common.evaluation import evaluate as evaluate_classification
-from privet.common.modeling import BuiltModel, build_model
+from privet.common.modeling import BuiltModel, build_model, draws_randomness
 
 __all__ = ["CausalLM", "Classification", "Task", "TaskData", "task_for"]
 
@@ -572,9 +574,135 @@ def _kept_logits(
     """The logits at ``batch['logits_to_keep']`` and the labels at the same positions."""
     labels = batch.pop("labels")
     keep = batch["logits_to_keep"]
-    with autocast_for(device, precision):
-        logits = model(**batch).logits
+    trunk = _frozen_trunk(model)
+    if trunk is not None:
+        decoder, head = trunk
+        states = TRUNK_STATES.states(decoder, batch, labels, device, precision)
+        with autocast_for(device, precision):
+            logits = head(states)
+    else:
+        with autocast_for(device, precision):
+            logits = model(**batch).logits
     return logits, labels.index_select(1, keep)
+
+
+def _frozen_trunk(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(decoder, LM head)`` when every trainable weight sits in the LM head, else ``None``.
+
+    That is the answer readout alone (``adapter.readout_tokens`` with ``adapter.top_layers = 0``):
+    the layers below the head are frozen and, without dropout, compute the same states for an
+    example in every epoch and round. A model that draws randomness is never cached.
+    """
+    inner = getattr(model, "_module", model)  # Opacus's wrapper, looked through
+    get_base = getattr(inner, "get_base_model", None)
+    base = get_base() if callable(get_base) else inner
+    get_decoder = getattr(base, "get_decoder", None)
+    get_head = getattr(base, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        return None
+    head = get_head()
+    trainable = {id(p) for p in inner.parameters() if p.requires_grad}
+    if head is None or not trainable or not trainable <= {id(p) for p in head.parameters()}:
+        return None
+    if draws_randomness(inner):
+        return None
+    decoder = get_decoder()
+    return (decoder, head) if isinstance(decoder, torch.nn.Module) else None
+
+
+class TrunkStates:
+    """The final hidden states of a frozen trunk, kept per example: the readout's features.
+
+    Only the answer readout trains when :func:`_frozen_trunk` finds a model, so a training
+    example's states below the LM head are the same in every epoch and round: they are computed
+    once (without gradients) and reused, and an epoch after the first costs the head alone. The
+    head still runs on every step with its hooks, so Opacus's and privet's per-example clipping
+    see what they see without the cache. A row keeps the states from one before its first
+    labelled token to its end (the only positions whose logits reach its loss); positions of the
+    batch outside that range get zero states, whose labels are ignored. Keyed by the decoder and
+    the row's tokens; an in-place change of any decoder weight empties it; at most
+    ``max_bytes`` are kept (rows beyond that are computed each time).
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._by_decoder: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of states kept now (for the models still alive)."""
+        return sum(int(k["bytes"]) for k in list(self._by_decoder.values()))
+
+    def clear(self) -> None:
+        """Forget every kept state."""
+        with self._lock:
+            self._by_decoder = weakref.WeakKeyDictionary()
+
+    def _rows(self, decoder: torch.nn.Module) -> dict[Any, Any]:
+        stamp = tuple(p._version for p in decoder.parameters())
+        with self._lock:
+            kept = self._by_decoder.get(decoder)
+            if kept is None or kept["stamp"] != stamp:
+                kept = {"stamp": stamp, "rows": {}, "bytes": 0}
+                self._by_decoder[decoder] = kept
+            return kept
+
+    def states(
+        self,
+        decoder: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        device: torch.device,
+        precision: str,
+    ) -> torch.Tensor:
+        """``[B, len(logits_to_keep), hidden]``: each row's kept states, zero outside its range."""
+        ids, mask, keep = batch["input_ids"], batch["attention_mask"], batch["logits_to_keep"]
+        kept = self._rows(decoder)
+        lengths = mask.sum(dim=1).tolist()
+        labelled = labels != IGNORE_INDEX
+        firsts = [
+            max(int(row.nonzero()[0]) - 1, 0) if bool(row.any()) else n
+            for row, n in zip(labelled, lengths, strict=True)
+        ]
+        keys = [
+            (first, ids[i, :n].cpu().numpy().tobytes())
+            for i, (first, n) in enumerate(zip(firsts, lengths, strict=True))
+        ]
+        found = [kept["rows"].get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            rows = torch.tensor(missing, device=ids.device)
+            inputs = {k: batch[k].index_select(0, rows) for k in ("input_ids", "attention_mask")}
+            if "position_ids" in batch:
+                inputs["position_ids"] = batch["position_ids"].index_select(0, rows)
+            with torch.no_grad(), autocast_for(device, precision):
+                hidden = decoder(**inputs).last_hidden_state
+            for j, i in enumerate(missing):
+                found[i] = hidden[j, firsts[i] : lengths[i]].detach().clone()
+                size = found[i].numel() * found[i].element_size()
+                with self._lock:
+                    if self.bytes + size <= self.max_bytes:
+                        kept["rows"][keys[i]] = found[i]
+                        kept["bytes"] += size
+        first_kept = int(keep[0]) if len(keep) else 0
+        sample = next(f for f in found if f is not None)
+        out = torch.zeros(
+            (len(found), len(keep), int(sample.shape[-1])), dtype=sample.dtype, device=sample.device
+        )
+        for i, f in enumerate(found):
+            assert f is not None
+            lo = max(firsts[i], first_kept)
+            hi = min(lengths[i], first_kept + len(keep))
+            if hi > lo:
+                out[i, lo - first_kept : hi - first_kept] = f[lo - firsts[i] : hi - firsts[i]]
+        return out
+
+
+#: The process's kept trunk states (one per process: the in-process lanes share the base models).
+TRUNK_STATES = TrunkStates()
 
 
 def _next_token(

@@ -211,3 +211,76 @@ def test_merged_export_is_the_trained_model_with_the_base_embeddings(
     chat = [{"role": "user", "content": "Review 1: a waste of money"}]
     reply = generate(chat, max_new_tokens=2, do_sample=False)[0]["generated_text"][-1]
     assert reply["role"] == "assistant" and not math.isnan(len(reply["content"]))
+
+
+# --- the kept trunk states ------------------------------------------------------------------------
+
+
+def _full_model_losses(built: BuiltModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the per-example loss is without kept states: the whole model's forward pass."""
+    from privet.common.data.text import IGNORE_INDEX
+
+    batch = dict(batch)
+    labels = batch.pop("labels").index_select(1, batch["logits_to_keep"])
+    logits = built.model(**batch).logits[:, :-1].float()
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return ce.sum(dim=1) / (target != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+def _decoder_calls(built: BuiltModel) -> list[int]:
+    calls: list[int] = []
+    decoder = built.model.get_base_model().get_decoder()
+    decoder.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_kept_trunk_states_give_the_whole_models_losses_and_skip_the_layers() -> None:
+    from privet.common.data import GenerationExamples
+    from privet.common.tasks import TRUNK_STATES
+
+    built = _built()
+    with torch.no_grad():
+        built.model.get_parameter(HEAD_A).normal_(generator=torch.Generator().manual_seed(1))
+    chats, plain = sentiment_examples(5), plain_examples(2)
+    examples = GenerationExamples(
+        targets=chats.targets + plain.targets, prompts=chats.prompts + plain.prompts
+    )
+    data = TASK.tokenize(examples, built.tokenizer, max_length=48)
+    pad = int(built.tokenizer.pad_token_id)
+    calls = _decoder_calls(built)
+    # Rows in two micro-batches, then all together: other widths and other first kept positions.
+    for rows in ([0, 5, 2], [1, 3, 4, 6], list(range(7))):
+        batch = TASK.collate([data[i] for i in rows], pad)
+        with torch.no_grad():
+            expected = _full_model_losses(built, batch)
+        calls.clear()
+        got = TASK.per_example_loss(built.model, dict(batch), device=CPU, mixed_precision="off")
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert got.requires_grad  # through the head's readout
+        if rows == list(range(7)):
+            assert calls == []  # every row's states were kept: the layers did not run
+    assert TRUNK_STATES.bytes > 0
+    # An in-place change of a frozen weight of the layers invalidates what was kept.
+    norm = built.model.get_base_model().model.norm.weight
+    with torch.no_grad():
+        norm.mul_(2.0)
+    batch = TASK.collate([data[0]], pad)
+    with torch.no_grad():
+        expected = _full_model_losses(built, batch)
+    calls.clear()
+    got = TASK.per_example_loss(built.model, dict(batch), device=CPU, mixed_precision="off")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+
+
+def test_layers_that_train_are_never_skipped() -> None:
+    built = _built(top_layers=1)
+    data = TASK.tokenize(sentiment_examples(3), built.tokenizer, max_length=48)
+    batch = TASK.collate([data[i] for i in range(3)], int(built.tokenizer.pad_token_id))
+    calls = _decoder_calls(built)
+    for _ in range(2):
+        TASK.per_example_loss(built.model, dict(batch), device=CPU, mixed_precision="off")
+    assert calls == [1, 1]
