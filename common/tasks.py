@@ -576,13 +576,14 @@ def _kept_logits(
     keep = batch["logits_to_keep"]
     trunk = _frozen_trunk(model)
     if trunk is not None:
+        # Only the LM head trains: its input comes from the kept states, and only the positions
+        # that reach each row's loss (TrunkStates.states: aligned per row, not per batch).
         decoder, head = trunk
-        states = TRUNK_STATES.states(decoder, batch, labels, device, precision)
+        states, aligned = TRUNK_STATES.states(decoder, batch, labels, device, precision)
         with autocast_for(device, precision):
-            logits = head(states)
-    else:
-        with autocast_for(device, precision):
-            logits = model(**batch).logits
+            return head(states), aligned
+    with autocast_for(device, precision):
+        logits = model(**batch).logits
     return logits, labels.index_select(1, keep)
 
 
@@ -618,8 +619,7 @@ class TrunkStates:
     once (without gradients) and reused, and an epoch after the first costs the head alone. The
     head still runs on every step with its hooks, so Opacus's and privet's per-example clipping
     see what they see without the cache. A row keeps the states from one before its first
-    labelled token to its end (the only positions whose logits reach its loss); positions of the
-    batch outside that range get zero states, whose labels are ignored. Keyed by the decoder and
+    labelled token to its end (the only positions whose logits reach its loss). Keyed by the decoder and
     the row's tokens; an in-place change of any decoder weight empties it; at most
     ``max_bytes`` are kept (rows beyond that are computed each time).
     """
@@ -657,9 +657,16 @@ class TrunkStates:
         labels: torch.Tensor,
         device: torch.device,
         precision: str,
-    ) -> torch.Tensor:
-        """``[B, len(logits_to_keep), hidden]``: each row's kept states, zero outside its range."""
-        ids, mask, keep = batch["input_ids"], batch["attention_mask"], batch["logits_to_keep"]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's kept states and labels, left-aligned: ``[B, M, hidden]`` and ``[B, M]``.
+
+        Row ``i``'s entry ``j`` is its position ``s_i + j``, where ``s_i`` is one before its first
+        labelled token; ``M`` is the longest such range of the batch (3 for a one-word answer and
+        its end token), and a shorter row is padded with zero states and ignored labels. Position
+        ``j`` still predicts label ``j + 1``, so the loss is the whole model's, while the LM head
+        runs on a few positions per row instead of the batch's span of prompts.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         kept = self._rows(decoder)
         lengths = mask.sum(dim=1).tolist()
         labelled = labels != IGNORE_INDEX
@@ -687,18 +694,15 @@ class TrunkStates:
                     if self.bytes + size <= self.max_bytes:
                         kept["rows"][keys[i]] = found[i]
                         kept["bytes"] += size
-        first_kept = int(keep[0]) if len(keep) else 0
-        sample = next(f for f in found if f is not None)
-        out = torch.zeros(
-            (len(found), len(keep), int(sample.shape[-1])), dtype=sample.dtype, device=sample.device
-        )
-        for i, f in enumerate(found):
-            assert f is not None
-            lo = max(firsts[i], first_kept)
-            hi = min(lengths[i], first_kept + len(keep))
-            if hi > lo:
-                out[i, lo - first_kept : hi - first_kept] = f[lo - firsts[i] : hi - firsts[i]]
-        return out
+        states = [f for f in found if f is not None]
+        width = max(2, max(len(f) for f in states))
+        out = states[0].new_zeros((len(states), width, int(states[0].shape[-1])))
+        aligned = labels.new_full((len(states), width), IGNORE_INDEX)
+        for i, f in enumerate(states):
+            out[i, : len(f)] = f
+            row = labels[i, firsts[i] : lengths[i]]
+            aligned[i, : len(row)] = row
+        return out, aligned
 
 
 #: The process's kept trunk states (one per process: the in-process lanes share the base models).
