@@ -40,7 +40,7 @@ from privet.common.data.text import IGNORE_INDEX, chat_prompt_ids
 from privet.common.errors import DataError
 from privet.common.evaluation import EvalResult, autocast_for, eval_mode
 from privet.common.evaluation import evaluate as evaluate_classification
-from privet.common.modeling import BuiltModel, build_model, draws_randomness
+from privet.common.modeling import BuiltModel, _unwrapped, build_model, draws_randomness
 
 __all__ = ["CausalLM", "Classification", "Task", "TaskData", "task_for"]
 
@@ -594,7 +594,7 @@ def _frozen_trunk(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     the layers below the head are frozen and, without dropout, compute the same states for an
     example in every epoch and round. A model that draws randomness is never cached.
     """
-    inner = getattr(model, "_module", model)  # Opacus's wrapper, looked through
+    inner = _unwrapped(model)  # Opacus's wrapper, looked through
     get_base = getattr(inner, "get_base_model", None)
     base = get_base() if callable(get_base) else inner
     get_decoder = getattr(base, "get_decoder", None)
