@@ -268,8 +268,7 @@ class CausalLM(Task):
         mixed_precision: str,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy over each row's target tokens."""
-        logits, labels = _kept_logits(model, batch, device, mixed_precision)
-        ce, mask, _ = _next_token(logits, labels)
+        ce, mask = _kept_losses(model, batch, device, mixed_precision)
         # Mean over the example's own target tokens: each example weighs the same in the batch
         # however long its target, and its loss depends on its own row only.
         return ce.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
@@ -568,10 +567,10 @@ def _generate(model: torch.nn.Module, tokenizer: Any, ids: list[int], device: to
     return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)).strip()
 
 
-def _kept_logits(
+def _kept_losses(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits at ``batch['logits_to_keep']`` and the labels at the same positions."""
+    """Next-token cross-entropy at ``batch['logits_to_keep']`` and its mask (:func:`_next_token`)."""
     labels = batch.pop("labels")
     keep = batch["logits_to_keep"]
     trunk = _frozen_trunk(model)
@@ -579,12 +578,122 @@ def _kept_logits(
         # Only the LM head trains: its input comes from the kept states, and only the positions
         # that reach each row's loss (TrunkStates.states: aligned per row, not per batch).
         decoder, head = trunk
-        states, aligned = TRUNK_STATES.states(decoder, batch, labels, device, precision)
+        readout = ReadoutHead.of(head)
+        states, aligned, fixed = TRUNK_STATES.states(
+            decoder, batch, labels, device, precision, readout=readout
+        )
+        if readout is not None and fixed is not None:
+            return readout.losses(states, aligned, fixed, device, precision)
         with autocast_for(device, precision):
-            return head(states), aligned
+            logits = head(states)
+        ce, mask, _ = _next_token(logits, aligned)
+        return ce, mask
     with autocast_for(device, precision):
         logits = model(**batch).logits
-    return logits, labels.index_select(1, keep)
+    ce, mask, _ = _next_token(logits, labels.index_select(1, keep))
+    return ce, mask
+
+
+@dataclass(frozen=True)
+class ReadoutHead:
+    """The answer readout's LM head, split into its frozen part and the few weights that train.
+
+    The readout (``adapter.readout_tokens``) is a PEFT LoRA on the LM head whose ``B`` is frozen
+    and non-zero on a few token rows only, so ``logits = W h + s B A h`` differs from the base
+    model's logits ``W h`` on those rows alone. With a frozen trunk, ``W h`` is the same for a
+    kept position in every step; what a step needs from it is fixed: the log-sum-exp of the other
+    tokens' base logits, the readout rows' base logits and the label's (:meth:`fixed`). A step
+    then costs ``A h`` and a softmax over ``rows + 1`` entries instead of the 49k-wide head
+    (:meth:`losses`): the same loss and gradient, up to float rounding. ``A`` still runs as its
+    own module, so the per-example clipping hooks (Opacus's and privet's) see its input and
+    output as they do through the whole head. PEFT has no such shortcut; it is our own.
+    """
+
+    weight: torch.Tensor  # [vocabulary, hidden]: the frozen head
+    bias: torch.Tensor | None
+    lora_a: torch.nn.Module  # the trainable A
+    rows: torch.Tensor  # [R]: the token ids the readout moves
+    mix: torch.Tensor  # [R, rank]: scaling * B on those rows
+    #: What :meth:`fixed` depends on besides a row: the head's weights (and their in-place
+    #: versions) and the rows, so a kept fixed part is never read for another head.
+    signature: tuple[Any, ...]
+
+    @staticmethod
+    def of(head: torch.nn.Module, max_rows: int = 64) -> ReadoutHead | None:
+        """The split of ``head`` when it is a plain LoRA whose frozen ``B`` moves few rows."""
+        base = getattr(head, "base_layer", None)
+        active = list(getattr(head, "active_adapters", []))
+        if not isinstance(base, torch.nn.Linear) or len(active) != 1:
+            return None
+        name = active[0]
+        if getattr(head, "disable_adapters", True) or getattr(head, "merged", True):
+            return None
+        if name in getattr(head, "lora_variant", {}) or getattr(head, "fan_in_fan_out", False):
+            return None
+        try:
+            lora_a, lora_b = head.lora_A[name], head.lora_B[name]  # type: ignore[index]
+            dropout, scaling = head.lora_dropout[name], head.scaling[name]  # type: ignore[index]
+        except (AttributeError, KeyError, TypeError):
+            return None
+        if not isinstance(lora_a, torch.nn.Linear) or not isinstance(lora_b, torch.nn.Linear):
+            return None
+        if lora_b.bias is not None or not isinstance(dropout, torch.nn.Identity):
+            return None
+        if lora_b.weight.requires_grad or any(p.requires_grad for p in base.parameters()):
+            return None
+        b = lora_b.weight.detach()
+        rows = b.abs().sum(dim=1).nonzero().flatten()
+        if len(rows) == 0 or len(rows) > max_rows:
+            return None
+        versions = tuple((id(p), p._version) for p in base.parameters())
+        return ReadoutHead(
+            signature=(versions, tuple(rows.tolist()), float(scaling)),
+            weight=base.weight.detach(),
+            bias=None if base.bias is None else base.bias.detach(),
+            lora_a=lora_a,
+            rows=rows,
+            mix=b.index_select(0, rows).float() * float(scaling),
+        )
+
+    @torch.no_grad()
+    def fixed(
+        self, states: torch.Tensor, labels: torch.Tensor, device: torch.device, precision: str
+    ) -> torch.Tensor:
+        """What the frozen head gives at one row's kept positions: ``[M, R + 2]``.
+
+        Per position: the other tokens' log-sum-exp, the rows' base logits, and the base logit
+        of the label at the next position (0 at the last).
+        """
+        with autocast_for(device, precision):
+            logits = torch.nn.functional.linear(states, self.weight, self.bias)
+        logits = logits.float()
+        on_rows = logits.index_select(-1, self.rows)
+        nxt = labels[1:].clamp(min=0)
+        label = logits[:-1].gather(-1, nxt[:, None])[:, 0]
+        label = torch.cat([label, label.new_zeros(1)])
+        logits.index_fill_(-1, self.rows, float("-inf"))
+        return torch.cat([torch.logsumexp(logits, dim=-1)[:, None], on_rows, label[:, None]], -1)
+
+    def losses(
+        self,
+        states: torch.Tensor,
+        labels: torch.Tensor,
+        fixed: torch.Tensor,
+        device: torch.device,
+        precision: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy ``[B, M-1]`` and mask the whole head gives (:func:`_next_token`)."""
+        with autocast_for(device, precision):
+            moved = self.lora_a(states)  # hooks fire here
+        r = len(self.rows)
+        moved = fixed[..., 1 : 1 + r] + moved.float() @ self.mix.T  # the rows' logits, [B, M, R]
+        lse = torch.logsumexp(torch.cat([fixed[..., :1], moved], dim=-1), dim=-1)[:, :-1]
+        target = labels[:, 1:]
+        hit = target[..., None] == self.rows  # [B, M-1, R]: the label is a readout row
+        on_row = (moved[:, :-1] * hit).sum(dim=-1)
+        label = torch.where(hit.any(dim=-1), on_row, fixed[:, :-1, 1 + r])
+        mask = target != IGNORE_INDEX
+        return torch.where(mask, lse - label, torch.zeros_like(lse)), mask
 
 
 def _frozen_trunk(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -616,12 +725,13 @@ class TrunkStates:
 
     Only the answer readout trains when :func:`_frozen_trunk` finds a model, so a training
     example's states below the LM head are the same in every epoch and round: they are computed
-    once (without gradients) and reused, and an epoch after the first costs the head alone. The
-    head still runs on every step with its hooks, so Opacus's and privet's per-example clipping
-    see what they see without the cache. A row keeps the states from one before its first
-    labelled token to its end (the only positions whose logits reach its loss). Keyed by the decoder and
-    the row's tokens; an in-place change of any decoder weight empties it; at most
-    ``max_bytes`` are kept (rows beyond that are computed each time).
+    once (without gradients) and reused, and an epoch after the first costs the head alone (for
+    the readout, its few trainable rows: :class:`ReadoutHead`, whose fixed part is kept too). The
+    trainable weights still run on every step with their hooks, so Opacus's and privet's
+    per-example clipping see what they see without the cache. A row keeps the states from one
+    before its first labelled token to its end (the only positions whose logits reach its loss).
+    Keyed by the decoder and the row's tokens and labels; an in-place change of any decoder
+    weight empties it; at most ``max_bytes`` are kept (rows beyond that are computed each time).
     """
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
@@ -646,7 +756,7 @@ class TrunkStates:
         with self._lock:
             kept = self._by_decoder.get(decoder)
             if kept is None or kept["stamp"] != stamp:
-                kept = {"stamp": stamp, "rows": {}, "bytes": 0}
+                kept = {"stamp": stamp, "rows": {}, "sizes": {}, "bytes": 0}
                 self._by_decoder[decoder] = kept
             return kept
 
@@ -657,7 +767,9 @@ class TrunkStates:
         labels: torch.Tensor,
         device: torch.device,
         precision: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        *,
+        readout: ReadoutHead | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Each row's kept states and labels, left-aligned: ``[B, M, hidden]`` and ``[B, M]``.
 
         Row ``i``'s entry ``j`` is its position ``s_i + j``, where ``s_i`` is one before its first
@@ -665,6 +777,9 @@ class TrunkStates:
         its end token), and a shorter row is padded with zero states and ignored labels. Position
         ``j`` still predicts label ``j + 1``, so the loss is the whole model's, while the LM head
         runs on a few positions per row instead of the batch's span of prompts.
+
+        With a ``readout``, the third item is what its frozen head gives at those positions
+        (:meth:`ReadoutHead.fixed`, ``[B, M, R + 2]``), kept beside the states; else ``None``.
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]
         kept = self._rows(decoder)
@@ -674,12 +789,16 @@ class TrunkStates:
             max(int(row.nonzero()[0]) - 1, 0) if bool(row.any()) else n
             for row, n in zip(labelled, lengths, strict=True)
         ]
+        spans = [
+            labels[i, first:n] for i, (first, n) in enumerate(zip(firsts, lengths, strict=True))
+        ]
+        # The labels are part of the key: the head's fixed part reads them.
         keys = [
-            (first, ids[i, :n].cpu().numpy().tobytes())
+            (first, ids[i, :n].cpu().numpy().tobytes(), spans[i].cpu().numpy().tobytes())
             for i, (first, n) in enumerate(zip(firsts, lengths, strict=True))
         ]
-        found = [kept["rows"].get(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
+        entries: list[dict[Any, torch.Tensor] | None] = [kept["rows"].get(k) for k in keys]
+        missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
             rows = torch.tensor(missing, device=ids.device)
             inputs = {k: batch[k].index_select(0, rows) for k in ("input_ids", "attention_mask")}
@@ -688,21 +807,41 @@ class TrunkStates:
             with torch.no_grad(), autocast_for(device, precision):
                 hidden = decoder(**inputs).last_hidden_state
             for j, i in enumerate(missing):
-                found[i] = hidden[j, firsts[i] : lengths[i]].detach().clone()
-                size = found[i].numel() * found[i].element_size()
-                with self._lock:
-                    if self.bytes + size <= self.max_bytes:
-                        kept["rows"][keys[i]] = found[i]
-                        kept["bytes"] += size
-        states = [f for f in found if f is not None]
-        width = max(2, max(len(f) for f in states))
-        out = states[0].new_zeros((len(states), width, int(states[0].shape[-1])))
-        aligned = labels.new_full((len(states), width), IGNORE_INDEX)
-        for i, f in enumerate(states):
-            out[i, : len(f)] = f
-            row = labels[i, firsts[i] : lengths[i]]
-            aligned[i, : len(row)] = row
-        return out, aligned
+                entries[i] = {"states": hidden[j, firsts[i] : lengths[i]].detach().clone()}
+        signature = None if readout is None else readout.signature
+        for i, entry in enumerate(entries):
+            assert entry is not None
+            if readout is not None and signature not in entry:
+                entry[signature] = readout.fixed(entry["states"], spans[i], device, precision)
+            self._keep(kept, keys[i], entry)
+        found = [e for e in entries if e is not None]
+        width = max(2, max(len(e["states"]) for e in found))
+        first = found[0]["states"]
+        out = first.new_zeros((len(found), width, int(first.shape[-1])))
+        aligned = labels.new_full((len(found), width), IGNORE_INDEX)
+        fixed = None
+        if signature is not None:
+            fixed = torch.zeros((len(found), width, len(readout.rows) + 2), device=first.device)  # type: ignore[union-attr]
+        for i, e in enumerate(found):
+            n = len(e["states"])
+            out[i, :n] = e["states"]
+            aligned[i, :n] = spans[i]
+            if fixed is not None:
+                fixed[i, :n] = e[signature]
+        return out, aligned, fixed
+
+    def _keep(self, kept: dict[Any, Any], key: Any, entry: dict[Any, torch.Tensor]) -> None:
+        """Keep ``entry`` under ``key`` (or count what it grew by) while ``max_bytes`` allows."""
+        size = sum(t.numel() * t.element_size() for t in entry.values())
+        with self._lock:
+            known = kept["sizes"].get(key)
+            if known is not None:
+                kept["bytes"] += size - known  # kept already: only its readout part may be new
+                kept["sizes"][key] = size
+            elif self.bytes + size <= self.max_bytes:
+                kept["rows"][key] = entry
+                kept["sizes"][key] = size
+                kept["bytes"] += size
 
 
 #: The process's kept trunk states (one per process: the in-process lanes share the base models).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -284,3 +285,65 @@ def test_layers_that_train_are_never_skipped() -> None:
     for _ in range(2):
         TASK.per_example_loss(built.model, dict(batch), device=CPU, mixed_precision="off")
     assert calls == [1, 1]
+
+
+def test_the_readout_step_skips_the_wide_head_with_the_same_losses_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Warm rows cost ``A h`` and an ``R + 1``-way softmax: same per-example loss and gradient."""
+    from privet.common.data import GenerationExamples
+    from privet.common.tasks import ReadoutHead
+
+    built = _built()
+    head = built.model.get_base_model().lm_head
+    readout = ReadoutHead.of(head)
+    assert readout is not None and readout.rows.tolist() == sorted(_ids(built))
+    a = built.model.get_parameter(HEAD_A)
+    with torch.no_grad():
+        a.normal_(generator=torch.Generator().manual_seed(2))
+    # Chats (labels on the readout rows, then the end token) and plain text (labels elsewhere).
+    chats, plain = sentiment_examples(4), plain_examples(2)
+    examples = GenerationExamples(
+        targets=chats.targets + plain.targets, prompts=chats.prompts + plain.prompts
+    )
+    data = TASK.tokenize(examples, built.tokenizer, max_length=48)
+    batch = TASK.collate([data[i] for i in range(len(data))], int(built.tokenizer.pad_token_id))
+    wide: list[int] = []
+    head.base_layer.register_forward_hook(lambda *_: wide.append(1))
+    fixed: list[int] = []
+    compute = ReadoutHead.fixed
+
+    def counted(*args: Any) -> torch.Tensor:
+        fixed.append(1)
+        return compute(*args)
+
+    monkeypatch.setattr(ReadoutHead, "fixed", counted)
+    for attempt in range(2):  # cold (the fixed part is computed), then warm (it is kept)
+        wide.clear()
+        fixed.clear()
+        got = TASK.per_example_loss(built.model, dict(batch), device=CPU, mixed_precision="off")
+        assert wide == [] and len(fixed) == (len(data) if attempt == 0 else 0)
+        expected = _full_model_losses(built, batch)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for i in range(len(data)):
+            (g,) = torch.autograd.grad(got[i], [a], retain_graph=True)
+            (e,) = torch.autograd.grad(expected[i], [a], retain_graph=True)
+            assert float(e.abs().sum()) > 0
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_a_head_that_is_not_a_few_frozen_rows_takes_the_whole_head() -> None:
+    from privet.common.tasks import ReadoutHead
+
+    built = _built()
+    head = built.model.get_base_model().lm_head
+    b = head.lora_B["default"].weight
+    b.requires_grad_(True)  # a trainable B moves every row
+    assert ReadoutHead.of(head) is None
+    b.requires_grad_(False)
+    assert ReadoutHead.of(head) is not None
+    with built.model.disable_adapter():
+        assert ReadoutHead.of(head) is None
+    with torch.no_grad():
+        b.fill_(1.0)  # every row moves
+    assert ReadoutHead.of(head) is None
