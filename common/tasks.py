@@ -14,6 +14,7 @@ privacy unit of DP-SGD is one example, one sequence or one chat, however many to
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import weakref
@@ -580,7 +581,7 @@ def _kept_losses(
         decoder, head = trunk
         readout = ReadoutHead.of(head)
         states, aligned, fixed = TRUNK_STATES.states(
-            decoder, batch, labels, device, precision, readout=readout
+            decoder, head, batch, labels, device, precision, readout=readout
         )
         if readout is not None and fixed is not None:
             return readout.losses(states, aligned, fixed, device, precision)
@@ -614,8 +615,8 @@ class ReadoutHead:
     lora_a: torch.nn.Module  # the trainable A
     rows: torch.Tensor  # [R]: the token ids the readout moves
     mix: torch.Tensor  # [R, rank]: scaling * B on those rows
-    #: What :meth:`fixed` depends on besides a row: the head's weights (and their in-place
-    #: versions) and the rows, so a kept fixed part is never read for another head.
+    #: What :meth:`fixed` depends on besides a row and the frozen weights (which key the kept
+    #: states already, :class:`TrunkStates`): the rows and the scale.
     signature: tuple[Any, ...]
 
     @staticmethod
@@ -645,9 +646,8 @@ class ReadoutHead:
         rows = b.abs().sum(dim=1).nonzero().flatten()
         if len(rows) == 0 or len(rows) > max_rows:
             return None
-        versions = tuple((id(p), p._version) for p in base.parameters())
         return ReadoutHead(
-            signature=(versions, tuple(rows.tolist()), float(scaling)),
+            signature=("readout", tuple(rows.tolist()), float(scaling)),
             weight=base.weight.detach(),
             bias=None if base.bias is None else base.bias.detach(),
             lora_a=lora_a,
@@ -737,32 +737,53 @@ class TrunkStates:
     def __init__(self, max_bytes: int = 2 << 30) -> None:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._by_decoder: weakref.WeakKeyDictionary[torch.nn.Module, dict[Any, Any]] = (
+        # The in-process engine's lanes hold replicas of one base model, and a client may play
+        # on another lane next round: states are kept per frozen content, not per module object.
+        self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, str]] = (
             weakref.WeakKeyDictionary()
         )
+        self._by_content: dict[str, dict[Any, Any]] = {}
 
     @property
     def bytes(self) -> int:
-        """Bytes of states kept now (for the models still alive)."""
-        return sum(int(k["bytes"]) for k in list(self._by_decoder.values()))
+        """Bytes kept now."""
+        return sum(int(k["bytes"]) for k in list(self._by_content.values()))
 
     def clear(self) -> None:
         """Forget every kept state."""
         with self._lock:
-            self._by_decoder = weakref.WeakKeyDictionary()
+            self._by_content = {}
+            self._fingerprints = weakref.WeakKeyDictionary()
 
-    def _rows(self, decoder: torch.nn.Module) -> dict[Any, Any]:
-        stamp = tuple(p._version for p in decoder.parameters())
+    def _rows(self, decoder: torch.nn.Module, head: torch.nn.Module) -> dict[Any, Any]:
+        """What is kept for the frozen weights of ``decoder`` and ``head`` as they are now."""
+        frozen = [p for m in (decoder, head) for p in m.parameters() if not p.requires_grad]
+        stamp = tuple((id(p), p._version) for p in frozen)
         with self._lock:
-            kept = self._by_decoder.get(decoder)
-            if kept is None or kept["stamp"] != stamp:
-                kept = {"stamp": stamp, "rows": {}, "sizes": {}, "bytes": 0}
-                self._by_decoder[decoder] = kept
+            known = self._fingerprints.get(decoder)
+        if known is None or known[0] != stamp:
+            # Once per replica and weight change: a hash of every frozen weight (a second or so
+            # for SmolLM2 on a CPU), so an in-place change is never read through stale states.
+            digest = hashlib.sha256()
+            for p in frozen:
+                digest.update(str((tuple(p.shape), p.dtype)).encode())
+                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+            known = (stamp, digest.hexdigest())
+        with self._lock:
+            self._fingerprints[decoder] = known
+            kept = self._by_content.get(known[1])
+            if kept is None:
+                # Content no live module holds any more is dropped with its states.
+                live = {f for _, f in self._fingerprints.values()}
+                self._by_content = {f: k for f, k in self._by_content.items() if f in live}
+                kept = {"rows": {}, "sizes": {}, "bytes": 0}
+                self._by_content[known[1]] = kept
             return kept
 
     def states(
         self,
         decoder: torch.nn.Module,
+        head: torch.nn.Module,
         batch: dict[str, torch.Tensor],
         labels: torch.Tensor,
         device: torch.device,
@@ -782,7 +803,7 @@ class TrunkStates:
         (:meth:`ReadoutHead.fixed`, ``[B, M, R + 2]``), kept beside the states; else ``None``.
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        kept = self._rows(decoder)
+        kept = self._rows(decoder, head)
         lengths = mask.sum(dim=1).tolist()
         labelled = labels != IGNORE_INDEX
         firsts = [
@@ -812,7 +833,8 @@ class TrunkStates:
         for i, entry in enumerate(entries):
             assert entry is not None
             if readout is not None and signature not in entry:
-                entry[signature] = readout.fixed(entry["states"], spans[i], device, precision)
+                on = entry["states"].to(readout.weight.device)  # kept by another replica's lane
+                entry[signature] = readout.fixed(on, spans[i].to(on.device), device, precision)
             self._keep(kept, keys[i], entry)
         found = [e for e in entries if e is not None]
         width = max(2, max(len(e["states"]) for e in found))

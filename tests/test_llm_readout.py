@@ -292,8 +292,9 @@ def test_the_readout_step_skips_the_wide_head_with_the_same_losses_and_gradients
 ) -> None:
     """Warm rows cost ``A h`` and an ``R + 1``-way softmax: same per-example loss and gradient."""
     from privet.common.data import GenerationExamples
-    from privet.common.tasks import ReadoutHead
+    from privet.common.tasks import TRUNK_STATES, ReadoutHead
 
+    TRUNK_STATES.clear()  # kept by content: another test's identical model may have kept them
     built = _built()
     head = built.model.get_base_model().lm_head
     readout = ReadoutHead.of(head)
@@ -347,3 +348,26 @@ def test_a_head_that_is_not_a_few_frozen_rows_takes_the_whole_head() -> None:
     with torch.no_grad():
         b.fill_(1.0)  # every row moves
     assert ReadoutHead.of(head) is None
+
+
+def test_replicas_of_one_base_model_share_the_kept_states() -> None:
+    """A client playing on another lane's replica next round finds its chats' states kept."""
+    first, second = _built(), _built()
+    data = TASK.tokenize(sentiment_examples(4), first.tokenizer, max_length=48)
+    batch = TASK.collate([data[i] for i in range(4)], int(first.tokenizer.pad_token_id))
+    TASK.per_example_loss(first.model, dict(batch), device=CPU, mixed_precision="off")
+    calls = _decoder_calls(second)
+    with torch.no_grad():
+        expected = _full_model_losses(second, batch)
+    calls.clear()
+    got = TASK.per_example_loss(second.model, dict(batch), device=CPU, mixed_precision="off")
+    assert calls == []  # the second replica's layers did not run
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # A replica whose frozen weights differ has its own states.
+    with torch.no_grad():
+        second.model.get_base_model().model.norm.weight.mul_(0.5)
+        expected = _full_model_losses(second, batch)
+    calls.clear()
+    got = TASK.per_example_loss(second.model, dict(batch), device=CPU, mixed_precision="off")
+    assert calls == [1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
