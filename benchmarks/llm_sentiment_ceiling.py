@@ -163,6 +163,9 @@ def federate(
                 ]
             )
             x, att = z_all, torch.cat([z_all @ head[answer].T, rest[:, None]], 1)
+            if a.center == "train":
+                # The readout trains on z - mean(z); the answers' base logits stay the model's.
+                x = z_all - z_all[a.test :].mean(0)
 
     def logits(p: dict[str, torch.Tensor], xx: torch.Tensor, aa: torch.Tensor) -> torch.Tensor:
         if a.lora == "head":  # [answers' logits with the trained rows, the others' log-sum-exp]
@@ -221,6 +224,7 @@ def federate(
         "weights": sum(v.numel() for v in params.values()),
     }
     report |= {"per_client": per_client, "steps_per_round": steps, "sigma": round(sigma, 4)}
+    report |= {"center": a.center} if a.lora == "head" else {}
     accs = [accuracy(params)]
     for _ in range(a.rounds):
         replies = []
@@ -295,6 +299,13 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--center",
+        choices=("none", "train"),
+        default="none",
+        help="--lora head only; train: the readout reads the final state minus the training "
+        "chats' mean (what a DP estimate of the mean would give; not private as is)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(2)
