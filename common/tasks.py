@@ -730,8 +730,10 @@ class TrunkStates:
     trainable weights still run on every step with their hooks, so Opacus's and privet's
     per-example clipping see what they see without the cache. A row keeps the states from one
     before its first labelled token to its end (the only positions whose logits reach its loss).
-    Keyed by the decoder and the row's tokens and labels; an in-place change of any decoder
-    weight empties it; at most ``max_bytes`` are kept (rows beyond that are computed each time).
+    Keyed by a hash of the frozen weights (decoder and head: replicas of one model share what is
+    kept) and the row's tokens and labels; an in-place change of a frozen weight leads to another
+    hash, whose states start empty; at most ``max_bytes`` are kept (rows beyond that are
+    computed each time).
     """
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
@@ -830,12 +832,16 @@ class TrunkStates:
             for j, i in enumerate(missing):
                 entries[i] = {"states": hidden[j, firsts[i] : lengths[i]].detach().clone()}
         signature = None if readout is None else readout.signature
+        fresh = set(missing)
         for i, entry in enumerate(entries):
             assert entry is not None
+            grew = i in fresh
             if readout is not None and signature not in entry:
                 on = entry["states"].to(readout.weight.device)  # kept by another replica's lane
                 entry[signature] = readout.fixed(on, spans[i].to(on.device), device, precision)
-            self._keep(kept, keys[i], entry)
+                grew = True
+            if grew:  # a row kept as it was costs no bookkeeping on the step's hot path
+                self._keep(kept, keys[i], entry)
         found = [e for e in entries if e is not None]
         width = max(2, max(len(e["states"]) for e in found))
         first = found[0]["states"]
@@ -866,7 +872,7 @@ class TrunkStates:
                 kept["bytes"] += size
 
 
-#: The process's kept trunk states (one per process: the in-process lanes share the base models).
+#: The process's kept trunk states (one per process; replicas of a base model share them).
 TRUNK_STATES = TrunkStates()
 
 
