@@ -231,6 +231,29 @@ def federate(
         for c in range(a.clients):
             mine = train_idx[c * per_client : (c + 1) * per_client]
             local = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+            feats, back = x, None
+            if a.lora == "head" and a.center == "basis":
+                # privet's adapter.readout_center: the client's direction u from its chats' unit
+                # states plus noise, and the readout trained in the basis M = P + u u^T / s.
+                unit = x[mine] / x[mine].norm(dim=1, keepdim=True)
+                noisy = unit.sum(0) + (a.center_noise if a.dp else 0.0) * torch.randn(
+                    x.shape[1], generator=noise
+                )
+                u = noisy / noisy.norm()
+                d = x.shape[1]
+                m = math.sqrt(
+                    max(float(noisy.norm()) ** 2 - (a.center_noise**2 * d if a.dp else 0), 0)
+                )
+                m = min(m / len(mine), 0.999999)
+                sc = a.center_scale or min(max(m / math.sqrt(1 - m * m), 1.0), 1e6)
+                report["scale"] = round(sc, 3)
+                feats = x + (x @ u)[:, None] * (1 / sc - 1) * u
+                with torch.no_grad():
+                    local["B"] += (sc - 1) * (local["B"] @ u)[:, None] * u
+
+                def back(t: torch.Tensor, u: torch.Tensor = u, sc: float = sc) -> torch.Tensor:
+                    return t + (1 / sc - 1) * (t @ u)[:, None] * u
+
             opt = (
                 torch.optim.Adam(local.values(), lr=a.lr)
                 if a.optimizer == "adam"
@@ -242,7 +265,7 @@ def federate(
                 if len(batch):
                     g = per_example(
                         {k: v.detach() for k, v in local.items()},
-                        x[batch],
+                        feats[batch],
                         att[batch],
                         target[batch],
                     )
@@ -254,7 +277,10 @@ def federate(
                         total[k] + sigma * a.clip * torch.randn(v.shape, generator=noise)
                     ) / a.batch_size
                 opt.step()
-            replies.append({k: v.detach() for k, v in local.items()})
+            reply = {k: v.detach() for k, v in local.items()}
+            if back is not None:
+                reply["B"] = back(reply["B"])
+            replies.append(reply)
         params = {k: torch.stack([r[k] for r in replies]).mean(0) for k in params}
         accs.append(accuracy(params))
     print(json.dumps(report | {"dp": a.dp, "exact_match_by_round": [round(v, 4) for v in accs]}))
@@ -301,10 +327,19 @@ def main() -> None:
     ap.add_argument("--dp", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument(
         "--center",
-        choices=("none", "train"),
+        choices=("none", "train", "basis"),
         default="none",
         help="--lora head only; train: the readout reads the final state minus the training "
         "chats' mean (what a DP estimate of the mean would give; not private as is)",
+    )
+    ap.add_argument(
+        "--center-noise", type=float, default=10.0, help="--center basis: the direction's noise"
+    )
+    ap.add_argument(
+        "--center-scale",
+        type=float,
+        default=0.0,
+        help="--center basis: s of the basis (0: from the released sum, as privet does)",
     )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()

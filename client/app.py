@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from privet.client.client_level import client_level_mods
 from privet.client.flower_door import Mod
-from privet.client.privacy import ledger_path, plan_round, record_round
+from privet.client.privacy import ledger_path, plan_round, readout_direction, record_round
 from privet.client.releases import load_release, release_fingerprint, save_release
 from privet.client.secagg import secagg_mod
 from privet.client.training import train
@@ -35,7 +35,13 @@ from privet.common.data import ClientData, cached_federated_data
 from privet.common.errors import BudgetExhaustedError, PrivetError
 from privet.common.lora_residual import fold_residuals, message_residuals
 from privet.common.model_pool import MODELS, Placement, current_placement
-from privet.common.modeling import BuiltModel, load_trainable_state, pick_device
+from privet.common.modeling import (
+    BuiltModel,
+    centered_readout,
+    load_trainable_state,
+    pick_device,
+    readout_width,
+)
 from privet.common.privacy import Ledger
 from privet.common.protocol import (
     ACCURACY,
@@ -63,7 +69,7 @@ from privet.common.protocol import (
     ErrorCode,
     error_reason,
 )
-from privet.common.tasks import Task, TaskData, task_for
+from privet.common.tasks import CausalLM, Task, TaskData, task_for
 from privet.common.transport import Encoding, message_encoding, read_arrays, write_arrays
 
 __all__ = ["ERROR_BUDGET", "ERROR_CLIENT", "RUN_KEY", "make_client_app", "message_partition"]
@@ -108,6 +114,50 @@ _lock = threading.Lock()
 
 #: Changes a client's data after it is loaded (the simulation's label-flipping attackers).
 DataHook = Callable[[int, ClientData], ClientData]
+
+
+def _readout_direction(
+    cfg: PrivetConfig,
+    loaded: _Loaded,
+    *,
+    server_round: int,
+    run: str | None,
+    state_dir: Path,
+    seed: int | None,
+    min_noise_multiplier: float | None,
+) -> tuple[torch.Tensor, float] | None:
+    """The client's readout basis (``adapter.readout_center``), released once; else ``None``."""
+    if not cfg.adapter.readout_center or not isinstance(loaded.task, CausalLM):
+        return None
+    task, model = loaded.task, loaded.built.model
+    hidden = readout_width(model)
+    if hidden is None:
+        return None
+    precision = "off" if cfg.privacy.enabled else cfg.model.mixed_precision
+
+    def measure() -> torch.Tensor:
+        return task.state_directions(
+            model,
+            loaded.train,
+            pad_token_id=int(loaded.built.tokenizer.pad_token_id),
+            device=loaded.device,
+            mixed_precision=precision,
+            batch_size=cfg.train.eval_batch_size,
+        )
+
+    return readout_direction(
+        privacy=cfg.privacy,
+        num_examples=len(loaded.train),
+        hidden=hidden,
+        key=loaded.fingerprint,
+        measure=measure,
+        state_dir=state_dir,
+        client_id=loaded.data.name,
+        server_round=server_round,
+        run=run,
+        seed=seed,
+        min_noise_multiplier=min_noise_multiplier,
+    )
 
 
 def _load(
@@ -376,6 +426,15 @@ def make_client_app(
             # FedEx-LoRA's residuals into the frozen base weights (none: the base as built).
             fold_residuals(model, message_residuals(msg.content))
             plan_start = time.perf_counter()
+            basis = _readout_direction(
+                cfg,
+                loaded,
+                server_round=server_round,
+                run=run,
+                state_dir=state_dir,
+                seed=None if local is not None else cfg.train.seed * 1_000_003 + partition * 10_007,
+                min_noise_multiplier=min_noise_multiplier,
+            )
             plan = plan_round(
                 privacy=cfg.privacy,
                 train=cfg.train,
@@ -388,23 +447,25 @@ def make_client_app(
             # A client's first round calibrates its noise (seconds with the RDP accountant): a
             # one-time cost like the model load, reported with it.
             startup = loaded.load_seconds + (time.perf_counter() - plan_start)
-            result = train(
-                model,
-                loaded.train,
-                cfg.train,
-                dp=plan.dp,
-                pad_token_id=int(loaded.built.tokenizer.pad_token_id),
-                device=loaded.device,
-                mixed_precision=cfg.model.mixed_precision,
-                # A different sampling/noise stream for every client and round.
-                seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round
-                if local is None
-                else secrets.randbits(62),
-                # Flower's FedProx sends its mu in the train config; other strategies send none.
-                proximal_mu=float(conf.get(PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
-                on_step=progress.step if progress is not None else None,
-                task=loaded.task,
-            )
+            direction, scale = basis if basis is not None else (None, 1.0)
+            with centered_readout(model, direction, scale):
+                result = train(
+                    model,
+                    loaded.train,
+                    cfg.train,
+                    dp=plan.dp,
+                    pad_token_id=int(loaded.built.tokenizer.pad_token_id),
+                    device=loaded.device,
+                    mixed_precision=cfg.model.mixed_precision,
+                    # A different sampling/noise stream for every client and round.
+                    seed=cfg.train.seed * 1_000_003 + partition * 10_007 + server_round
+                    if local is None
+                    else secrets.randbits(62),
+                    # Flower's FedProx sends its mu in the train config; other strategies send none.
+                    proximal_mu=float(conf.get(PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+                    on_step=progress.step if progress is not None else None,
+                    task=loaded.task,
+                )
             epsilon = record_round(
                 plan, server_round=server_round, result=result, run=run, release=release
             )

@@ -10,21 +10,34 @@ across rounds and across restarts of the client process.
 from __future__ import annotations
 
 import logging
+import math
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from privet.client.training import DPSettings, TrainResult
 from privet.common.config import PrivacyConfig, TrainConfig
 from privet.common.errors import PrivacyError
+from privet.common.modeling import readout_scale
 from privet.common.privacy import (
     Ledger,
     example_sampling,
     open_ledger,
+    readout_center_minimum,
     round_mechanism,
     save_ledger,
 )
 
-__all__ = ["RoundPrivacy", "ledger_path", "plan_round", "record_round"]
+__all__ = [
+    "RoundPrivacy",
+    "ledger_path",
+    "plan_round",
+    "readout_direction",
+    "record_round",
+]
 
 log = logging.getLogger("privet")
 
@@ -170,3 +183,112 @@ def record_round(
     )
     save_ledger(plan.ledger, plan.path)
     return plan.ledger.epsilon()
+
+
+def readout_direction(
+    *,
+    privacy: PrivacyConfig,
+    num_examples: int,
+    hidden: int,
+    key: str,
+    measure: Callable[[], torch.Tensor],
+    state_dir: Path,
+    client_id: str,
+    server_round: int,
+    run: str | None = None,
+    seed: int | None = None,
+    min_noise_multiplier: float | None = None,
+) -> tuple[torch.Tensor, float] | None:
+    """The unit direction and scale of a centered readout's basis (``adapter.readout_center``).
+
+    With DP, the direction is released once per client and model: ``measure()`` (the sum of the
+    examples' unit final states, sensitivity 1) plus Gaussian noise, charged to the ledger as one
+    step at rate 1 and kept there *before* it is used, so later rounds, restarts and the noise
+    calibration of the first round all see it. A later call returns the kept direction and
+    charges nothing. The basis's scale (:func:`~privet.common.modeling.readout_scale`) comes from
+    the same release: the norm of the noisy sum, less the noise's expected share, over the example
+    count. Without DP the exact sum is used. ``None`` (with a warning) when the
+    client has too few examples for a useful direction (:func:`readout_center_minimum`): it then
+    trains the plain readout, and nothing is released.
+
+    Parameters
+    ----------
+    privacy
+        The client's privacy settings (``readout_center_noise``, delta, accountant, budget).
+    num_examples
+        The client's training examples.
+    hidden
+        The width of the final states.
+    key
+        What the direction belongs to: the fingerprint of the frozen model it is measured on.
+    measure
+        Computes the sum of the examples' unit final states (``CausalLM.state_directions``).
+    state_dir
+        Where the client's ledger is.
+    client_id
+        The client's name (its ledger's).
+    server_round, run
+        Label the ledger entry.
+    seed
+        Seed of the noise (a simulation's); ``None`` draws it from the OS's secure source.
+    min_noise_multiplier
+        A deployed site's noise floor: the release's noise is raised to it.
+
+    """
+    if not privacy.enabled:
+        total = measure().to(torch.float64)
+        exact: torch.Tensor = total / total.norm().clamp(min=1e-12)
+        return exact, readout_scale(float(total.norm()) / num_examples)
+    sigma = max(privacy.readout_center_noise, min_noise_multiplier or 0.0)
+    least = readout_center_minimum(sigma, hidden)
+    if num_examples < least:
+        log.warning(
+            "client %s: %d examples are too few for a private readout direction at noise %g "
+            "(at least %d): it trains the readout uncentered (adapter.readout_center), and "
+            "releases nothing for it",
+            client_id,
+            num_examples,
+            sigma,
+            least,
+        )
+        return None
+    path = ledger_path(state_dir, client_id)
+    ledger = open_ledger(
+        path,
+        client_id=client_id,
+        accountant=privacy.accountant,
+        delta=privacy.delta,
+        budget_epsilon=privacy.effective_budget,
+    )
+    kept = ledger.readout_directions.get(key)
+    if kept is not None:
+        return torch.tensor(kept.direction, dtype=torch.float64), kept.scale
+    total = measure().to(torch.float64)
+    if total.shape != (hidden,) or not bool(torch.isfinite(total).all()):
+        raise PrivacyError(
+            f"the readout direction's sum has shape {tuple(total.shape)} (expected ({hidden},)) "
+            "or is not finite: nothing is released"
+        )
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    noisy = total + sigma * torch.randn(hidden, generator=generator, dtype=torch.float64)
+    direction: torch.Tensor = noisy / noisy.norm().clamp(min=1e-12)
+    # |sum|^2 is about |signal|^2 + sigma^2 hidden: the noise's share is taken off (post-processing).
+    signal = math.sqrt(max(float(noisy.norm()) ** 2 - sigma**2 * hidden, 0.0))
+    scale = readout_scale(signal / num_examples)
+    ledger.record_direction(
+        key=key,
+        direction=direction.tolist(),
+        scale=scale,
+        noise_multiplier=sigma,
+        round=server_round,
+        run=run,
+    )
+    save_ledger(ledger, path)  # kept before it is used: a crash now cannot release it twice
+    log.info(
+        "client %s: released its readout direction (noise %g, basis scale %.3g; eps=%.4f spent)",
+        client_id,
+        sigma,
+        scale,
+        ledger.epsilon(),
+    )
+    return direction, scale

@@ -227,8 +227,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if proximal_mu < 0 or not math.isfinite(proximal_mu):
         raise ValueError(f"proximal_mu must be a finite number >= 0, got {proximal_mu}")
-    # FedProx's anchor: the global weights this round starts from.
-    anchors = [p.detach().clone() for p in params] if proximal_mu else []
+    # FedProx's anchor: the global weights this round starts from (taken in the training basis).
+    anchors: list[torch.Tensor] = []
     optimizer = _make_optimizer(params, cfg)
     # Small micro-batches on CPU: each is padded only to its own longest text.
     physical = cfg.physical_batch_size or (128 if device.type == "cuda" else 16)
@@ -259,7 +259,10 @@ def train(
     # client re-seeds another's generator mid-round. A model without dropout draws nothing from
     # it; it skips the lock, so that lanes sharing a device train at the same time.
     rng = seeded_generator(device, seed) if draws_randomness(model) else contextlib.nullcontext()
-    with rng:
+    # The task's training coordinates (a centered readout's basis): the state read below, after
+    # the block, is the model's own weights.
+    with rng, task.training_basis(model):
+        anchors.extend(p.detach().clone() for p in params if proximal_mu)
         try:
             for batch_idx in batches:
                 done += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import socket
 import urllib.parse
@@ -30,7 +31,9 @@ from privet.common.llm_assets import EMBEDDED_LLMS, embedded_llm_folder, gguf_mo
 __all__ = [
     "BuiltModel",
     "MaskedMeanPooler",
+    "ReadoutBasis",
     "build_model",
+    "centered_readout",
     "check_model_loads",
     "draws_randomness",
     "frozen_fingerprint",
@@ -40,7 +43,10 @@ __all__ = [
     "pick_device",
     "quantize_base",
     "quiet_transformers",
+    "readout_basis",
+    "readout_scale",
     "readout_token_ids",
+    "readout_width",
     "resolve_model_path",
     "stored_bytes",
     "trainable_state",
@@ -742,7 +748,134 @@ def _attach_lora(
             b[torch.tensor(readout), torch.arange(len(readout))] = 1.0  # row v_j gets a_j . h
         a.requires_grad_(True)
         b.requires_grad_(False)
+        if cfg.readout_center:
+            # The LoRA's input slot (PEFT's dropout, an Identity at dropout 0) changes the basis
+            # of the states while the client trains (ReadoutBasis); otherwise it passes them.
+            head.lora_dropout["default"] = ReadoutBasis(int(a.shape[1])).to(a.device)
     return peft_model  # type: ignore[no-any-return]
+
+
+class ReadoutBasis(torch.nn.Module):
+    """The readout's input slot under ``adapter.readout_center``: a change of basis for training.
+
+    The final states a readout reads are almost all one direction ``u`` that every example
+    shares. Under DP-SGD a chat's gradient ``g h^T`` then spends most of its clipped norm on
+    ``u``, a bias, and the noise drowns the rest. While a client trains, this slot (where PEFT
+    applies LoRA dropout to the LM head's input, so ``A`` and the clipping hooks on it see its
+    output) maps ``h`` to ``M h = P h + (u . h / s) u``, with ``P`` the projection off ``u``:
+    the share along ``u`` is scaled down by ``s``. The trainable weight holds ``A M^-1`` meanwhile
+    (:func:`readout_basis`), so the model is still exactly ``A h``; outside training the weight
+    is ``A`` and the slot passes ``h`` unchanged, so evaluation, the server, PEFT's merge (which
+    skips this slot) and an exported adapter all see the plain readout. Gradient descent in
+    this basis is preconditioned descent on ``A``: the bias keeps a step of its own size instead
+    of taking the clipping budget. PEFT has no such slot; it is our own.
+    """
+
+    direction: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        # Not saved with the model: the direction is the training client's, set per round.
+        self.register_buffer("direction", torch.zeros(hidden), persistent=False)
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+        self.active = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``M x`` while the client trains in the basis, else ``x``."""
+        if not self.active:
+            return x
+        u = self.direction.to(x.dtype)
+        return x + (x @ u)[..., None] * ((1.0 / self.scale.to(x.dtype)) - 1.0) * u
+
+
+def _readout_slots(model: torch.nn.Module) -> list[tuple[ReadoutBasis, torch.nn.Parameter]]:
+    """Each readout slot of ``model`` with the ``A`` weight it feeds."""
+    out = []
+    for m in _unwrapped(model).modules():
+        slots = getattr(m, "lora_dropout", None)
+        if not isinstance(slots, torch.nn.ModuleDict):
+            continue
+        for name, slot in slots.items():
+            if isinstance(slot, ReadoutBasis):
+                out.append((slot, m.lora_A[name].weight))  # type: ignore[index,union-attr]
+    return out
+
+
+def readout_width(model: torch.nn.Module) -> int | None:
+    """The width of the states a centered readout reads (``None``: the model has none)."""
+    slots = _readout_slots(model)
+    return int(slots[0][0].direction.numel()) if slots else None
+
+
+def readout_scale(mean_norm: float) -> float:
+    """The basis's ``s`` for examples whose unit states have a mean of norm ``mean_norm``.
+
+    With unit states at a mean cosine ``m`` to ``u``, a state's share along ``u`` is about ``m``
+    and its share across about ``sqrt(1 - m^2)``; ``s = m / sqrt(1 - m^2)`` makes the two
+    shares of a chat's gradient in the basis the same size, so the bias and the decision split
+    the clipping norm evenly. At least 1 (the direction is never scaled up), at most 1e6.
+    """
+    m = min(max(float(mean_norm), 0.0), 1.0 - 1e-12)
+    return min(max(m / math.sqrt(1.0 - m * m), 1.0), 1e6)
+
+
+@contextlib.contextmanager
+def centered_readout(
+    model: torch.nn.Module, direction: torch.Tensor | None, scale: float = 1.0
+) -> Iterator[None]:
+    """Let the readout of ``model`` train in the basis of ``direction`` and ``scale`` inside the block.
+
+    Training (:func:`readout_basis`, entered by the training loop) then reads ``M h``; the slot
+    is unset again on exit, on error too, so a replica that trains another client next,
+    evaluation and export see the plain readout. ``None``: nothing changes.
+    """
+    slots = _readout_slots(model) if direction is not None else []
+    if not math.isfinite(scale) or scale < 1.0:
+        raise ModelError(f"the readout basis's scale must be a finite number >= 1, got {scale}")
+    try:
+        for slot, _ in slots:
+            assert direction is not None
+            u = direction.to(slot.direction.device, slot.direction.dtype)
+            if u.shape != slot.direction.shape or not bool(torch.isfinite(u).all()):
+                raise ModelError(
+                    f"the readout direction has {tuple(u.shape)} entries (or is not finite), "
+                    f"the model's final states {tuple(slot.direction.shape)}",
+                    fix="measure the direction with the model that trains",
+                )
+            slot.direction.copy_(u / u.norm().clamp(min=1e-12))
+            slot.scale.fill_(scale)
+        yield
+    finally:
+        for slot, _ in slots:
+            slot.direction.zero_()
+            slot.scale.fill_(1.0)
+            slot.active = False
+
+
+@contextlib.contextmanager
+def readout_basis(model: torch.nn.Module) -> Iterator[None]:
+    """Train each readout of ``model`` that has a direction set in its basis, inside the block.
+
+    On entry ``A`` becomes ``A M^-1 = A + (s - 1) (A u) u^T`` and the slot starts to map ``h`` to
+    ``M h``: the model is the same ``A h``. On exit (on error too) the weight is mapped back,
+    ``A = A' M``, and the slot passes ``h`` again, so the weights read after training are the
+    readout's. Mapping the released weights is post-processing (no privacy cost).
+    """
+    slots = [(slot, w) for slot, w in _readout_slots(model) if bool(slot.direction.any())]
+    with torch.no_grad():
+        for slot, weight in slots:
+            u, s = slot.direction.to(weight.dtype), float(slot.scale)
+            weight.add_((s - 1.0) * (weight @ u)[:, None] * u[None, :])
+            slot.active = True
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for slot, weight in slots:
+                u, s = slot.direction.to(weight.dtype), float(slot.scale)
+                weight.add_((1.0 / s - 1.0) * (weight @ u)[:, None] * u[None, :])
+                slot.active = False
 
 
 def _head_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -14,6 +14,7 @@ privacy unit of DP-SGD is one example, one sequence or one chat, however many to
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
@@ -41,7 +42,14 @@ from privet.common.data.text import IGNORE_INDEX, chat_prompt_ids
 from privet.common.errors import DataError
 from privet.common.evaluation import EvalResult, autocast_for, eval_mode
 from privet.common.evaluation import evaluate as evaluate_classification
-from privet.common.modeling import BuiltModel, _unwrapped, build_model, draws_randomness
+from privet.common.modeling import (
+    BuiltModel,
+    ReadoutBasis,
+    _unwrapped,
+    build_model,
+    draws_randomness,
+    readout_basis,
+)
 
 __all__ = ["CausalLM", "Classification", "Task", "TaskData", "task_for"]
 
@@ -134,6 +142,13 @@ class Task(ABC):
     ) -> list[dict[str, str]]:
         """A few of the model's own outputs on ``examples``, for people to read (none by default)."""
         return []
+
+    def training_basis(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        """The coordinates the trainable weights train in; the loop trains inside this block.
+
+        The weights read after the block are the model's own. Nothing changes by default.
+        """
+        return contextlib.nullcontext()
 
 
 class Classification(Task):
@@ -273,6 +288,64 @@ class CausalLM(Task):
         # Mean over the example's own target tokens: each example weighs the same in the batch
         # however long its target, and its loss depends on its own row only.
         return ce.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    def training_basis(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        """A centered readout trains in its basis (:func:`~privet.common.modeling.readout_basis`)."""
+        return readout_basis(model)
+
+    @torch.no_grad()
+    def state_directions(
+        self,
+        model: torch.nn.Module,
+        data: TaskData,
+        *,
+        pad_token_id: int,
+        device: torch.device | None = None,
+        mixed_precision: str = "auto",
+        batch_size: int = 32,
+    ) -> torch.Tensor:
+        """The sum over ``data``'s examples of their unit-norm final state where the answer starts.
+
+        That state (at the position before an example's first target token, the LM head's input
+        that picks the answer's first token) is what the readout reads. Each example adds one
+        unit vector, so adding or removing an example moves the sum by at most 1: the sensitivity
+        of the sum that ``adapter.readout_center`` releases with Gaussian noise. Needs a frozen
+        trunk (the readout alone trains); the states are kept (:class:`TrunkStates`) for the
+        training that follows. Returns a float64 vector of the hidden size.
+        """
+        trunk = _frozen_trunk(model)
+        if trunk is None:
+            raise DataError(
+                "the readout's direction is measured on a frozen model, but this model trains "
+                "more than the readout",
+                fix="set adapter.top_layers = 0 with adapter.readout_center",
+            )
+        decoder, head = trunk
+        device = device or next(model.parameters()).device
+        total: torch.Tensor | None = None
+        order = np.argsort(data.lengths, kind="stable")  # similar lengths pad little
+        with eval_mode(model):
+            for start in range(0, len(data), batch_size):
+                rows = order[start : start + batch_size]
+                batch = {
+                    k: v.to(device)
+                    for k, v in self.collate([data[int(i)] for i in rows], pad_token_id).items()
+                }
+                labels = batch.pop("labels")
+                batch.pop("logits_to_keep", None)
+                states, aligned, _ = TRUNK_STATES.states(
+                    decoder, head, batch, labels, device, mixed_precision
+                )
+                # Entry 0 of a row is its answer's first position; a row without a target has
+                # nothing kept there (a zero state, an ignored label) and adds nothing.
+                first = states[:, 0].double()
+                has = (aligned[:, 1] != IGNORE_INDEX) & (first.norm(dim=-1) > 0)
+                unit = first[has] / first[has].norm(dim=-1, keepdim=True)
+                part = unit.sum(dim=0).cpu()
+                total = part if total is None else total + part
+        if total is None:
+            raise DataError("no examples to measure the readout's direction on")
+        return total
 
     @torch.no_grad()
     def evaluate(
@@ -613,6 +686,7 @@ class ReadoutHead:
     weight: torch.Tensor  # [vocabulary, hidden]: the frozen head
     bias: torch.Tensor | None
     lora_a: torch.nn.Module  # the trainable A
+    slot: torch.nn.Module  # what A reads the states through: as they are, or projected
     rows: torch.Tensor  # [R]: the token ids the readout moves
     mix: torch.Tensor  # [R, rank]: scaling * B on those rows
     #: What :meth:`fixed` depends on besides a row and the frozen weights (which key the kept
@@ -638,7 +712,7 @@ class ReadoutHead:
             return None
         if not isinstance(lora_a, torch.nn.Linear) or not isinstance(lora_b, torch.nn.Linear):
             return None
-        if lora_b.bias is not None or not isinstance(dropout, torch.nn.Identity):
+        if lora_b.bias is not None or not isinstance(dropout, torch.nn.Identity | ReadoutBasis):
             return None
         if lora_b.weight.requires_grad or any(p.requires_grad for p in base.parameters()):
             return None
@@ -651,6 +725,7 @@ class ReadoutHead:
             weight=base.weight.detach(),
             bias=None if base.bias is None else base.bias.detach(),
             lora_a=lora_a,
+            slot=dropout,
             rows=rows,
             mix=b.index_select(0, rows).float() * float(scaling),
         )
@@ -684,7 +759,7 @@ class ReadoutHead:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-entropy ``[B, M-1]`` and mask the whole head gives (:func:`_next_token`)."""
         with autocast_for(device, precision):
-            moved = self.lora_a(states)  # hooks fire here
+            moved = self.lora_a(self.slot(states))  # hooks fire here
         r = len(self.rows)
         moved = fixed[..., 1 : 1 + r] + moved.float() @ self.mix.T  # the rows' logits, [B, M, R]
         lse = torch.logsumexp(torch.cat([fixed[..., :1], moved], dim=-1), dim=-1)[:, :-1]

@@ -19,7 +19,13 @@ from typing import Any
 from privet.common.config import PrivetConfig, sampled_per_round
 from privet.common.data import cached_federated_data
 from privet.common.errors import PrivacyError
-from privet.common.privacy import epsilon_from_history, example_sampling, round_mechanism
+from privet.common.privacy import (
+    HistoryEntry,
+    epsilon_from_history,
+    example_sampling,
+    readout_center_minimum,
+    round_mechanism,
+)
 from privet.common.privacy.federation import FederationMechanism, plan_federation
 from privet.common.privacy.secagg import quantization_slack
 
@@ -110,6 +116,16 @@ def _model_sizes(cfg: PrivetConfig, num_labels: int) -> tuple[int, int]:
     return trainable, frozen
 
 
+def _hidden_size(cfg: PrivetConfig) -> int:
+    """The model's hidden size, from its configuration (768 when it names none)."""
+    from transformers import AutoConfig
+
+    from privet.common.modeling import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+    return int(getattr(config, "hidden_size", 768))
+
+
 def _memory_estimate(cfg: PrivetConfig, trainable: int, frozen: int, hidden: int) -> int:
     """A rough upper estimate of a client's training memory in bytes (fp32 everywhere).
 
@@ -146,7 +162,19 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
     problems: list[str] = []
     notes: list[str] = []
     clients: list[ClientPlan] = []
-    sigma_cache: dict[tuple[float, int], float | str] = {}
+    sigma_cache: dict[tuple[float, int, bool], float | str] = {}
+    # adapter.readout_center: a client with enough examples releases its readout direction once,
+    # one Gaussian step at rate 1 charged before its first round's calibration (client/privacy.py).
+    center: HistoryEntry | None = None
+    least = 0
+    if p.enabled and cfg.adapter.readout_center:
+        center = (p.readout_center_noise, 1.0, 1)
+        least = readout_center_minimum(p.readout_center_noise, _hidden_size(cfg))
+        notes.append(
+            f"adapter.readout_center: each client with at least {least} training examples "
+            f"releases its readout direction once (noise {p.readout_center_noise:g}), charged "
+            "beside its DP-SGD steps and counted in the planned epsilon"
+        )
     small: list[tuple[str, int]] = []  # clients with fewer examples than one batch
     for client in fed.clients:
         n = len(client.train)
@@ -181,8 +209,9 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
             problems.append(plan.problem)
             continue
         assert sampling is not None
+        prior = [center] if center is not None and n >= least else []
         # Clients with the same sampling get the same noise: calibrate once per (q, steps).
-        key = (q, steps)
+        key = (q, steps, bool(prior))
         if key not in sigma_cache:
             try:
                 sigma_cache[key] = round_mechanism(
@@ -192,6 +221,7 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
                     accountant=p.accountant,
                     noise_multiplier=p.noise_multiplier,
                     target_epsilon=p.target_epsilon,
+                    prior_history=prior,
                 ).noise_multiplier
             except PrivacyError as exc:
                 sigma_cache[key] = exc.message
@@ -206,10 +236,18 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
         plan.noise_multiplier = sigma
         s = sigma
 
-        def eps_after(r: int, s: float = s, q: float = q, steps: int = steps) -> float:
+        def eps_after(
+            r: int,
+            s: float = s,
+            q: float = q,
+            steps: int = steps,
+            prior: list[HistoryEntry] = prior,
+        ) -> float:
             if r <= 0:
                 return 0.0
-            return epsilon_from_history([(s, q, steps * r)], delta=p.delta, accountant=p.accountant)
+            return epsilon_from_history(
+                [*prior, (s, q, steps * r)], delta=p.delta, accountant=p.accountant
+            )
 
         final, within = _rounds_within(eps_after, rounds=rounds, budget=p.effective_budget)
         plan.epsilon_planned = final
@@ -258,15 +296,7 @@ def make_plan(cfg: PrivetConfig, *, with_model: bool = True) -> RunPlan:
     memory = 0
     if with_model:
         trainable, frozen = _model_sizes(cfg, fed.num_labels)
-        from transformers import AutoConfig
-
-        from privet.common.modeling import resolve_model_path
-
-        hidden = int(
-            getattr(
-                AutoConfig.from_pretrained(resolve_model_path(cfg.model.name)), "hidden_size", 768
-            )
-        )
+        hidden = _hidden_size(cfg)
         memory = _memory_estimate(cfg, trainable, frozen, hidden)
     secagg = _secagg_plan(cfg, trainable, problems) if p.secure_aggregation else None
     return RunPlan(

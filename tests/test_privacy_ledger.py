@@ -684,3 +684,48 @@ def test_a_ledger_that_cannot_be_created_or_read_is_refused_word_for_word(tmp_pa
     folder.mkdir()  # reading it fails with an OSError, not a validation error
     err = _refusal(lambda: _open(folder))
     assert err.message.startswith(f"privacy ledger {str(folder)!r} cannot be read ([Errno ")
+
+
+# ---- the readout direction's release (adapter.readout_center) ----------------------------------
+
+
+def test_a_readout_direction_is_one_gaussian_step_kept_once_and_not_a_round(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = _open(path, budget_epsilon=8.0)
+    ledger.record_round(round=1, run="r", **ROUND)
+    entry = ledger.record_direction(
+        key="m", direction=[0.6, 0.8], scale=4.0, noise_multiplier=3.0, round=1, run="r"
+    )
+    assert (entry.kind, entry.noise_multiplier, entry.sample_rate, entry.steps) == (
+        "readout-direction",
+        3.0,
+        1.0,
+        1,
+    )
+    expected = epsilon_from_history(
+        [(1.0, 0.01, 100), (3.0, 1.0, 1)], delta=DELTA, accountant="rdp"
+    )
+    assert ledger.epsilon() == pytest.approx(expected, rel=1e-12) and entry.epsilon_after == (
+        pytest.approx(expected, rel=1e-12)
+    )
+    # The direction is no attempt of round 1: the rounds' DP-SGD releases count as before.
+    assert ledger.attempts("r") == {1: 1}
+    assert ledger.record_round(round=2, run="r", **ROUND).attempt == 1
+    with pytest.raises(PrivacyError, match="already released a readout direction"):
+        ledger.record_direction(
+            key="m", direction=[1.0, 0.0], scale=1.0, noise_multiplier=3.0, round=2
+        )
+    save_ledger(ledger, path)
+    back = _open(path, budget_epsilon=8.0)
+    kept = back.readout_directions["m"]
+    assert (kept.direction, kept.scale) == ([0.6, 0.8], 4.0)
+    assert [e.kind for e in back.entries] == ["dp-sgd", "readout-direction", "dp-sgd"]
+
+
+def test_a_readout_direction_past_the_budget_is_refused_and_nothing_is_kept(
+    tmp_path: Path,
+) -> None:
+    ledger = _open(tmp_path / "ledger.json", budget_epsilon=0.5)
+    with pytest.raises(BudgetExhaustedError):
+        ledger.record_direction(key="m", direction=[1.0], scale=1.0, noise_multiplier=1.0, round=1)
+    assert ledger.entries == [] and ledger.readout_directions == {}

@@ -180,6 +180,20 @@ class AdapterConfig(_Section):
         ),
     )
 
+    readout_center: bool = Field(
+        False,
+        description=(
+            "With adapter.readout_tokens and adapter.top_layers = 0: train the readout in a basis "
+            "where the direction of the model's mean final state is scaled down. That state is "
+            "almost all one direction shared by every example, on which per-example clipping "
+            "would spend most of each gradient; the model stays the plain readout. Each client "
+            "measures the direction once, with one Gaussian release of the sum of its examples' "
+            "unit-norm states (noise privacy.readout_center_noise, charged to its ledger at its "
+            "first round), and needs at least 4 x noise x sqrt(hidden) examples (960 for "
+            "SmolLM2 at noise 10), else it trains the plain readout and says so."
+        ),
+    )
+
     @model_validator(mode="after")
     def _layers_valid(self) -> AdapterConfig:
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
@@ -191,6 +205,14 @@ class AdapterConfig(_Section):
                 raise ValueError("adapter.readout_tokens holds an empty token; name real tokens")
             if len(set(self.readout_tokens)) != len(self.readout_tokens):
                 raise ValueError("adapter.readout_tokens names a token twice; list each once")
+        if self.readout_center and (
+            self.readout_tokens is None or self.top_layers != 0 or self.layers is not None
+        ):
+            raise ValueError(
+                "adapter.readout_center measures the direction of the final states once, on a "
+                "frozen model: it needs adapter.readout_tokens with adapter.top_layers = 0 (and no "
+                "adapter.layers); set those or remove adapter.readout_center"
+            )
         if self.top_layers == 0 and self.layers is None and self.readout_tokens is None:
             raise ValueError(
                 "adapter.top_layers = 0 puts LoRA in no layer, and no adapter.readout_tokens are "

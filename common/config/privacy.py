@@ -304,6 +304,17 @@ class PrivacyConfig(_Section):
             "metrics."
         ),
     )
+    readout_center_noise: float = Field(
+        10.0,
+        ge=1.0,
+        le=1000.0,
+        description=(
+            "Noise multiplier of the one release adapter.readout_center makes per client: the sum "
+            "of its examples' unit-norm final states (sensitivity 1: one example adds or removes "
+            "one unit vector) plus Gaussian noise of this std per coordinate. A deployed site's "
+            "privacy.min_noise_multiplier raises it like the DP-SGD noise."
+        ),
+    )
     client_level: ClientLevelConfig = Field(
         default_factory=ClientLevelConfig,
         description="Client-level DP of the federation (DP-FedAvg), on top of the sample-level DP above.",

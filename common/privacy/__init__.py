@@ -22,6 +22,7 @@ from privet.common.privacy.mechanism import (
     client_sampling,
     example_sampling,
     flower_sample_size,
+    readout_center_minimum,
     round_mechanism,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "example_sampling",
     "flower_sample_size",
     "open_ledger",
+    "readout_center_minimum",
     "round_mechanism",
     "save_ledger",
 ]

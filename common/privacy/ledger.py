@@ -46,6 +46,7 @@ __all__ = [
     "LEDGER_FORMAT_VERSION",
     "Ledger",
     "LedgerEntry",
+    "ReadoutDirection",
     "open_ledger",
     "save_ledger",
 ]
@@ -85,6 +86,10 @@ class LedgerEntry(BaseModel):
     release
         The fingerprint of the inputs the released update was trained on (``None``: not kept); a
         kept update with this fingerprint may be sent again at no further cost.
+    kind
+        ``dp-sgd``: a round's DP-SGD steps. ``readout-direction``: the one Gaussian release of the
+        sum of the examples' unit final states (``adapter.readout_center``), one step at rate 1;
+        it composes with the rounds like any entry and does not count as a round's attempt.
 
     """
 
@@ -99,6 +104,7 @@ class LedgerEntry(BaseModel):
     attempt: int = Field(default=1, ge=1)
     run: str | None = None
     release: str | None = None
+    kind: Literal["dp-sgd", "readout-direction"] = "dp-sgd"
 
     @field_validator("recorded_at")
     @classmethod
@@ -108,6 +114,24 @@ class LedgerEntry(BaseModel):
         except ValueError:
             raise ValueError(f"recorded_at must be an ISO 8601 time, got {value!r}") from None
         return value
+
+
+class ReadoutDirection(BaseModel):
+    """A readout direction a client released (``adapter.readout_center``) and the basis's scale.
+
+    Parameters
+    ----------
+    direction
+        The unit vector: the noisy sum of the examples' unit final states, normalized.
+    scale
+        The basis's ``s``, computed from the same release and the example count.
+
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    direction: list[float] = Field(min_length=1)
+    scale: float = Field(ge=1.0)
 
 
 class Ledger(BaseModel):
@@ -132,6 +156,10 @@ class Ledger(BaseModel):
     entries
         The releases in the order they were made; a redone round repeats its round number (and
         run) with the next ``attempt``.
+    readout_directions
+        The readout directions this client released (``adapter.readout_center``), unit vectors
+        and their bases' scales, keyed by the frozen model they were measured on; reused, never
+        released again.
 
     """
 
@@ -144,6 +172,7 @@ class Ledger(BaseModel):
     budget_epsilon: float | None = Field(default=None, gt=0)
     planned_noise_multiplier: float | None = Field(default=None, gt=0)
     entries: list[LedgerEntry] = Field(default_factory=list)
+    readout_directions: dict[str, ReadoutDirection] = Field(default_factory=dict)
 
     @field_validator("format_version")
     @classmethod
@@ -159,6 +188,8 @@ class Ledger(BaseModel):
     def _attempts_count(self) -> Ledger:
         seen: dict[tuple[str | None, int], int] = {}
         for e in self.entries:
+            if e.kind != "dp-sgd":
+                continue
             expected = seen.get((e.run, e.round), 0) + 1
             if e.attempt != expected:
                 rounds = [(e.round, e.attempt) for e in self.entries]
@@ -173,7 +204,7 @@ class Ledger(BaseModel):
         """How many times each round of ``run`` was charged (more than 1: it was redone)."""
         out: dict[int, int] = {}
         for e in self.entries:
-            if e.run == run:
+            if e.run == run and e.kind == "dp-sgd":
                 out[e.round] = e.attempt
         return out
 
@@ -324,6 +355,51 @@ class Ledger(BaseModel):
                 attempt,
                 projected,
             )
+        return entry
+
+    def record_direction(
+        self,
+        *,
+        key: str,
+        direction: list[float],
+        scale: float,
+        noise_multiplier: float,
+        round: int,
+        run: str | None = None,
+    ) -> LedgerEntry:
+        """Charge the readout direction's release and keep the direction (one Gaussian step).
+
+        The release is the sum of the client's unit final states (sensitivity 1) plus Gaussian
+        noise of std ``noise_multiplier``: the accountant's entry ``(noise_multiplier, 1, 1)``.
+        Call it before the direction is used, then :func:`save_ledger`; nothing is appended when
+        it raises.
+
+        Raises
+        ------
+        BudgetExhaustedError
+            When the release would pass the budget.
+        PrivacyError
+            When a direction is already kept under ``key`` (it is reused, never released again).
+
+        """
+        if key in self.readout_directions:
+            raise PrivacyError(
+                f"client {self.client_id!r} already released a readout direction for this model"
+            )
+        projected = self.check_round(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+        kept = ReadoutDirection(direction=list(direction), scale=scale)
+        entry = LedgerEntry(
+            round=round,
+            noise_multiplier=noise_multiplier,
+            sample_rate=1.0,
+            steps=1,
+            epsilon_after=projected,
+            recorded_at=datetime.now(UTC).isoformat(),
+            run=run,
+            kind="readout-direction",
+        )
+        self.entries.append(entry)
+        self.readout_directions = {**self.readout_directions, key: kept}
         return entry
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "client_sampling",
     "example_sampling",
     "flower_sample_size",
+    "readout_center_minimum",
     "round_mechanism",
 ]
 
@@ -246,3 +247,15 @@ def round_mechanism(
         steps=sampling.steps,
         calibrated=calibrated,
     )
+
+
+def readout_center_minimum(noise_multiplier: float, hidden: int) -> int:
+    """The fewest examples whose readout direction is worth releasing at this noise.
+
+    The noise on the sum of ``n`` unit states has norm about ``noise * sqrt(hidden)`` and the sum
+    about ``n`` (the states share one direction), so the direction is off by about
+    ``noise * sqrt(hidden) / n`` radians: at most a quarter radian from ``4 x`` that many examples.
+    A client decides on its example count (which its sampling rate already discloses), before
+    anything is released.
+    """
+    return math.ceil(4 * noise_multiplier * math.sqrt(hidden))
