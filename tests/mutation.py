@@ -69,6 +69,7 @@ TESTS: dict[str, list[str]] = {
         "tests/test_transport.py",
     ],
     "server/privacy.py": ["tests/test_privacy_client_level.py", "tests/test_resume_state.py"],
+    "client/privacy.py": ["tests/test_privacy_arithmetic.py", "tests/test_llm_readout_center.py"],
     "server/rundir/privacy_report.py": [
         "tests/test_privacy_arithmetic.py",
         "tests/test_privacy_client_level.py",

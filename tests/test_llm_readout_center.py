@@ -397,7 +397,18 @@ def test_refusals_name_the_field_and_the_fix() -> None:
         load_config(None, ["privacy.readout_center_noise=0.5"])
 
 
-def test_a_centered_federation_charges_each_client_once_and_plans_it(tmp_path: Path) -> None:
+def test_a_centered_federation_charges_each_client_once_and_plans_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_basis: list[float] = []
+    forward = ReadoutBasis.forward
+
+    def watched(self: ReadoutBasis, x: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            in_basis.append(float(self.scale))
+        return forward(self, x)
+
+    monkeypatch.setattr(ReadoutBasis, "forward", watched)
     extra = [
         "adapter.top_layers=0",
         "adapter.readout_tokens=['negative','positive']",
@@ -414,6 +425,8 @@ def test_a_centered_federation_charges_each_client_once_and_plans_it(tmp_path: P
     # The tiny model's states all but lie on one direction (scale in the hundreds), so the bias
     # toward the answers moves slowly; it still moves, and round 0 is the base model.
     assert losses[0] > losses[1] > losses[2] and losses[2] < 0.75 * losses[0], losses
+    # The clients trained in their bases (each with the scale it released), and only then.
+    assert in_basis and min(in_basis) > 1.0
     ledgers = sorted(run.rglob("ledger-*.json"))
     assert len(ledgers) == 3
     for path in ledgers:

@@ -715,6 +715,10 @@ def test_a_readout_direction_is_one_gaussian_step_kept_once_and_not_a_round(tmp_
         ledger.record_direction(
             key="m", direction=[1.0, 0.0], scale=1.0, noise_multiplier=3.0, round=2
         )
+    # As a client records them: the direction first, then its first round's DP-SGD steps.
+    first = _open(tmp_path / "other.json", budget_epsilon=8.0)
+    first.record_direction(key="m", direction=[1.0], scale=1.0, noise_multiplier=3.0, round=1)
+    assert first.record_round(round=1, **ROUND).attempt == 1
     save_ledger(ledger, path)
     back = _open(path, budget_epsilon=8.0)
     kept = back.readout_directions["m"]
