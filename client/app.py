@@ -125,6 +125,7 @@ def _readout_direction(
     state_dir: Path,
     seed: int | None,
     min_noise_multiplier: float | None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, float] | None:
     """The client's readout basis (``adapter.readout_center``), released once; else ``None``."""
     if not cfg.adapter.readout_center or not isinstance(loaded.task, CausalLM):
@@ -143,6 +144,7 @@ def _readout_direction(
             device=loaded.device,
             mixed_precision=precision,
             batch_size=cfg.train.eval_batch_size,
+            on_batch=on_batch,
         )
 
     return readout_direction(
@@ -310,7 +312,9 @@ class _Progress:
     """A simulated client's progress inside a round, as a small JSON file the console polls.
 
     ``progress/<client>.json`` under the state folder holds ``{"round", "step", "steps",
-    "done"}``; written atomically at most twice a second, so the training loop barely notices.
+    "done", "unit"}`` (``unit``: what is counted, DP steps or, before training, the examples a
+    centered readout has measured); written atomically at most twice a second, so the training
+    loop barely notices.
     """
 
     def __init__(self, folder: Path, client: str, server_round: int) -> None:
@@ -320,8 +324,8 @@ class _Progress:
         folder.mkdir(parents=True, exist_ok=True)
         self.write(0, 0, done=False)
 
-    def write(self, step: int, steps: int, *, done: bool) -> None:
-        record = {"round": self.round, "step": step, "steps": steps, "done": done}
+    def write(self, step: int, steps: int, *, done: bool, unit: str = "steps") -> None:
+        record = {"round": self.round, "step": step, "steps": steps, "done": done, "unit": unit}
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             tmp.write_text(json.dumps(record), encoding="utf-8")
@@ -329,11 +333,15 @@ class _Progress:
         except OSError:
             pass  # a progress display must never fail a round
 
-    def step(self, step: int, steps: int) -> None:
+    def step(self, step: int, steps: int, unit: str = "steps") -> None:
         now = time.monotonic()
         if step == steps or now - self.last >= 0.5:
             self.last = now
-            self.write(step, steps, done=False)
+            self.write(step, steps, done=False, unit=unit)
+
+    def measured(self, done: int, total: int) -> None:
+        """Before training: the examples whose readout state is measured so far."""
+        self.step(done, total, unit="examples measured")
 
 
 def make_client_app(
@@ -434,6 +442,7 @@ def make_client_app(
                 state_dir=state_dir,
                 seed=None if local is not None else cfg.train.seed * 1_000_003 + partition * 10_007,
                 min_noise_multiplier=min_noise_multiplier,
+                on_batch=progress.measured if progress is not None else None,
             )
             plan = plan_round(
                 privacy=cfg.privacy,

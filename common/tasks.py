@@ -20,7 +20,7 @@ import math
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -303,6 +303,7 @@ class CausalLM(Task):
         device: torch.device | None = None,
         mixed_precision: str = "auto",
         batch_size: int = 32,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """The sum over ``data``'s examples of their unit-norm final state where the answer starts.
 
@@ -311,7 +312,8 @@ class CausalLM(Task):
         unit vector, so adding or removing an example moves the sum by at most 1: the sensitivity
         of the sum that ``adapter.readout_center`` releases with Gaussian noise. Needs a frozen
         trunk (the readout alone trains); the states are kept (:class:`TrunkStates`) for the
-        training that follows. Returns a float64 vector of the hidden size.
+        training that follows. Returns a float64 vector of the hidden size. ``on_batch(done,
+        total)`` is told the examples measured after each batch (a progress display).
         """
         trunk = _frozen_trunk(model)
         if trunk is None:
@@ -343,6 +345,8 @@ class CausalLM(Task):
                 unit = first[has] / first[has].norm(dim=-1, keepdim=True)
                 part = unit.sum(dim=0).cpu()
                 total = part if total is None else total + part
+                if on_batch is not None:
+                    on_batch(min(start + batch_size, len(data)), len(data))
         if total is None:
             raise DataError("no examples to measure the readout's direction on")
         return total

@@ -221,7 +221,16 @@ def test_the_states_direction_sums_one_unit_vector_per_chat() -> None:
     built = _built()
     pad = int(built.tokenizer.pad_token_id)
     data = TASK.tokenize(sentiment_examples(10), built.tokenizer, max_length=48)
-    total = TASK.state_directions(built.model, data, pad_token_id=pad, device=CPU, batch_size=4)
+    told: list[tuple[int, int]] = []
+    total = TASK.state_directions(
+        built.model,
+        data,
+        pad_token_id=pad,
+        device=CPU,
+        batch_size=4,
+        on_batch=lambda done, n: told.append((done, n)),
+    )
+    assert told == [(4, 10), (8, 10), (10, 10)]
     # By hand: each chat's final state at the position before its answer, as a unit vector.
     expected = torch.zeros(32, dtype=torch.float64)
     decoder = built.model.get_base_model().get_decoder()

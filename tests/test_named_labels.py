@@ -69,3 +69,8 @@ def test_round_progress_line(tmp_path: Path) -> None:
     put("client-2", round=1, step=40, steps=40, done=True)  # last round's file: not counted
     (tmp_path / "client-3.json").write_text('{"round": 2, "st')  # half-written: skipped
     assert round_progress(tmp_path, 2) == "1 of 2 clients done, client-1 12/40 steps"
+    # Before training, a centered readout counts the examples it has measured.
+    put("client-4", round=2, step=300, steps=4318, done=False, unit="examples measured")
+    assert round_progress(tmp_path, 2) == (
+        "1 of 3 clients done, client-1 12/40 steps, client-4 300/4318 examples measured"
+    )

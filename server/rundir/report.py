@@ -181,7 +181,7 @@ def round_progress(folder: Path, server_round: int, *, shown: int = 4) -> str:
     round and unreadable (half-written) files are skipped.  Empty when no client has started.
     """
     done: list[str] = []
-    busy: list[tuple[str, int, int]] = []
+    busy: list[tuple[str, int, int, str]] = []
     for path in sorted(Path(folder).glob("*.json")):
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
@@ -192,11 +192,12 @@ def round_progress(folder: Path, server_round: int, *, shown: int = 4) -> str:
         if rec.get("done"):
             done.append(path.stem)
         else:
-            busy.append((path.stem, int(rec.get("step", 0)), int(rec.get("steps", 0))))
+            unit = str(rec.get("unit", "steps"))
+            busy.append((path.stem, int(rec.get("step", 0)), int(rec.get("steps", 0)), unit))
     if not done and not busy:
         return ""
     parts = [f"{len(done)} of {len(done) + len(busy)} clients done"]
-    steps = [f"{name} {step}/{total or '?'} steps" for name, step, total in busy[:shown]]
+    steps = [f"{name} {step}/{total or '?'} {unit}" for name, step, total, unit in busy[:shown]]
     if len(busy) > shown:
         steps.append(f"{len(busy) - shown} more")
     return ", ".join(parts + steps)
