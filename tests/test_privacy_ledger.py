@@ -690,6 +690,8 @@ def test_a_ledger_that_cannot_be_created_or_read_is_refused_word_for_word(tmp_pa
 
 
 def test_a_readout_direction_is_one_gaussian_step_kept_once_and_not_a_round(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta
+
     path = tmp_path / "ledger.json"
     ledger = _open(path, budget_epsilon=8.0)
     ledger.record_round(round=1, run="r", **ROUND)
@@ -702,6 +704,8 @@ def test_a_readout_direction_is_one_gaussian_step_kept_once_and_not_a_round(tmp_
         1.0,
         1,
     )
+    assert (entry.round, entry.run, entry.attempt, entry.release) == (1, "r", 1, None)
+    assert datetime.fromisoformat(entry.recorded_at).utcoffset() == timedelta(0)
     expected = epsilon_from_history(
         [(1.0, 0.01, 100), (3.0, 1.0, 1)], delta=DELTA, accountant="rdp"
     )
