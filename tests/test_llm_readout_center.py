@@ -434,6 +434,8 @@ def test_a_centered_federation_charges_each_client_once_and_plans_it(
     # The tiny model's states all but lie on one direction (scale in the hundreds), so the bias
     # toward the answers moves slowly; it still moves, and round 0 is the base model.
     assert losses[0] > losses[1] > losses[2] and losses[2] < 0.75 * losses[0], losses
+    report = json.loads((run / "privacy.json").read_text())["sample_level"]
+    assert report["readout_direction"]["noise_multiplier"] == 1.0
     # The clients trained in their bases (each with the scale it released), and only then.
     assert in_basis and min(in_basis) > 1.0
     ledgers = sorted(run.rglob("ledger-*.json"))

@@ -288,6 +288,18 @@ def privacy_report(
         "local_epochs": cfg.train.local_epochs,
         "clients": clients,
     }
+    if p.enabled and cfg.adapter.readout_center:
+        # One more release per client, counted in every epsilon above (client/privacy.py).
+        sample_level["readout_direction"] = {
+            "mechanism": "Gaussian: the sum of the examples' unit final states (sensitivity 1)",
+            "noise_multiplier": p.readout_center_noise,
+            "sample_rate": 1.0,
+            "steps": 1,
+            "note": (
+                "released once per client with enough examples, before its first round, and "
+                "counted in its epsilon; a deployed site's noise floor raises the noise"
+            ),
+        }
     fed: dict[str, Any] = {"enabled": False}
     if client_level is not None:
         cl = client_level.cl
