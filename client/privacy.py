@@ -47,6 +47,32 @@ def ledger_path(state_dir: Path, client_id: str) -> Path:
     return Path(state_dir) / f"ledger-{client_id}.json"
 
 
+def _client_ledger(
+    privacy: PrivacyConfig, num_examples: int, state_dir: Path, client_id: str
+) -> tuple[Ledger, Path]:
+    """The client's ledger, after refusing a delta its data set makes meaningless.
+
+    Every release a client makes (a round's DP-SGD steps, a centered readout's direction) goes
+    through here first, so none is charged under a delta that would not hold.
+    """
+    if privacy.delta >= 1.0 / num_examples:
+        raise PrivacyError(
+            f"privacy.delta = {privacy.delta} is not below 1 / n = {1.0 / num_examples:.2g} for client "
+            f"{client_id} with {num_examples} examples: a mechanism that publishes one random example "
+            "would satisfy it",
+            fix="lower privacy.delta (e.g. 1e-5 or 1 / (10 n))",
+        )
+    path = ledger_path(state_dir, client_id)
+    ledger = open_ledger(
+        path,
+        client_id=client_id,
+        accountant=privacy.accountant,
+        delta=privacy.delta,
+        budget_epsilon=privacy.effective_budget,
+    )
+    return ledger, path
+
+
 @dataclass
 class RoundPrivacy:
     """The ledger and the DP settings decided for one round (``dp`` is ``None`` when DP is off)."""
@@ -100,21 +126,7 @@ def plan_round(
                 client_id,
             )
         return RoundPrivacy(ledger=None, path=None, dp=None, epsilon_before=0.0)
-    if privacy.delta >= 1.0 / num_examples:
-        raise PrivacyError(
-            f"privacy.delta = {privacy.delta} is not below 1 / n = {1.0 / num_examples:.2g} for client "
-            f"{client_id} with {num_examples} examples: a mechanism that publishes one random example "
-            "would satisfy it",
-            fix="lower privacy.delta (e.g. 1e-5 or 1 / (10 n))",
-        )
-    path = ledger_path(state_dir, client_id)
-    ledger = open_ledger(
-        path,
-        client_id=client_id,
-        accountant=privacy.accountant,
-        delta=privacy.delta,
-        budget_epsilon=privacy.effective_budget,
-    )
+    ledger, path = _client_ledger(privacy, num_examples, state_dir, client_id)
     sampling = example_sampling(
         num_examples, batch_size=train.batch_size, local_epochs=train.local_epochs
     )
@@ -252,14 +264,7 @@ def readout_direction(
             least,
         )
         return None
-    path = ledger_path(state_dir, client_id)
-    ledger = open_ledger(
-        path,
-        client_id=client_id,
-        accountant=privacy.accountant,
-        delta=privacy.delta,
-        budget_epsilon=privacy.effective_budget,
-    )
+    ledger, path = _client_ledger(privacy, num_examples, state_dir, client_id)
     kept = ledger.readout_directions.get(key)
     if kept is not None:
         return torch.tensor(kept.direction, dtype=torch.float64), kept.scale

@@ -488,3 +488,26 @@ def test_the_plan_counts_the_release_in_each_clients_epsilon(
         c.noise_multiplier is not None and c.noise_multiplier < p.noise_multiplier  # type: ignore[operator]
         for c, p in zip(plain.clients, plan.clients, strict=True)
     )
+
+
+def test_a_delta_the_data_makes_meaningless_refuses_the_release_first(tmp_path: Path) -> None:
+    from privet.common.errors import PrivacyError
+
+    calls: list[int] = []
+
+    def measure() -> torch.Tensor:
+        calls.append(1)
+        return 4000 * _unit(9)
+
+    with pytest.raises(PrivacyError, match=r"privacy.delta = 0.001 is not below 1 / n"):
+        readout_direction(
+            privacy=_privacy(delta=1e-3),
+            num_examples=5000,
+            hidden=32,
+            key="m",
+            measure=measure,
+            state_dir=tmp_path,
+            client_id="d",
+            server_round=1,
+        )
+    assert calls == [] and not (tmp_path / "ledger-d.json").exists()
