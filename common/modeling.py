@@ -863,19 +863,22 @@ def readout_basis(model: torch.nn.Module) -> Iterator[None]:
     readout's. Mapping the released weights is post-processing (no privacy cost).
     """
     slots = [(slot, w) for slot, w in _readout_slots(model) if bool(slot.direction.any())]
-    with torch.no_grad():
-        for slot, weight in slots:
-            u, s = slot.direction.to(weight.dtype), float(slot.scale)
-            weight.add_((s - 1.0) * (weight @ u)[:, None] * u[None, :])
-            slot.active = True
+    for slot, weight in slots:
+        _stretch_along(weight, slot.direction, float(slot.scale))  # A -> A M^-1
+        slot.active = True
     try:
         yield
     finally:
-        with torch.no_grad():
-            for slot, weight in slots:
-                u, s = slot.direction.to(weight.dtype), float(slot.scale)
-                weight.add_((1.0 / s - 1.0) * (weight @ u)[:, None] * u[None, :])
-                slot.active = False
+        for slot, weight in slots:
+            _stretch_along(weight, slot.direction, 1.0 / float(slot.scale))  # A' -> A' M
+            slot.active = False
+
+
+@torch.no_grad()
+def _stretch_along(weight: torch.Tensor, direction: torch.Tensor, factor: float) -> None:
+    """Multiply the share of ``weight``'s rows along the unit ``direction`` by ``factor``, in place."""
+    u = direction.to(weight.dtype)
+    weight.add_((factor - 1.0) * (weight @ u)[:, None] * u[None, :])
 
 
 def _head_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -363,27 +363,17 @@ def test_too_few_examples_release_nothing_and_without_dp_the_direction_is_exact(
 ) -> None:
     assert readout_center_minimum(2.0, 32) == math.ceil(8 * math.sqrt(32))  # 46
     total = 30 * _unit(10)
-    few = readout_direction(
-        privacy=_privacy(),
-        num_examples=45,
-        hidden=32,
-        key="m",
-        measure=lambda: total,
-        state_dir=tmp_path,
-        client_id="few",
-        server_round=1,
-    )
+    common = {
+        "num_examples": 45,
+        "hidden": 32,
+        "key": "m",
+        "measure": lambda: total,
+        "state_dir": tmp_path,
+        "server_round": 1,
+    }
+    few = readout_direction(privacy=_privacy(), client_id="few", **common)  # type: ignore[arg-type]
     assert few is None and not (tmp_path / "ledger-few.json").exists()
-    exact = readout_direction(
-        privacy=PrivacyConfig(enabled=False),
-        num_examples=45,
-        hidden=32,
-        key="m",
-        measure=lambda: total,
-        state_dir=tmp_path,
-        client_id="nodp",
-        server_round=1,
-    )
+    exact = readout_direction(privacy=PrivacyConfig(enabled=False), client_id="nodp", **common)  # type: ignore[arg-type]
     assert exact is not None
     torch.testing.assert_close(exact[0], _unit(10))
     assert exact[1] == readout_scale(30 / 45)
