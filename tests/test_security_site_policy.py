@@ -380,3 +380,12 @@ def test_a_pinned_model_with_other_files_is_refused_before_it_loads(
     assert not (tmp_path / "state").exists()
     good = _ask(_site(tmp_path, SitePolicy(model=SiteModel(sha256=actual))), start_state)
     assert not good.has_error()
+
+
+def test_a_coordinator_cannot_lower_the_readout_directions_noise() -> None:
+    # The centered readout's one release (adapter.readout_center) is the site's: its privacy
+    # section is rebuilt from the policy, so the coordinator's noise for it never reaches the
+    # site, which releases at its own default (10, raised to its floor by client/privacy.py).
+    cfg = load_config(None, [*RECIPE, "privacy.readout_center_noise=1.0"])
+    site_cfg, floor = apply_policy(cfg, SitePolicy())
+    assert site_cfg.privacy.readout_center_noise == 10.0 and floor == 0.5
